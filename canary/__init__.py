@@ -1,0 +1,3 @@
+"""canary: a performance-aware canary router for ML model endpoints."""
+
+__version__ = "0.1.0"

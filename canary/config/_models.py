@@ -1,0 +1,417 @@
+"""Typed, frozen models of the rollout file (DESIGN.md "The rollout file").
+
+Unknown keys are errors; every field that takes a unit string is parsed here, so the rest of
+canary only ever sees seconds, fractions, bytes and :class:`Margin` values.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from canary.config._units import (
+    Margin,
+    parse_duration,
+    parse_listen,
+    parse_margin,
+    parse_percent,
+    parse_size,
+    parse_upstream_url,
+)
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+Percent = Annotated[float, BeforeValidator(parse_percent)]
+Listen = Annotated[tuple[str, int], BeforeValidator(parse_listen)]
+UpstreamURL = Annotated[str, BeforeValidator(parse_upstream_url)]
+MarginValue = Annotated[Margin, BeforeValidator(parse_margin)]
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+_HEADER = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_STAT = re.compile(r"^(mean|rate|p(\d{1,2}(?:\.\d+)?))$")
+_ERROR_CLASS = re.compile(r"^([1-5]xx|[1-5]\d\d)$")
+
+SIGNAL_KINDS = ("latency", "ttft", "itl", "tokens_per_s", "error", "cost", "agreement", "feedback")
+SIGNAL_PREFIXES = ("header", "server_timing", "json", "resource")
+_JSON_PATH = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+
+
+def check_signal(value: str) -> str:
+    """Validate a signal string such as ``latency``, ``header:X-Cost`` or ``json:usage.total``."""
+    if value in SIGNAL_KINDS:
+        return value
+    kind, sep, arg = value.partition(":")
+    if not sep or kind not in SIGNAL_PREFIXES:
+        raise ValueError(
+            f"unknown signal {value!r}; expected one of {', '.join(SIGNAL_KINDS)} or "
+            f"{', '.join(p + ':NAME' for p in SIGNAL_PREFIXES)}"
+        )
+    if not arg:
+        raise ValueError(f"signal {value!r} needs a name after '{kind}:'")
+    if kind == "header" and not _HEADER.match(arg):
+        raise ValueError(f"{arg!r} is not a valid header name")
+    if kind == "json" and not _JSON_PATH.match(arg):
+        raise ValueError(f"{arg!r} is not a JSON path such as 'usage.total_tokens'")
+    if kind == "header":
+        return f"header:{arg.lower()}"
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+class ProxyConfig(_Model):
+    listen: Listen = ("0.0.0.0", 8080)
+    max_body_size: Size = 10 * 1024 * 1024
+    max_header_size: Size = 16 * 1024
+    client_timeout: Duration = 60.0  # a slow client cannot hold a worker longer than this
+    replay_buffer: Size = 1024 * 1024  # bodies up to this are buffered: failover and mirroring
+    mirror_concurrency: int = Field(64, ge=1)  # shadow requests in flight before dropping more
+
+
+class AdminConfig(_Model):
+    listen: Listen = ("127.0.0.1", 9901)
+    token_env: str | None = None
+
+
+class StateConfig(_Model):
+    backend: Literal["sqlite", "memory", "redis"] = "sqlite"
+    path: str = "canary-state.db"
+    url: str | None = None
+
+    @model_validator(mode="after")
+    def _redis_url(self) -> StateConfig:
+        if self.backend == "redis":
+            if not self.url or not self.url.startswith(("redis://", "rediss://", "unix://")):
+                raise ValueError("backend 'redis' needs url: redis://HOST:PORT/DB")
+        elif self.url is not None:
+            raise ValueError(f"'url' is only used with backend 'redis', not {self.backend!r}")
+        return self
+
+
+class PricingConfig(_Model):
+    per_request: float = Field(0.0, ge=0)
+    per_1k_tokens: float = Field(0.0, ge=0)
+    per_hour: float = Field(0.0, ge=0)
+    replicas: int = Field(1, ge=1)
+    header: str | None = None  # a response header carrying the endpoint's own cost figure
+
+    @field_validator("header")
+    @classmethod
+    def _header(cls, v: str | None) -> str | None:
+        if v is not None and not _HEADER.match(v):
+            raise ValueError(f"{v!r} is not a valid header name")
+        return v
+
+
+class ResourcesConfig(_Model):
+    scrape: str = "/metrics"
+    every: Duration = 5.0
+
+    @field_validator("scrape")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"scrape path must start with '/', got {v!r}")
+        return v
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, v: float) -> float:
+        if v < 0.1:
+            raise ValueError(f"scrape interval must be at least 100ms, got {v}s")
+        return v
+
+
+class ArmConfig(_Model):
+    endpoints: list[UpstreamURL] = Field(min_length=1)
+    cost: PricingConfig | None = None
+    resources: ResourcesConfig | None = None
+
+
+class MatchConfig(_Model):
+    path_prefix: str = "/"
+    host: str | None = None
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"path_prefix must start with '/', got {v!r}")
+        return v.rstrip("/") or "/"
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str | None) -> str | None:
+        return v.lower() if v else v
+
+    def covers(self, path: str) -> bool:
+        """True when ``path`` is this prefix or below it (segment-aware: /a covers /a/b, not /ab)."""
+        p = self.path_prefix
+        return p == "/" or path == p or path.startswith(p + "/")
+
+    def overlaps(self, other: MatchConfig) -> bool:
+        if self.host and other.host and self.host != other.host:
+            return False
+        if bool(self.host) != bool(other.host):
+            return False  # a host-specific rule wins over a host-less one: not ambiguous
+        return self.covers(other.path_prefix) or other.covers(self.path_prefix)
+
+
+class StickyConfig(_Model):
+    header: str | None = None
+    cookie: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> StickyConfig:
+        if (self.header is None) == (self.cookie is None):
+            raise ValueError("sticky needs exactly one of 'header' or 'cookie'")
+        if self.header is not None and not _HEADER.match(self.header):
+            raise ValueError(f"{self.header!r} is not a valid header name")
+        return self
+
+
+class RoutingConfig(_Model):
+    sticky: StickyConfig | None = None
+    override_header: str | None = None
+    failover: bool = True
+    timeout: Duration = 30.0
+    connect_timeout: Duration = 5.0
+    read_timeout: Duration | None = None  # longest silence between response bytes
+    error_status: list[str] = Field(default_factory=lambda: ["5xx"])
+    max_connections: int = Field(256, ge=1)
+
+    @field_validator("override_header")
+    @classmethod
+    def _override(cls, v: str | None) -> str | None:
+        if v is not None and not _HEADER.match(v):
+            raise ValueError(f"{v!r} is not a valid header name")
+        return v
+
+    @field_validator("error_status")
+    @classmethod
+    def _classes(cls, v: list[str]) -> list[str]:
+        for item in v:
+            if not _ERROR_CLASS.match(str(item)):
+                raise ValueError(f"expected a status class such as '5xx' or a code such as 429, got {item!r}")
+        return [str(i) for i in v]
+
+    @model_validator(mode="after")
+    def _timeouts(self) -> RoutingConfig:
+        if self.timeout <= 0 or self.connect_timeout <= 0:
+            raise ValueError("timeouts must be positive")
+        return self
+
+    def is_error_status(self, status: int) -> bool:
+        return str(status) in self.error_status or f"{status // 100}xx" in self.error_status
+
+
+class ShadowStep(_Model):
+    min_requests: int = Field(0, ge=0)
+    min_duration: Duration = 0.0
+
+
+class StepConfig(_Model):
+    shadow: ShadowStep | None = None
+    weight: Percent | None = None
+    min_requests: int = Field(0, ge=0)
+    min_duration: Duration = 0.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shadow_shorthand(cls, data: object) -> object:
+        # `- shadow: {}` and `- shadow:` (null) both mean a shadow step with defaults
+        if isinstance(data, dict) and "shadow" in data and data["shadow"] is None:
+            return {**data, "shadow": {}}
+        return data
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> StepConfig:
+        if (self.shadow is None) == (self.weight is None):
+            raise ValueError("a step needs exactly one of 'shadow' or 'weight'")
+        if self.shadow is not None and (self.min_requests or self.min_duration):
+            raise ValueError("put min_requests/min_duration of a shadow step inside 'shadow: {...}'")
+        return self
+
+    @property
+    def is_shadow(self) -> bool:
+        return self.shadow is not None
+
+    @property
+    def candidate_weight(self) -> float:
+        """Percent of live traffic the candidate answers during this step (0 in shadow)."""
+        return 0.0 if self.weight is None else self.weight
+
+    @property
+    def required_requests(self) -> int:
+        return self.shadow.min_requests if self.shadow is not None else self.min_requests
+
+    @property
+    def required_duration(self) -> float:
+        return self.shadow.min_duration if self.shadow is not None else self.min_duration
+
+
+class MetricConfig(_Model):
+    name: str
+    signal: str
+    stat: str = "mean"
+    max_increase: MarginValue | None = None
+    max_decrease: MarginValue | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"metric name must match [a-z0-9][a-z0-9_.-]*, got {v!r}")
+        return v
+
+    @field_validator("signal")
+    @classmethod
+    def _signal(cls, v: str) -> str:
+        return check_signal(v)
+
+    @field_validator("stat")
+    @classmethod
+    def _stat(cls, v: str) -> str:
+        m = _STAT.match(v)
+        if not m or (m.group(2) is not None and not 0 < float(m.group(2)) < 100):
+            raise ValueError(f"stat must be mean, rate or a percentile such as p95, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _direction(self) -> MetricConfig:
+        if (self.max_increase is None) == (self.max_decrease is None):
+            raise ValueError("a metric needs exactly one of 'max_increase' or 'max_decrease'")
+        if self.stat.startswith("p") and self.margin.relative is False:
+            raise ValueError("a percentile tolerance must be relative, such as '10%'")
+        if self.stat == "rate" and self.signal not in ("error", "feedback", "agreement"):
+            raise ValueError(f"stat 'rate' applies to error, feedback and agreement, not {self.signal!r}")
+        return self
+
+    @property
+    def margin(self) -> Margin:
+        m = self.max_increase if self.max_increase is not None else self.max_decrease
+        assert m is not None
+        return m
+
+    @property
+    def higher_is_worse(self) -> bool:
+        return self.max_increase is not None
+
+    @property
+    def quantile(self) -> float | None:
+        return float(self.stat[1:]) / 100.0 if self.stat.startswith("p") else None
+
+
+class AnalysisConfig(_Model):
+    interval: Duration = 1.0
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+    burn_in: int = Field(100, ge=0)
+    max_duration: Duration = 3600.0
+    on_inconclusive: Literal["rollback", "hold", "promote"] = "rollback"
+    metrics: list[MetricConfig] = Field(default_factory=list)
+    tradeoff: dict[str, MarginValue] | None = None
+
+    @field_validator("interval")
+    @classmethod
+    def _interval(cls, v: float) -> float:
+        if v < 0.05:
+            raise ValueError(f"interval must be at least 50ms, got {v}s")
+        return v
+
+    @model_validator(mode="after")
+    def _names(self) -> AnalysisConfig:
+        seen: set[str] = set()
+        for m in self.metrics:
+            if m.name in seen:
+                raise ValueError(f"duplicate metric name {m.name!r}")
+            seen.add(m.name)
+        if self.tradeoff is not None:
+            if len(self.tradeoff) < 2:
+                raise ValueError("tradeoff needs at least two metrics to trade against each other")
+            for name in self.tradeoff:
+                if name not in seen:
+                    raise ValueError(f"tradeoff names {name!r}, which is not a metric of this analysis")
+        return self
+
+
+WebhookEvent = Literal["advance", "promote", "rollback", "pause", "resume", "hold", "start"]
+
+
+class WebhookConfig(_Model):
+    on: list[WebhookEvent] = Field(min_length=1)
+    url: UpstreamURL
+    timeout: Duration = 5.0
+
+
+class FeedbackConfig(_Model):
+    ttl: Duration = 3600.0
+    max_entries: int = Field(100_000, ge=1)
+
+
+class RolloutConfig(_Model):
+    name: str
+    match: MatchConfig = Field(default_factory=MatchConfig)
+    production: ArmConfig
+    candidate: ArmConfig
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    steps: list[StepConfig] = Field(min_length=1)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
+    prediction: str | None = None
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"rollout name must match [a-z0-9][a-z0-9_.-]*, got {v!r}")
+        return v
+
+    @field_validator("prediction")
+    @classmethod
+    def _prediction(cls, v: str | None) -> str | None:
+        if v is not None and (not v.startswith("json:") or not _JSON_PATH.match(v[5:])):
+            raise ValueError(f"prediction must be 'json:PATH' such as 'json:prediction', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> RolloutConfig:
+        weights = [s.weight for s in self.steps if s.weight is not None]
+        if any(b < a for a, b in zip(weights, weights[1:], strict=False)):
+            raise ValueError(f"step weights must not decrease, got {weights}")
+        for m in self.analysis.metrics:
+            if m.signal.startswith("resource:"):
+                for arm_name, arm in (("production", self.production), ("candidate", self.candidate)):
+                    if arm.resources is None:
+                        raise ValueError(
+                            f"metric {m.name!r} uses {m.signal!r}; add 'resources: "
+                            f"{{scrape: /metrics, every: 5s}}' to {arm_name}"
+                        )
+        if set(self.production.endpoints) & set(self.candidate.endpoints):
+            raise ValueError("production and candidate must not share an endpoint")
+        return self
+
+    def signals(self) -> list[str]:
+        """Every per-request signal the analysis reads, in order, without duplicates."""
+        out: list[str] = []
+        for m in self.analysis.metrics:
+            if m.signal not in out:
+                out.append(m.signal)
+        return out
+
+
+class Config(_Model):
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
+    rollouts: list[RolloutConfig] = Field(min_length=1)
+
+    def rollout(self, name: str) -> RolloutConfig:
+        for r in self.rollouts:
+            if r.name == name:
+                return r
+        raise KeyError(name)

@@ -1,0 +1,45 @@
+"""The one exception tree of canary: everything raised on purpose derives from CanaryError."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class CanaryError(Exception):
+    """Base class of every error canary raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    """One problem in a rollout file: where (key path, line) and what."""
+
+    path: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = self.path or "<root>"
+        line = f" (line {self.line})" if self.line is not None else ""
+        return f"{where}: {self.message}{line}"
+
+
+class ConfigError(CanaryError):
+    """The configuration is invalid; ``issues`` lists every problem found."""
+
+    def __init__(self, issues: list[ConfigIssue], source: str | None = None) -> None:
+        self.issues = issues
+        self.source = source
+        head = f"invalid configuration{f' in {source}' if source else ''}"
+        super().__init__(head + ":\n" + "\n".join(f"  - {i}" for i in issues))
+
+
+class UpstreamError(CanaryError):
+    """An upstream endpoint could not be reached or answered badly."""
+
+
+class StoreError(CanaryError):
+    """The state store failed."""
+
+
+class AdminError(CanaryError):
+    """The admin API refused or failed a call (used by the CLI client)."""
