@@ -36,6 +36,8 @@ class ConfigError(CanaryError):
 class UpstreamError(CanaryError):
     """An upstream endpoint could not be reached or answered badly."""
 
+    kind = "upstream"  # short label for metrics and observations; subclasses refine it
+
 
 class StoreError(CanaryError):
     """The state store failed."""

@@ -92,7 +92,11 @@ def test_unknown_key_is_an_error_with_its_line() -> None:
         ),
         ("    analysis: {alpha: 1.5}", "rollouts[0].analysis.alpha", "1.5"),
         ("    routing: {sticky: {}}", "rollouts[0].routing.sticky", "exactly one"),
-        ("    webhooks: [{on: [explode], url: http://127.0.0.1:1/h}]", "rollouts[0].webhooks[0].on[0]", "'explode'"),
+        (
+            "    webhooks: [{on: [explode], url: http://127.0.0.1:1/h}]",
+            "rollouts[0].webhooks[0].on[0]",
+            "'explode'",
+        ),
     ],
 )
 def test_bad_values_name_path_and_value(snippet: str, path: str, fragment: str) -> None:
@@ -169,7 +173,11 @@ def test_duplicate_yaml_keys_and_bad_yaml() -> None:
             "[{name: a, signal: latency, max_increase: 5%}, {name: a, signal: ttft, max_increase: 5%}]",
             "duplicate metric name 'a'",
         ),
-        ("[{weight: 5}]", "[{name: a, signal: latency, stat: p95, max_increase: 1pp}]", "must be relative"),
+        (
+            "[{weight: 5}]",
+            "[{name: a, signal: latency, stat: p95, max_increase: 1pp}]",
+            "must be relative",
+        ),
         (
             "[{weight: 5}]",
             "[{name: a, signal: 'resource:rss', max_increase: 5%}]",

@@ -111,11 +111,13 @@ def _message(err: Any) -> str:
 
 def _location(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     # pydantic adds the validator's tag for `Annotated` / union members; keep only real keys.
-    return tuple(p for p in loc if isinstance(p, int) or not str(p).startswith(("function-", "tagged-")))
+    return tuple(
+        p for p in loc if isinstance(p, int) or not str(p).startswith(("function-", "tagged-"))
+    )
 
 
 def load_config_text(text: str, source: str | None = None) -> Config:
-    """Parse and validate the text of a rollout file; raise :class:`ConfigError` with every issue."""
+    """Parse and validate a rollout file's text; raise :class:`ConfigError` listing every issue."""
     loader = _Loader(text)
     try:
         root = loader.get_single_node()
@@ -129,7 +131,8 @@ def load_config_text(text: str, source: str | None = None) -> Config:
         loader.dispose()
 
     issues = [
-        ConfigIssue("", f"duplicate key {key!r}", _line(node)) for node, key in loader.duplicate_keys
+        ConfigIssue("", f"duplicate key {key!r}", _line(node))
+        for node, key in loader.duplicate_keys
     ]
     if not isinstance(data, dict):
         issues.append(ConfigIssue("", f"expected a mapping with 'rollouts', got {data!r}", 1))
@@ -141,7 +144,9 @@ def load_config_text(text: str, source: str | None = None) -> Config:
         config = None
         for err in exc.errors():
             loc = _location(tuple(err["loc"]))
-            node = _key_node_at(root, loc) if err["type"] == "extra_forbidden" else _node_at(root, loc)
+            node = (
+                _key_node_at(root, loc) if err["type"] == "extra_forbidden" else _node_at(root, loc)
+            )
             issues.append(ConfigIssue(_format_path(loc), _message(err), _line(node)))
     issues += _cross_rollout_issues(data.get("rollouts"), root)
     if issues or config is None:
@@ -197,5 +202,7 @@ def load_config(path: str | Path) -> Config:
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([ConfigIssue("", f"cannot read {p}: {exc.strerror or exc}")], str(p)) from None
+        raise ConfigError(
+            [ConfigIssue("", f"cannot read {p}: {exc.strerror or exc}")], str(p)
+        ) from None
     return load_config_text(text, str(p))

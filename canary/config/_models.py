@@ -6,6 +6,7 @@ canary only ever sees seconds, fractions, bytes and :class:`Margin` values.
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Annotated, Literal
 
@@ -149,7 +150,7 @@ class MatchConfig(_Model):
         return v.lower() if v else v
 
     def covers(self, path: str) -> bool:
-        """True when ``path`` is this prefix or below it (segment-aware: /a covers /a/b, not /ab)."""
+        """True when ``path`` is this prefix or below it: /a covers /a and /a/b, not /ab."""
         p = self.path_prefix
         return p == "/" or path == p or path.startswith(p + "/")
 
@@ -196,7 +197,9 @@ class RoutingConfig(_Model):
     def _classes(cls, v: list[str]) -> list[str]:
         for item in v:
             if not _ERROR_CLASS.match(str(item)):
-                raise ValueError(f"expected a status class such as '5xx' or a code such as 429, got {item!r}")
+                raise ValueError(
+                    f"expected a status class such as '5xx' or a code such as 429, got {item!r}"
+                )
         return [str(i) for i in v]
 
     @model_validator(mode="after")
@@ -233,7 +236,9 @@ class StepConfig(_Model):
         if (self.shadow is None) == (self.weight is None):
             raise ValueError("a step needs exactly one of 'shadow' or 'weight'")
         if self.shadow is not None and (self.min_requests or self.min_duration):
-            raise ValueError("put min_requests/min_duration of a shadow step inside 'shadow: {...}'")
+            raise ValueError(
+                "put min_requests/min_duration of a shadow step inside 'shadow: {...}'"
+            )
         return self
 
     @property
@@ -288,7 +293,9 @@ class MetricConfig(_Model):
         if self.stat.startswith("p") and self.margin.relative is False:
             raise ValueError("a percentile tolerance must be relative, such as '10%'")
         if self.stat == "rate" and self.signal not in ("error", "feedback", "agreement"):
-            raise ValueError(f"stat 'rate' applies to error, feedback and agreement, not {self.signal!r}")
+            raise ValueError(
+                f"stat 'rate' applies to error, feedback and agreement, not {self.signal!r}"
+            )
         return self
 
     @property
@@ -334,7 +341,9 @@ class AnalysisConfig(_Model):
                 raise ValueError("tradeoff needs at least two metrics to trade against each other")
             for name in self.tradeoff:
                 if name not in seen:
-                    raise ValueError(f"tradeoff names {name!r}, which is not a metric of this analysis")
+                    raise ValueError(
+                        f"tradeoff names {name!r}, which is not a metric of this analysis"
+                    )
         return self
 
 
@@ -381,11 +390,14 @@ class RolloutConfig(_Model):
     @model_validator(mode="after")
     def _cross(self) -> RolloutConfig:
         weights = [s.weight for s in self.steps if s.weight is not None]
-        if any(b < a for a, b in zip(weights, weights[1:], strict=False)):
+        if any(b < a for a, b in itertools.pairwise(weights)):
             raise ValueError(f"step weights must not decrease, got {weights}")
         for m in self.analysis.metrics:
             if m.signal.startswith("resource:"):
-                for arm_name, arm in (("production", self.production), ("candidate", self.candidate)):
+                for arm_name, arm in (
+                    ("production", self.production),
+                    ("candidate", self.candidate),
+                ):
                     if arm.resources is None:
                         raise ValueError(
                             f"metric {m.name!r} uses {m.signal!r}; add 'resources: "

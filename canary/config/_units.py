@@ -86,7 +86,9 @@ def parse_percent(value: object) -> float:
         try:
             value = float(value.strip()[:-1])
         except ValueError:
-            raise ValueError(f"expected a weight in percent such as 5 or '5%', got {value!r}")
+            raise ValueError(
+                f"expected a weight in percent such as 5 or '5%', got {value!r}"
+            ) from None
     if not isinstance(value, int | float):
         raise ValueError(f"expected a weight in percent such as 5 or '5%', got {value!r}")
     if not 0 <= value <= 100:

@@ -1,0 +1,21 @@
+"""aiohttp data plane: routing, forwarding and streaming, upstream pools, failover."""
+
+from canary.proxy.aiohttp_transport import AiohttpTransport
+from canary.proxy.routing import CANDIDATE, PRODUCTION, Choice, Weights, sticky_point
+from canary.proxy.server import Proxy, initial_weights
+from canary.proxy.upstream import Timeouts, Transport, UpstreamPool, UpstreamResponse
+
+__all__ = [
+    "CANDIDATE",
+    "PRODUCTION",
+    "AiohttpTransport",
+    "Choice",
+    "Proxy",
+    "Timeouts",
+    "Transport",
+    "UpstreamPool",
+    "UpstreamResponse",
+    "Weights",
+    "initial_weights",
+    "sticky_point",
+]

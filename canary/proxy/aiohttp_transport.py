@@ -1,0 +1,131 @@
+"""The aiohttp implementation of :class:`~canary.proxy.upstream.Transport`.
+
+aiohttp's client defaults corrupt a pass-through proxy (DESIGN.md "Data plane notes"): it
+asks for gzip by itself, decompresses and leaves ``Content-Encoding`` in place, adds its own
+User-Agent and Content-Type, and shares cookies between users. All of that is turned off here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from canary.errors import UpstreamError
+from canary.proxy.upstream import (
+    Timeouts,
+    UpstreamConnectError,
+    UpstreamProtocolError,
+    UpstreamReset,
+    UpstreamTimeout,
+)
+
+
+def _translate(exc: BaseException) -> UpstreamError:
+    if isinstance(exc, asyncio.TimeoutError):  # also aiohttp.ServerTimeoutError
+        return UpstreamTimeout(str(exc) or "upstream timed out")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamConnectError(str(exc))
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        return UpstreamReset(str(exc) or "upstream closed the connection")
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return UpstreamProtocolError(str(exc))
+    if isinstance(exc, aiohttp.ClientOSError | ConnectionError):
+        return UpstreamReset(str(exc))
+    return UpstreamProtocolError(f"{type(exc).__name__}: {exc}")
+
+
+class _Response:
+    __slots__ = ("_done", "_resp", "headers", "reason", "status")
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+        self.status = resp.status
+        self.reason = resp.reason or ""
+        self.headers = resp.headers
+        self._done = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        content = self._resp.content
+        try:
+            while True:
+                # readany() returns whatever has arrived: no re-chunking, no waiting for more
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                yield chunk
+            self._done = True
+        except UpstreamError:
+            raise
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise _translate(exc) from exc
+
+    def close(self) -> None:
+        if self._done:
+            self._resp.release()
+        else:
+            self._resp.close()  # body not read to the end: the connection cannot be reused
+
+
+class AiohttpTransport:
+    """One ClientSession with a bounded keep-alive connection pool, shared by all arms."""
+
+    def __init__(self, limit: int = 1024, limit_per_host: int = 256) -> None:
+        self._limit = limit
+        self._limit_per_host = limit_per_host
+        self._session: aiohttp.ClientSession | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._limit,
+                limit_per_host=self._limit_per_host,
+                ttl_dns_cache=60,
+                keepalive_timeout=30,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                auto_decompress=False,
+                skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                timeout=aiohttp.ClientTimeout(total=None),
+                raise_for_status=False,
+            )
+        return self._session
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes | AsyncIterable[bytes] | None,
+        timeouts: Timeouts,
+    ) -> _Response:
+        session = self._get_session()
+        timeout = aiohttp.ClientTimeout(
+            total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.read
+        )
+        try:
+            resp = await session.request(
+                method,
+                URL(url, encoded=True),  # forward the path's bytes exactly as the client sent them
+                headers=CIMultiDict(headers),
+                data=body,
+                timeout=timeout,
+                allow_redirects=False,
+                compress=None,
+                chunked=None,
+            )
+        except UpstreamError:
+            raise
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise _translate(exc) from exc
+        return _Response(resp)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

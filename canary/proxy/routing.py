@@ -1,0 +1,132 @@
+"""Arm choice: which rollout owns a request and which arm answers it. No aiohttp types here.
+
+Weights are an immutable :class:`Weights` value per rollout, replaced as a whole by the
+controller; the proxy reads the current one once per request, so there is nothing to lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from http.cookies import CookieError, SimpleCookie
+
+from canary.config import MatchConfig, RolloutConfig
+
+PRODUCTION = "production"
+CANDIDATE = "candidate"
+ARMS = (PRODUCTION, CANDIDATE)
+
+
+@dataclass(frozen=True, slots=True)
+class Weights:
+    """Traffic split of one rollout: percent of live traffic the candidate answers.
+
+    ``shadow`` mirrors production's requests to the candidate while users keep getting
+    production's answers (``candidate`` is then 0).
+    """
+
+    candidate: float = 0.0
+    shadow: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.candidate <= 100.0:
+            raise ValueError(f"candidate weight must be within 0..100, got {self.candidate!r}")
+        if self.shadow and self.candidate:
+            raise ValueError("a shadow split sends no live traffic to the candidate")
+
+    def fraction(self, arm: str) -> float:
+        """Probability with which a randomly routed request goes to ``arm``."""
+        c = self.candidate / 100.0
+        return c if arm == CANDIDATE else 1.0 - c
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """The routing decision for one request."""
+
+    arm: str
+    propensity: float  # probability this arm had for this request; 1.0 when forced
+    forced: bool  # chosen by the override header: measured, but kept out of the analysis
+    mirror: bool  # also send a copy to the candidate (shadow step)
+
+
+def sticky_point(rollout: str, key: str) -> float:
+    """A stable point in [0, 100) for a sticky key.
+
+    The candidate takes keys whose point is below its weight, so raising the weight only
+    moves users from production to the candidate, never back. blake2b, not ``hash()``: the
+    point must be the same in every worker and replica and across restarts.
+    """
+    digest = hashlib.blake2b(f"{rollout}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 * 100.0
+
+
+def cookie_value(cookie_header: str | None, name: str) -> str | None:
+    """Value of cookie ``name`` in a Cookie header, or None (malformed headers count as absent)."""
+    if not cookie_header or name not in cookie_header:
+        return None
+    jar: SimpleCookie = SimpleCookie()
+    try:
+        jar.load(cookie_header)
+    except CookieError:
+        return None
+    morsel = jar.get(name)
+    return morsel.value if morsel is not None else None
+
+
+class ArmChooser:
+    """Choose an arm for a request of one rollout from its headers and the current weights."""
+
+    __slots__ = ("_name", "_override", "_random", "_sticky_cookie", "_sticky_header")
+
+    def __init__(self, rollout: RolloutConfig, rand: Callable[[], float] = random.random) -> None:
+        self._name = rollout.name
+        sticky = rollout.routing.sticky
+        self._sticky_header = sticky.header if sticky is not None else None
+        self._sticky_cookie = sticky.cookie if sticky is not None else None
+        self._override = rollout.routing.override_header
+        self._random = rand
+
+    def choose(self, headers: Mapping[str, str], weights: Weights) -> Choice:
+        if self._override is not None:
+            forced = headers.get(self._override)
+            if forced is not None:
+                forced = forced.strip().lower()
+                if forced in ARMS:
+                    return Choice(forced, 1.0, True, False)
+        if weights.shadow:
+            return Choice(PRODUCTION, 1.0, False, True)
+        share = weights.candidate
+        if share <= 0.0:
+            return Choice(PRODUCTION, 1.0, False, False)
+        if share >= 100.0:
+            return Choice(CANDIDATE, 1.0, False, False)
+        key = None
+        if self._sticky_header is not None:
+            key = headers.get(self._sticky_header)
+        elif self._sticky_cookie is not None:
+            key = cookie_value(headers.get("Cookie"), self._sticky_cookie)
+        point = sticky_point(self._name, key) if key else self._random() * 100.0
+        if point < share:
+            return Choice(CANDIDATE, share / 100.0, False, False)
+        return Choice(PRODUCTION, 1.0 - share / 100.0, False, False)
+
+
+class RouteTable:
+    """Find the rollout that owns a request: host-specific rules first, then longest prefix."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self, rollouts: list[tuple[MatchConfig, str]]) -> None:
+        self._entries = sorted(rollouts, key=lambda e: (e[0].host is None, -len(e[0].path_prefix)))
+
+    def lookup(self, host: str | None, path: str) -> str | None:
+        h = host.split(":", 1)[0].lower() if host else None
+        for match, name in self._entries:
+            if match.host is not None and match.host != h:
+                continue
+            if match.covers(path):
+                return name
+        return None

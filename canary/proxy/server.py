@@ -1,0 +1,677 @@
+"""The data plane: pick an arm, forward, stream the answer back, record one observation.
+
+This is the hot path. Per request it does a route lookup, one arm choice, one upstream call
+and O(1) bookkeeping: no locks, no I/O besides the upstream, nothing that grows with history.
+The controller changes a rollout's split by replacing its immutable :class:`Weights`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from aiohttp.client_exceptions import ClientConnectionResetError
+from multidict import CIMultiDict
+
+from canary.config import Config, ProxyConfig, RolloutConfig
+from canary.errors import UpstreamError
+from canary.metrics import Metrics
+from canary.observe import (
+    ArmCost,
+    Observation,
+    Pricing,
+    RateEstimator,
+    Recorder,
+    ResponseExtractor,
+    ResponseInspector,
+)
+from canary.proxy.headers import downstream_headers, request_id, upstream_headers
+from canary.proxy.routing import ARMS, CANDIDATE, PRODUCTION, ArmChooser, RouteTable, Weights
+from canary.proxy.upstream import (
+    RequestBodyTooLarge,
+    Timeouts,
+    Transport,
+    UpstreamConnectError,
+    UpstreamPool,
+    UpstreamResponse,
+)
+
+log = logging.getLogger("canary.proxy")
+
+_NO_BODY_STATUSES = frozenset({204, 304})
+_STATUS_FOR_ERROR = {"timeout": 504, "connect": 502, "reset": 502, "protocol": 502}
+
+
+class _ClientStalled(UpstreamError):
+    """The client stopped sending its request body for longer than ``client_timeout``."""
+
+    kind = "client_timeout"
+
+
+class _BodyStream:
+    """A request body streamed upstream as it arrives, with the size and stall limits enforced.
+
+    aiohttp wraps errors raised while it sends a body, so the reason is also kept in
+    ``failure`` for the proxy to answer 413 or 408 instead of 502.
+    """
+
+    __slots__ = ("_content", "_limit", "_timeout", "failure")
+
+    def __init__(self, request: web.BaseRequest, limit: int, timeout: float) -> None:
+        self._content = request.content
+        self._limit = limit
+        self._timeout = timeout
+        self.failure: UpstreamError | None = None
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        total = 0
+        while True:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    chunk = await self._content.readany()
+            except TimeoutError:
+                self.failure = _ClientStalled("client stalled while sending the request body")
+                raise self.failure from None
+            if not chunk:
+                return
+            total += len(chunk)
+            if total > self._limit:
+                self.failure = RequestBodyTooLarge(f"request body exceeds {self._limit} bytes")
+                raise self.failure
+            yield chunk
+
+
+class RolloutRoute:
+    """Everything the hot path needs for one rollout, built once per config (re)load."""
+
+    __slots__ = (
+        "_children",
+        "chooser",
+        "config",
+        "cost_is_signal",
+        "cost_n",
+        "cost_sum",
+        "costs",
+        "extractor",
+        "failover",
+        "hosts",
+        "is_error_status",
+        "metrics",
+        "name",
+        "pools",
+        "rate",
+        "timeouts",
+        "weights",
+    )
+
+    def __init__(self, rollout: RolloutConfig, metrics: Metrics, weights: Weights) -> None:
+        self.name = rollout.name
+        self.config = rollout
+        self.chooser = ArmChooser(rollout)
+        arms = {PRODUCTION: rollout.production, CANDIDATE: rollout.candidate}
+        self.pools = {arm: UpstreamPool(cfg.endpoints) for arm, cfg in arms.items()}
+        self.hosts = {
+            arm: tuple(urlsplit(u).netloc for u in cfg.endpoints) for arm, cfg in arms.items()
+        }
+        self.extractor = ResponseExtractor(
+            rollout.signals(),
+            prediction=rollout.prediction,
+            cost_tokens=any(
+                cfg.cost is not None and cfg.cost.per_1k_tokens > 0 for cfg in arms.values()
+            ),
+        )
+        self.cost_is_signal = "cost" in rollout.signals()
+        self.rate = RateEstimator()
+        self.costs = {
+            arm: ArmCost(
+                Pricing(
+                    per_request=cfg.cost.per_request,
+                    per_1k_tokens=cfg.cost.per_1k_tokens,
+                    per_hour=cfg.cost.per_hour,
+                    replicas=cfg.cost.replicas,
+                    header=cfg.cost.header,
+                ),
+                self.rate,
+            )
+            for arm, cfg in arms.items()
+            if cfg.cost is not None
+        }
+        self.weights = weights
+        r = rollout.routing
+        self.timeouts = Timeouts(total=r.timeout, connect=r.connect_timeout, read=r.read_timeout)
+        self.is_error_status = r.is_error_status
+        self.failover = r.failover
+        self.metrics = metrics
+        self._children: dict[tuple[str, str], Any] = {}
+        self.cost_sum = {arm: 0.0 for arm in ARMS}
+        self.cost_n = {arm: 0 for arm in ARMS}
+
+    def child(self, family: str, arm: str) -> Any:
+        """A bound Prometheus child, cached: ``labels()`` is too slow for every request."""
+        key = (family, arm)
+        c = self._children.get(key)
+        if c is None:
+            c = getattr(self.metrics, family).labels(self.name, arm)
+            self._children[key] = c
+        return c
+
+    def requests_child(self, arm: str, code_class: str) -> Any:
+        key = ("requests:" + code_class, arm)
+        c = self._children.get(key)
+        if c is None:
+            c = self.metrics.requests.labels(self.name, arm, code_class)
+            self._children[key] = c
+        return c
+
+    def error_child(self, arm: str, kind: str) -> Any:
+        key = ("errors:" + kind, arm)
+        c = self._children.get(key)
+        if c is None:
+            c = self.metrics.upstream_errors.labels(self.name, arm, kind)
+            self._children[key] = c
+        return c
+
+
+def _error_response(status: int, message: str, rid: str, arm: str | None = None) -> web.Response:
+    headers = {"X-Request-Id": rid}
+    if arm is not None:
+        headers["X-Canary-Arm"] = arm
+    body = json.dumps({"error": message, "status": status, "request_id": rid})
+    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+
+
+class Proxy:
+    """The proxy port's request handler and the state it reads."""
+
+    def __init__(
+        self,
+        config: Config,
+        transport: Transport,
+        recorder: Recorder,
+        metrics: Metrics,
+        weights: dict[str, Weights] | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self._transport = transport
+        self._recorder = recorder
+        self._metrics = metrics
+        self._clock = clock or time.perf_counter
+        self._mirrors: set[asyncio.Task[None]] = set()
+        self._mirror_inflight = 0
+        self.routes: dict[str, RolloutRoute] = {}
+        self._table = RouteTable([])
+        self._proxy_cfg: ProxyConfig = config.proxy
+        self.apply_config(config, weights or {})
+
+    # -- control (called by the runtime / controller, never per request) -------------------
+
+    def apply_config(self, config: Config, weights: dict[str, Weights] | None = None) -> None:
+        """Swap in a new configuration; rollouts keep their current weights unless given."""
+        weights = dict(weights or {})
+        routes = {}
+        for r in config.rollouts:
+            w = weights.get(r.name)
+            if w is None:
+                old = self.routes.get(r.name)
+                w = old.weights if old is not None else initial_weights(r)
+            routes[r.name] = RolloutRoute(r, self._metrics, w)
+            self._export_weights(r.name, w)
+        self._proxy_cfg = config.proxy
+        self.routes = routes
+        self._table = RouteTable([(r.match, r.name) for r in config.rollouts])
+
+    def set_weights(self, name: str, weights: Weights) -> None:
+        self.routes[name].weights = weights
+        self._export_weights(name, weights)
+
+    def _export_weights(self, name: str, weights: Weights) -> None:
+        for arm in ARMS:
+            self._metrics.weight.labels(name, arm).set(weights.fraction(arm))
+        self._metrics.shadow_active.labels(name).set(1 if weights.shadow else 0)
+
+    def update_cost_gauges(self) -> None:
+        for route in self.routes.values():
+            for arm in ARMS:
+                n = route.cost_n[arm]
+                if n:
+                    self._metrics.cost_per_1k.labels(route.name, arm).set(
+                        1000.0 * route.cost_sum[arm] / n
+                    )
+
+    async def close(self) -> None:
+        for task in list(self._mirrors):
+            task.cancel()
+        if self._mirrors:
+            await asyncio.gather(*self._mirrors, return_exceptions=True)
+
+    # -- the hot path -------------------------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        rid = request_id(request.headers.get("X-Request-Id"))
+        route_name = self._table.lookup(request.host, request.path)
+        if route_name is None:
+            self._metrics.rejected.labels("no_route").inc()
+            return _error_response(404, "no rollout matches this request", rid)
+        route = self.routes[route_name]
+        cfg = self._proxy_cfg
+
+        length = request.content_length
+        if length is not None and length > cfg.max_body_size:
+            self._metrics.rejected.labels("body_too_large").inc()
+            return _error_response(413, f"request body exceeds {cfg.max_body_size} bytes", rid)
+        body: bytes | _BodyStream | None
+        replayable = True
+        if not request.body_exists:
+            body = None
+        elif length is not None and length <= cfg.replay_buffer:
+            try:
+                async with asyncio.timeout(cfg.client_timeout):
+                    body = await request.content.readexactly(length)
+            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                self._metrics.rejected.labels("client_timeout").inc()
+                return _error_response(408, "request body was not received in time", rid)
+        else:
+            body = _BodyStream(request, cfg.max_body_size, cfg.client_timeout)
+            replayable = False
+
+        choice = route.chooser.choose(request.headers, route.weights)
+        self._metrics.inflight.inc()
+        try:
+            return await self._forward(
+                request,
+                route,
+                choice.arm,
+                choice.propensity,
+                choice.forced,
+                choice.mirror,
+                body,
+                replayable,
+                rid,
+            )
+        finally:
+            self._metrics.inflight.dec()
+
+    async def _forward(
+        self,
+        request: web.BaseRequest,
+        route: RolloutRoute,
+        arm: str,
+        propensity: float,
+        forced: bool,
+        mirror: bool,
+        body: bytes | _BodyStream | None,
+        replayable: bool,
+        rid: str,
+    ) -> web.StreamResponse:
+        clock = self._clock
+        analysed = not forced
+        if forced:
+            self._metrics.forced.labels(route.name, arm).inc()
+        else:
+            self._recorder.record_routed(route.name, arm)
+        if mirror:
+            self._start_mirror(request, route, body if replayable else _NOT_REPLAYABLE, rid)
+        route.rate.tick(clock())
+
+        started = clock()
+        resp, err = await self._send(request, route, arm, body, rid)
+        if (
+            arm == CANDIDATE
+            and route.failover
+            and replayable
+            and (err is not None or (resp is not None and route.is_error_status(resp.status)))
+        ):
+            # The user gets production's answer; the candidate's failure still counts against it.
+            status = resp.status if resp is not None else 0
+            if resp is not None:
+                resp.close()
+            kind = err.kind if err is not None else "status"
+            self._record(
+                route,
+                arm,
+                propensity,
+                False,
+                rid,
+                status,
+                kind,
+                clock() - started,
+                None,
+                0,
+                body,
+                None,
+                analysed,
+            )
+            route.metrics.failovers.labels(route.name).inc()
+            arm, analysed = PRODUCTION, False  # a failover is not a randomised assignment
+            started = clock()
+            resp, err = await self._send(request, route, arm, body, rid)
+
+        if err is not None or resp is None:
+            kind = err.kind if err is not None else "protocol"
+            if isinstance(err, RequestBodyTooLarge):
+                self._metrics.rejected.labels("body_too_large").inc()
+                return _error_response(413, str(err), rid, arm)
+            if isinstance(err, _ClientStalled):
+                self._metrics.rejected.labels("client_timeout").inc()
+                return _error_response(408, str(err), rid, arm)
+            self._record(
+                route,
+                arm,
+                propensity,
+                False,
+                rid,
+                0,
+                kind,
+                clock() - started,
+                None,
+                0,
+                body,
+                None,
+                analysed,
+            )
+            return _error_response(
+                _STATUS_FOR_ERROR.get(kind, 502), f"upstream {arm} failed: {kind}", rid, arm
+            )
+        return await self._stream_back(
+            request, route, arm, propensity, resp, started, body, rid, analysed
+        )
+
+    async def _send(
+        self,
+        request: web.BaseRequest,
+        route: RolloutRoute,
+        arm: str,
+        body: bytes | _BodyStream | None,
+        rid: str,
+    ) -> tuple[UpstreamResponse | None, UpstreamError | None]:
+        pool = route.pools[arm]
+        attempts = len(pool.endpoints) if isinstance(body, bytes | None) else 1
+        err: UpstreamError | None = None
+        for _ in range(min(attempts, 2)):
+            i = pool.pick()
+            headers = upstream_headers(
+                tuple(request.headers.items()),
+                upstream_host=route.hosts[arm][i],
+                client_ip=request.remote,
+                scheme=request.scheme,
+                rid=rid,
+            )
+            try:
+                resp = await self._transport.send(
+                    request.method,
+                    pool.endpoints[i] + request.raw_path,
+                    headers,
+                    body,
+                    route.timeouts,
+                )
+                return resp, None
+            except UpstreamConnectError as exc:
+                pool.mark_down(i)  # nothing reached it: safe to try another endpoint
+                err = exc
+            except UpstreamError as exc:
+                if isinstance(body, _BodyStream) and body.failure is not None:
+                    return None, body.failure  # the client's body was at fault, not the upstream
+                return None, exc
+        return None, err
+
+    async def _stream_back(
+        self,
+        request: web.BaseRequest,
+        route: RolloutRoute,
+        arm: str,
+        propensity: float,
+        resp: UpstreamResponse,
+        started: float,
+        body: bytes | _BodyStream | None,
+        rid: str,
+        analysed: bool,
+    ) -> web.StreamResponse:
+        clock = self._clock
+        headers, length = downstream_headers(tuple(resp.headers.items()), rid=rid, arm=arm)
+        out = web.StreamResponse(
+            status=resp.status, reason=resp.reason, headers=CIMultiDict(headers)
+        )
+        if length is not None:
+            out.content_length = length
+        inspector = route.extractor.start(
+            resp.headers.get("Content-Type", ""), resp.headers.get("Content-Encoding", "")
+        )
+        ttft: float | None = None
+        received = 0
+        error: str | None = None
+        try:
+            await out.prepare(request)
+            if request.method != "HEAD" and resp.status not in _NO_BODY_STATUSES:
+                async for chunk in resp.chunks():
+                    if ttft is None:
+                        ttft = clock() - started
+                    received += len(chunk)
+                    inspector.feed(chunk)
+                    await out.write(chunk)
+            await out.write_eof()
+        except UpstreamError as exc:
+            # Headers are out: the only honest signal left is to cut the client's connection.
+            error = exc.kind
+            if request.transport is not None:
+                request.transport.close()
+        except (ClientConnectionResetError, ConnectionError, asyncio.CancelledError):
+            route.metrics.client_disconnects.labels(route.name).inc()
+            resp.close()
+            raise
+        finally:
+            resp.close()
+        latency = clock() - started
+        if error is None and route.is_error_status(resp.status):
+            error = "status"
+        self._finish(route, arm, inspector, resp.headers, latency, ttft, error)
+        self._record(
+            route,
+            arm,
+            propensity,
+            False,
+            rid,
+            resp.status,
+            error,
+            latency,
+            ttft,
+            received,
+            body,
+            inspector,
+            analysed,
+        )
+        return out
+
+    def _record(
+        self,
+        route: RolloutRoute,
+        arm: str,
+        propensity: float,
+        shadow: bool,
+        rid: str,
+        status: int,
+        error: str | None,
+        latency: float,
+        ttft: float | None,
+        received: int,
+        body: object,
+        inspector: Any,
+        analysed: bool,
+    ) -> None:
+        sent = len(body) if isinstance(body, bytes) else 0
+        signals: dict[str, float] = inspector.signals if inspector is not None else {}
+        prediction = inspector.prediction if inspector is not None else None
+        obs = Observation(
+            rollout=route.name,
+            arm=arm,
+            propensity=propensity,
+            shadow=shadow,
+            request_id=rid,
+            status=status,
+            error=error,
+            latency=latency,
+            ttft=ttft,
+            bytes_out=sent,
+            bytes_in=received,
+            signals=signals,
+            prediction=prediction,
+        )
+        if analysed:
+            self._recorder.record(obs)
+        code_class = f"{status // 100}xx" if status else "none"
+        route.requests_child(arm, code_class).inc()
+        if error is not None:
+            route.error_child(arm, error).inc()
+        route.child("latency", arm).observe(latency)
+        if ttft is not None:
+            route.child("ttft", arm).observe(ttft)
+        if sent:
+            route.child("request_bytes", arm).inc(sent)
+        if received:
+            route.child("response_bytes", arm).inc(received)
+
+    def _finish(
+        self,
+        route: RolloutRoute,
+        arm: str,
+        inspector: ResponseInspector,
+        headers: Any,
+        latency: float,
+        ttft: float | None,
+        error: str | None,
+    ) -> None:
+        """Compute the response's signals; price it when its arm has a pricing."""
+        arm_cost = route.costs.get(arm)
+        now = self._clock()
+        inspector.finish(headers, latency=latency, ttft=ttft, cost=arm_cost, now=now)
+        if arm_cost is None or error is not None:
+            return
+        if route.cost_is_signal:
+            cost = inspector.signals.get("cost")
+        else:
+            cost = arm_cost.cost(now, inspector.total_tokens, headers)
+        if cost is not None:
+            route.cost_sum[arm] += cost
+            route.cost_n[arm] += 1
+            route.child("cost", arm).inc(cost)
+
+    # -- shadow mirroring ---------------------------------------------------------------------
+
+    def _start_mirror(
+        self, request: web.BaseRequest, route: RolloutRoute, body: object, rid: str
+    ) -> None:
+        shadow = route.metrics.shadow
+        if body is _NOT_REPLAYABLE:
+            shadow.labels(route.name, "dropped_body").inc()
+            return
+        if self._mirror_inflight >= self._proxy_cfg.mirror_concurrency:
+            shadow.labels(route.name, "dropped_busy").inc()
+            return
+        assert body is None or isinstance(body, bytes)  # _NOT_REPLAYABLE was handled above
+        self._mirror_inflight += 1
+        headers = tuple(request.headers.items())
+        task = asyncio.get_running_loop().create_task(
+            self._mirror(
+                route,
+                request.method,
+                request.raw_path,
+                headers,
+                request.remote,
+                request.scheme,
+                body,
+                rid,
+            )
+        )
+        self._mirrors.add(task)
+        task.add_done_callback(self._mirror_done)
+
+    def _mirror_done(self, task: asyncio.Task[None]) -> None:
+        self._mirrors.discard(task)
+        self._mirror_inflight -= 1
+        if not task.cancelled() and task.exception() is not None:
+            log.error("shadow request failed unexpectedly", exc_info=task.exception())
+
+    async def _mirror(
+        self,
+        route: RolloutRoute,
+        method: str,
+        raw_path: str,
+        client_headers: tuple[tuple[str, str], ...],
+        remote: str | None,
+        scheme: str,
+        body: bytes | None,
+        rid: str,
+    ) -> None:
+        clock = self._clock
+        pool = route.pools[CANDIDATE]
+        i = pool.pick()
+        headers = upstream_headers(
+            client_headers,
+            upstream_host=route.hosts[CANDIDATE][i],
+            client_ip=remote,
+            scheme=scheme,
+            rid=rid,
+        )
+        route.metrics.shadow.labels(route.name, "sent").inc()
+        self._recorder.record_routed(route.name, CANDIDATE)
+        started = clock()
+        inspector: ResponseInspector | None = None
+        ttft = None
+        received = 0
+        status = 0
+        error: str | None = None
+        try:
+            resp = await self._transport.send(
+                method, pool.endpoints[i] + raw_path, headers, body, route.timeouts
+            )
+        except UpstreamError as exc:
+            error = exc.kind
+            route.metrics.shadow.labels(route.name, "failed").inc()
+        else:
+            status = resp.status
+            inspector = route.extractor.start(
+                resp.headers.get("Content-Type", ""), resp.headers.get("Content-Encoding", "")
+            )
+            try:
+                async for chunk in resp.chunks():
+                    if ttft is None:
+                        ttft = clock() - started
+                    received += len(chunk)
+                    inspector.feed(chunk)
+            except UpstreamError as exc:
+                error = exc.kind
+            finally:
+                resp.close()
+            if error is None and route.is_error_status(status):
+                error = "status"
+            latency = clock() - started
+            self._finish(route, CANDIDATE, inspector, resp.headers, latency, ttft, error)
+        self._record(
+            route,
+            CANDIDATE,
+            1.0,
+            True,
+            rid,
+            status,
+            error,
+            clock() - started,
+            ttft,
+            received,
+            body,
+            inspector,
+            True,
+        )
+
+
+_NOT_REPLAYABLE = object()
+
+
+def initial_weights(rollout: RolloutConfig) -> Weights:
+    """The split a new rollout starts with: its first step."""
+    first = rollout.steps[0]
+    return Weights(candidate=first.candidate_weight, shadow=first.is_shadow)

@@ -1,0 +1,127 @@
+"""Upstream pools and the transport interface the proxy forwards through.
+
+The proxy's logic (routing, failover, observation) talks to a :class:`Transport`, never to
+aiohttp directly, so a faster protocol-level client can replace the aiohttp one later and be
+tested against it (DESIGN.md "Data plane notes").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from multidict import CIMultiDictProxy
+
+from canary.errors import UpstreamError
+
+
+class UpstreamConnectError(UpstreamError):
+    """No connection could be made (refused, unreachable, DNS): nothing reached the upstream."""
+
+    kind = "connect"
+
+
+class UpstreamTimeout(UpstreamError):
+    """Connect, read or total timeout."""
+
+    kind = "timeout"
+
+
+class UpstreamReset(UpstreamError):
+    """The upstream closed the connection before or while answering."""
+
+    kind = "reset"
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The upstream answered with something that is not valid HTTP."""
+
+    kind = "protocol"
+
+
+class RequestBodyTooLarge(UpstreamError):
+    """The client's request body exceeded the configured limit while it was streamed."""
+
+    kind = "too_large"
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    total: float
+    connect: float
+    read: float | None
+
+
+class UpstreamResponse(Protocol):
+    """A response whose headers have arrived; the body is read with :meth:`chunks`."""
+
+    status: int
+    reason: str
+    headers: CIMultiDictProxy[str]  # case-insensitive, repeated fields kept in order
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """Body bytes as they arrive; raises an :class:`UpstreamError` subclass on failure."""
+        ...
+
+    def close(self) -> None:
+        """Release the connection (drop it when the body was not read to the end)."""
+        ...
+
+
+class Transport(Protocol):
+    """Send one HTTP request upstream."""
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes | AsyncIterable[bytes] | None,
+        timeouts: Timeouts,
+    ) -> UpstreamResponse:
+        """Send a request; raise an :class:`UpstreamError` subclass when no response arrives."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class UpstreamPool:
+    """Round-robin over one arm's endpoints, skipping endpoints that just failed to connect.
+
+    Passive health only: an endpoint that refused a connection is skipped for ``cooldown``
+    seconds unless every endpoint is cooling down (then all are tried, so that a recovered
+    pool is found again without waiting).
+    """
+
+    __slots__ = ("_down_until", "_next", "cooldown", "endpoints")
+
+    def __init__(self, endpoints: Sequence[str], cooldown: float = 2.0) -> None:
+        if not endpoints:
+            raise ValueError("an upstream pool needs at least one endpoint")
+        self.endpoints = tuple(endpoints)
+        self.cooldown = cooldown
+        self._next = 0
+        self._down_until = [0.0] * len(self.endpoints)
+
+    def pick(self) -> int:
+        n = len(self.endpoints)
+        if n == 1:
+            return 0
+        now = time.monotonic()
+        for _ in range(n):
+            i = self._next
+            self._next = (i + 1) % n
+            if self._down_until[i] <= now:
+                return i
+        i = self._next
+        self._next = (i + 1) % n
+        return i
+
+    def mark_down(self, index: int) -> None:
+        self._down_until[index] = time.monotonic() + self.cooldown
+
+    def healthy_count(self) -> int:
+        now = time.monotonic()
+        return sum(1 for t in self._down_until if t <= now)

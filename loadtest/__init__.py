@@ -1,0 +1,1 @@
+"""Fake model servers, load generation, scenarios and benchmarks for canary."""

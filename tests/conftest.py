@@ -1,0 +1,79 @@
+"""Shared fixtures: fake model servers and a canary runtime on loopback ephemeral ports."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import yaml
+
+from canary.config import Config, load_config_text
+from canary.runtime import Runtime
+from loadtest.fake_model import FakeModelConfig, running_fake_model
+
+FAST = {"latency": "fixed", "latency_median": 0.0005}
+
+
+@dataclass
+class Canary:
+    runtime: Runtime
+    url: str  # proxy base URL
+    admin: str  # admin base URL
+
+    @property
+    def proxy(self) -> Any:
+        return self.runtime.proxy
+
+
+def rollout_config(
+    production: list[str], candidate: list[str], *, name: str = "m", **overrides: Any
+) -> dict[str, Any]:
+    """A rollout-file dict on loopback ephemeral ports; ``overrides`` replace rollout keys."""
+    rollout: dict[str, Any] = {
+        "name": name,
+        "production": {"endpoints": production},
+        "candidate": {"endpoints": candidate},
+        "routing": {"override_header": "X-Canary-Arm", "timeout": "5s"},
+        "steps": [{"weight": 5}],
+    }
+    rollout.update(overrides)
+    return {
+        "proxy": {"listen": "127.0.0.1:0"},
+        "admin": {"listen": "127.0.0.1:0"},
+        "state": {"backend": "memory"},
+        "rollouts": [rollout],
+    }
+
+
+@contextlib.asynccontextmanager
+async def running_canary(config: Config | dict[str, Any]) -> AsyncIterator[Canary]:
+    if isinstance(config, dict):
+        config = load_config_text(yaml.safe_dump(config))
+    runtime = Runtime(config)
+    await runtime.start()
+    try:
+        yield Canary(
+            runtime,
+            f"http://127.0.0.1:{runtime.proxy_port}",
+            f"http://127.0.0.1:{runtime.admin_port}",
+        )
+    finally:
+        await runtime.stop()
+
+
+@contextlib.asynccontextmanager
+async def fake_pair(
+    production: dict[str, Any] | None = None, candidate: dict[str, Any] | None = None
+) -> AsyncIterator[tuple[str, str]]:
+    p = FakeModelConfig(model="production", **{**FAST, **(production or {})})
+    c = FakeModelConfig(model="candidate", seed=1, **{**FAST, **(candidate or {})})
+    async with running_fake_model(p) as pu, running_fake_model(c) as cu:
+        yield pu, cu
+
+
+@pytest.fixture
+def canary_factory() -> Callable[..., Any]:
+    return running_canary
