@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from canary.cli import main
 from canary.config import Margin, load_config, load_config_text
@@ -57,7 +58,7 @@ def test_design_example_is_parsed_into_typed_values() -> None:
 
 def test_config_is_frozen() -> None:
     config = load_config_text(MINIMAL)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         config.rollouts[0].name = "other"  # type: ignore[misc]
 
 
@@ -170,7 +171,8 @@ def test_duplicate_yaml_keys_and_bad_yaml() -> None:
         ("[{weight: 50}, {weight: 5}]", "[]", "step weights must not decrease"),
         (
             "[{weight: 5}]",
-            "[{name: a, signal: latency, max_increase: 5%}, {name: a, signal: ttft, max_increase: 5%}]",
+            "[{name: a, signal: latency, max_increase: 5%},"
+            " {name: a, signal: ttft, max_increase: 5%}]",
             "duplicate metric name 'a'",
         ),
         (

@@ -79,7 +79,9 @@ async def test_sticky_users_keep_their_arm_and_only_move_to_the_candidate() -> N
 
 async def test_sticky_cookie() -> None:
     async with fake_pair() as (p, c):
-        cfg = rollout_config([p], [c], steps=[{"weight": 50}], routing={"sticky": {"cookie": "uid"}})
+        cfg = rollout_config(
+            [p], [c], steps=[{"weight": 50}], routing={"sticky": {"cookie": "uid"}}
+        )
         async with running_canary(cfg) as can, httpx.AsyncClient() as client:
             arms = set()
             for _ in range(20):
@@ -139,37 +141,34 @@ async def test_forwarding_rewrites_only_what_a_proxy_must() -> None:
 
 
 async def test_new_request_id_when_client_sends_none_or_garbage() -> None:
-    async with fake_pair() as (p, c):
-        async with running_canary(rollout_config([p], [c])) as can:
-            async with httpx.AsyncClient() as client:
-                a = await client.get(can.url + "/echo")
-                b = await client.get(can.url + "/echo", headers={"X-Request-Id": "bad id; drop table"})
+    async with fake_pair() as (p, c), running_canary(rollout_config([p], [c])) as can:
+        async with httpx.AsyncClient() as client:
+            a = await client.get(can.url + "/echo")
+            b = await client.get(can.url + "/echo", headers={"X-Request-Id": "bad id; drop table"})
     assert len(a.headers["x-request-id"]) == 32
     assert len(b.headers["x-request-id"]) == 32
     assert a.headers["x-request-id"] != b.headers["x-request-id"]
 
 
 async def test_gzip_body_passes_through_byte_for_byte() -> None:
-    async with fake_pair() as (p, c):
-        async with running_canary(rollout_config([p], [c])) as can:
-            async with aiohttp.ClientSession(auto_decompress=False) as s:
-                async with s.get(can.url + "/gzip", headers={"Accept-Encoding": "gzip"}) as r:
-                    raw = await r.read()
-                    assert r.headers["Content-Encoding"] == "gzip"
+    async with fake_pair() as (p, c), running_canary(rollout_config([p], [c])) as can:
+        async with aiohttp.ClientSession(auto_decompress=False) as s:
+            async with s.get(can.url + "/gzip", headers={"Accept-Encoding": "gzip"}) as r:
+                raw = await r.read()
+                assert r.headers["Content-Encoding"] == "gzip"
     assert gzip.decompress(raw) == GZIP_BODY
 
 
 async def test_sse_first_event_arrives_while_upstream_is_still_sending() -> None:
-    async with fake_pair() as (p, c):
-        async with running_canary(rollout_config([p], [c])) as can:
-            async with aiohttp.ClientSession() as s:
-                t0 = time.perf_counter()
-                async with s.get(can.url + "/sse?events=5&interval=0.3") as r:
-                    assert r.headers["Content-Type"].startswith("text/event-stream")
-                    first = await r.content.readuntil(b"\n\n")
-                    t_first = time.perf_counter() - t0
-                    rest = await r.read()
-                    t_all = time.perf_counter() - t0
+    async with fake_pair() as (p, c), running_canary(rollout_config([p], [c])) as can:
+        async with aiohttp.ClientSession() as s:
+            t0 = time.perf_counter()
+            async with s.get(can.url + "/sse?events=5&interval=0.3") as r:
+                assert r.headers["Content-Type"].startswith("text/event-stream")
+                first = await r.content.readuntil(b"\n\n")
+                t_first = time.perf_counter() - t0
+                rest = await r.read()
+                t_all = time.perf_counter() - t0
     assert first.startswith(b"data:") or first.startswith(b"id:") or b"data:" in first
     assert rest.count(b"data:") >= 3
     assert t_all > 1.1  # the upstream took ~1.2 s to send all events
@@ -177,15 +176,14 @@ async def test_sse_first_event_arrives_while_upstream_is_still_sending() -> None
 
 
 async def test_chunked_response_is_not_buffered() -> None:
-    async with fake_pair() as (p, c):
-        async with running_canary(rollout_config([p], [c])) as can:
-            async with aiohttp.ClientSession() as s:
-                t0 = time.perf_counter()
-                async with s.get(can.url + "/stream?chunks=4&interval=0.25") as r:
-                    assert "Content-Length" not in r.headers
-                    first = await r.content.readany()
-                    t_first = time.perf_counter() - t0
-                    body = first + await r.read()
+    async with fake_pair() as (p, c), running_canary(rollout_config([p], [c])) as can:
+        async with aiohttp.ClientSession() as s:
+            t0 = time.perf_counter()
+            async with s.get(can.url + "/stream?chunks=4&interval=0.25") as r:
+                assert "Content-Length" not in r.headers
+                first = await r.content.readany()
+                t_first = time.perf_counter() - t0
+                body = first + await r.read()
     assert first and t_first < 0.3
     assert len(body) > len(first)
 
@@ -262,11 +260,10 @@ async def test_upstream_timeout_answers_504() -> None:
 
 async def test_large_bodies_stream_both_ways() -> None:
     big = bytes(range(256)) * (5 * 4096)  # 5 MiB: above the replay buffer, streamed up
-    async with fake_pair() as (p, c):
-        async with running_canary(rollout_config([p], [c])) as can:
-            async with httpx.AsyncClient(timeout=30) as client:
-                r = await client.post(can.url + "/echo", content=big)
-                down = await client.get(can.url + "/bytes?n=8000000")
+    async with fake_pair() as (p, c), running_canary(rollout_config([p], [c])) as can:
+        async with httpx.AsyncClient(timeout=30) as client:
+            r = await client.post(can.url + "/echo", content=big)
+            down = await client.get(can.url + "/bytes?n=8000000")
     assert r.status_code == 200
     assert r.json()["body_sha256"] == hashlib.sha256(big).hexdigest()
     assert down.status_code == 200 and len(down.content) == 8_000_000
@@ -464,7 +461,9 @@ async def test_fuzzed_requests_never_crash_the_proxy() -> None:
         async with running_canary(rollout_config([p], [c], steps=[{"weight": 50}])) as can:
             async with httpx.AsyncClient() as client:
                 for _ in range(150):
-                    path = "/" + "".join(rng.choice("ab/%?&=.~-_x") for _ in range(rng.randrange(30)))
+                    path = "/" + "".join(
+                        rng.choice("ab/%?&=.~-_x") for _ in range(rng.randrange(30))
+                    )
                     headers = {
                         "X-Canary-Arm": rng.choice(["candidate", "", "x" * 100, "production"]),
                         "X-Request-Id": "".join(rng.choice("ab\t -") for _ in range(5)),

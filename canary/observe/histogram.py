@@ -21,7 +21,7 @@ MIN_POSITIVE = 1e-9
 class LogHistogram:
     """Sparse log-bucket histogram: O(1) ``add``, exact ``merge``, bounded size."""
 
-    __slots__ = ("accuracy", "gamma", "_inv_log_gamma", "pos", "neg", "zero", "count")
+    __slots__ = ("_inv_log_gamma", "accuracy", "count", "gamma", "neg", "pos", "zero")
 
     def __init__(self, accuracy: float = DEFAULT_RELATIVE_ACCURACY) -> None:
         if not 0.0 < accuracy < 1.0:

@@ -114,6 +114,15 @@ class ArmChooser:
         return Choice(PRODUCTION, 1.0 - share / 100.0, False, False)
 
 
+def _hostname(host: str) -> str:
+    """``Host`` header without its port: ``a.b:80`` -> ``a.b``, ``[::1]:80`` -> ``::1``."""
+    if host.startswith("["):
+        end = host.find("]")
+        return host[1:end].lower() if end > 0 else host.lower()
+    name, sep, port = host.rpartition(":")
+    return (name if sep and port.isdigit() else host).lower()
+
+
 class RouteTable:
     """Find the rollout that owns a request: host-specific rules first, then longest prefix."""
 
@@ -123,7 +132,7 @@ class RouteTable:
         self._entries = sorted(rollouts, key=lambda e: (e[0].host is None, -len(e[0].path_prefix)))
 
     def lookup(self, host: str | None, path: str) -> str | None:
-        h = host.split(":", 1)[0].lower() if host else None
+        h = _hostname(host) if host else None
         for match, name in self._entries:
             if match.host is not None and match.host != h:
                 continue

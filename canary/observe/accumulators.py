@@ -1,0 +1,424 @@
+"""Per-rollout, per-arm mergeable accumulators: what the statistics and the controller read.
+
+The proxy records every :class:`~canary.observe.record.Observation` into a :class:`Recorder`
+(O(1), no locks: one event loop per process). A flusher calls :meth:`Recorder.swap` every few
+hundred milliseconds and ships the returned deltas to the store, where they are merged across
+workers and replicas. Merging is exact for counts and histograms and associative and
+commutative (up to float rounding of sums), so the order in which deltas arrive does not
+matter. Memory is bounded by configuration, never by history: one :class:`Moments` per distinct
+propensity (one per rollout step), one histogram bucket per distinct value magnitude.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from canary.observe.histogram import DEFAULT_RELATIVE_ACCURACY, MIN_POSITIVE, LogHistogram
+from canary.observe.record import ARMS, CANDIDATE, ERROR_STATUS, PRODUCTION, Observation
+
+FORMAT_VERSION = 1
+_INF = math.inf
+_log = math.log
+_ceil = math.ceil
+# status // 100 -> class label; anything outside 100..599 is "other".
+_STATUS_CLASS = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+class Moments:
+    """Count, sum and sum of squares of a stream of values."""
+
+    __slots__ = ("n", "total", "total_sq")
+
+    def __init__(self, n: int = 0, total: float = 0.0, total_sq: float = 0.0) -> None:
+        self.n = n
+        self.total = total
+        self.total_sq = total_sq
+
+    def add(self, value: float) -> None:
+        self.n += 1
+        self.total += value
+        self.total_sq += value * value
+
+    def merge(self, other: Moments) -> None:
+        self.n += other.n
+        self.total += other.total
+        self.total_sq += other.total_sq
+
+    @property
+    def mean(self) -> float:
+        """Mean, or nan when empty."""
+        return self.total / self.n if self.n else math.nan
+
+    @property
+    def variance(self) -> float:
+        """Sample variance (n - 1 denominator), or nan below two values.
+
+        Computed from raw sums, so it loses precision when the mean is large against the
+        spread; the statistics layer should prefer histograms or shifted data for that case.
+        """
+        if self.n < 2:
+            return math.nan
+        return max(0.0, (self.total_sq - self.total * self.total / self.n) / (self.n - 1))
+
+    def copy(self) -> Moments:
+        return Moments(self.n, self.total, self.total_sq)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Moments):
+            return NotImplemented
+        return (self.n, self.total, self.total_sq) == (other.n, other.total, other.total_sq)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:
+        return f"Moments(n={self.n}, total={self.total!r}, total_sq={self.total_sq!r})"
+
+
+class SignalAccumulator:
+    """One signal of one arm: moments per propensity stratum, a histogram, min and max.
+
+    ``strata`` is keyed by the arm's assignment probability when the value was observed, so
+    the analysis can weight by inverse propensity; it has one entry per distinct weight used.
+    Non-finite values are ignored (they would poison every sum).
+    """
+
+    __slots__ = ("hist", "max", "min", "strata")
+
+    def __init__(self, accuracy: float = DEFAULT_RELATIVE_ACCURACY) -> None:
+        self.strata: dict[float, Moments] = {}
+        self.hist = LogHistogram(accuracy)
+        self.min = _INF
+        self.max = -_INF
+
+    def add(self, value: float, propensity: float = 1.0) -> None:
+        if not -_INF < value < _INF:  # also false for nan
+            return
+        m = self.strata.get(propensity)
+        if m is None:
+            m = self.strata[propensity] = Moments()
+        m.n += 1
+        m.total += value
+        m.total_sq += value * value
+        # LogHistogram.add inlined (it is most of the cost of a record); the equivalence is
+        # pinned by a test.
+        h = self.hist
+        h.count += 1
+        if value > MIN_POSITIVE:
+            i = _ceil(_log(value) * h._inv_log_gamma)
+            pos = h.pos
+            pos[i] = pos.get(i, 0) + 1
+        elif value < -MIN_POSITIVE:
+            i = _ceil(_log(-value) * h._inv_log_gamma)
+            neg = h.neg
+            neg[i] = neg.get(i, 0) + 1
+        else:
+            h.zero += 1
+        if value < self.min:
+            self.min = value
+        if value > self.max:
+            self.max = value
+
+    def merge(self, other: SignalAccumulator) -> None:
+        for p, m in other.strata.items():
+            mine = self.strata.get(p)
+            if mine is None:
+                self.strata[p] = m.copy()
+            else:
+                mine.merge(m)
+        self.hist.merge(other.hist)
+        if other.min < self.min:
+            self.min = other.min
+        if other.max > self.max:
+            self.max = other.max
+
+    @property
+    def n(self) -> int:
+        return sum(m.n for m in self.strata.values())
+
+    @property
+    def total(self) -> float:
+        return sum(m.total for m in self.strata.values())
+
+    @property
+    def mean(self) -> float:
+        """Unweighted mean over all strata, or nan when empty."""
+        n = self.n
+        return self.total / n if n else math.nan
+
+    def copy(self) -> SignalAccumulator:
+        out = SignalAccumulator(self.hist.accuracy)
+        out.merge(self)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        empty = self.max < self.min
+        return {
+            # repr() of a float round-trips exactly, so merged strata keys stay identical.
+            "strata": {repr(p): [m.n, m.total, m.total_sq] for p, m in self.strata.items()},
+            "hist": self.hist.to_dict(),
+            "min": None if empty else self.min,
+            "max": None if empty else self.max,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SignalAccumulator:
+        out = cls.__new__(cls)
+        out.strata = {
+            float(p): Moments(int(n), float(t), float(t2))
+            for p, (n, t, t2) in data["strata"].items()
+        }
+        out.hist = LogHistogram.from_dict(data["hist"])
+        out.min = _INF if data["min"] is None else float(data["min"])
+        out.max = -_INF if data["max"] is None else float(data["max"])
+        return out
+
+
+def _add_counts(into: dict[str, int], other: dict[str, int]) -> None:
+    for k, v in other.items():
+        into[k] = into.get(k, 0) + v
+
+
+class ArmAccumulator:
+    """Everything recorded for one arm of one rollout.
+
+    ``routed`` counts requests assigned to the arm (:meth:`RolloutAccumulator.record_routed`),
+    ``observed`` the observations recorded, ``answered`` those with an HTTP response. Signals
+    always include ``latency`` and ``error`` (1/0 per observation), ``ttft`` once a value was
+    seen, and every signal present on an observation. ``latency`` is recorded only for
+    complete responses (no error, or an error status): a connection that fails in 1 ms must
+    not make an arm look fast; the failure is counted by ``error``.
+    """
+
+    __slots__ = (
+        "_error",
+        "_latency",
+        "accuracy",
+        "answered",
+        "bytes_in",
+        "bytes_out",
+        "error_kinds",
+        "errors",
+        "observed",
+        "routed",
+        "shadow",
+        "signals",
+        "status_classes",
+    )
+
+    def __init__(self, accuracy: float = DEFAULT_RELATIVE_ACCURACY) -> None:
+        self.routed = 0
+        self.observed = 0
+        self.answered = 0
+        self.errors = 0
+        self.error_kinds: dict[str, int] = {}
+        self.status_classes: dict[str, int] = {}
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.shadow = 0
+        self.accuracy = accuracy
+        self._latency = SignalAccumulator(accuracy)
+        self._error = SignalAccumulator(accuracy)
+        self.signals: dict[str, SignalAccumulator] = {
+            "latency": self._latency,
+            "error": self._error,
+        }
+
+    def record(self, obs: Observation) -> None:
+        """Add one observation: O(number of signals on it), independent of history."""
+        p = obs.propensity
+        if not 0.0 < p <= 1.0:  # also rejects nan, which would add a stratum per request
+            raise ValueError(f"propensity must be in (0, 1], got {p!r}")
+        self.observed += 1
+        status = obs.status
+        if status:
+            self.answered += 1
+            label = _STATUS_CLASS[status // 100] if 100 <= status < 600 else "other"
+            self.status_classes[label] = self.status_classes.get(label, 0) + 1
+        error = obs.error
+        if error is None:
+            self._error.add(0.0, p)
+            self._latency.add(obs.latency, p)
+        else:
+            self.errors += 1
+            self.error_kinds[error] = self.error_kinds.get(error, 0) + 1
+            self._error.add(1.0, p)
+            if error == ERROR_STATUS:
+                self._latency.add(obs.latency, p)
+        signals = self.signals
+        if obs.ttft is not None:
+            acc = signals.get("ttft")
+            if acc is None:
+                acc = signals["ttft"] = SignalAccumulator(self.accuracy)
+            acc.add(obs.ttft, p)
+        self.bytes_in += obs.bytes_in
+        self.bytes_out += obs.bytes_out
+        if obs.shadow:
+            self.shadow += 1
+        for key, value in obs.signals.items():
+            acc = signals.get(key)
+            if acc is None:
+                acc = signals[key] = SignalAccumulator(self.accuracy)
+            acc.add(value, p)
+
+    def merge(self, other: ArmAccumulator) -> None:
+        self.routed += other.routed
+        self.observed += other.observed
+        self.answered += other.answered
+        self.errors += other.errors
+        _add_counts(self.error_kinds, other.error_kinds)
+        _add_counts(self.status_classes, other.status_classes)
+        self.bytes_in += other.bytes_in
+        self.bytes_out += other.bytes_out
+        self.shadow += other.shadow
+        for key, acc in other.signals.items():
+            mine = self.signals.get(key)
+            if mine is None:
+                self.signals[key] = acc.copy()
+            else:
+                mine.merge(acc)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "routed": self.routed,
+            "observed": self.observed,
+            "answered": self.answered,
+            "errors": self.errors,
+            "error_kinds": dict(self.error_kinds),
+            "status_classes": dict(self.status_classes),
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "shadow": self.shadow,
+            "signals": {k: v.to_dict() for k, v in self.signals.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], accuracy: float) -> ArmAccumulator:
+        out = cls(accuracy)
+        for name in ("routed", "observed", "answered", "errors", "bytes_in", "bytes_out", "shadow"):
+            setattr(out, name, int(data[name]))
+        out.error_kinds = {str(k): int(v) for k, v in data["error_kinds"].items()}
+        out.status_classes = {str(k): int(v) for k, v in data["status_classes"].items()}
+        for key, sig in data["signals"].items():
+            out.signals[key] = SignalAccumulator.from_dict(sig)
+        out._latency = out.signals["latency"]
+        out._error = out.signals["error"]
+        return out
+
+
+class RolloutAccumulator:
+    """Both arms of one rollout."""
+
+    __slots__ = ("accuracy", "arms", "candidate", "production")
+
+    def __init__(self, accuracy: float = DEFAULT_RELATIVE_ACCURACY) -> None:
+        self.accuracy = accuracy
+        self.production = ArmAccumulator(accuracy)
+        self.candidate = ArmAccumulator(accuracy)
+        self.arms: dict[str, ArmAccumulator] = {
+            PRODUCTION: self.production,
+            CANDIDATE: self.candidate,
+        }
+
+    def record(self, obs: Observation) -> None:
+        arm = self.arms.get(obs.arm)
+        if arm is None:
+            raise ValueError(f"unknown arm {obs.arm!r}; expected one of {', '.join(ARMS)}")
+        arm.record(obs)
+
+    def record_routed(self, arm: str, n: int = 1) -> None:
+        """Count ``n`` requests assigned to ``arm`` (the denominator of sample-ratio checks)."""
+        acc = self.arms.get(arm)
+        if acc is None:
+            raise ValueError(f"unknown arm {arm!r}; expected one of {', '.join(ARMS)}")
+        acc.routed += n
+
+    def merge(self, other: RolloutAccumulator) -> None:
+        """Add ``other`` into this one (``other`` is not modified nor aliased)."""
+        if other.accuracy != self.accuracy:
+            raise ValueError(
+                f"cannot merge accumulators of accuracy {other.accuracy} into {self.accuracy}"
+            )
+        self.production.merge(other.production)
+        self.candidate.merge(other.candidate)
+
+    def snapshot(self) -> RolloutAccumulator:
+        """A deep copy."""
+        out = RolloutAccumulator(self.accuracy)
+        out.merge(self)
+        return out
+
+    @property
+    def empty(self) -> bool:
+        """True when nothing was recorded or routed."""
+        return not any(a.observed or a.routed for a in (self.production, self.candidate))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (plain dicts, str keys, ints, finite floats, None)."""
+        return {
+            "version": FORMAT_VERSION,
+            "accuracy": self.accuracy,
+            "production": self.production.to_dict(),
+            "candidate": self.candidate.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RolloutAccumulator:
+        version = data.get("version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"unsupported accumulator format version {version!r}")
+        out = cls(float(data["accuracy"]))
+        out.production = ArmAccumulator.from_dict(data["production"], out.accuracy)
+        out.candidate = ArmAccumulator.from_dict(data["candidate"], out.accuracy)
+        out.arms = {PRODUCTION: out.production, CANDIDATE: out.candidate}
+        return out
+
+
+class Recorder:
+    """The live accumulators of every rollout in this process.
+
+    Single-threaded by design (one asyncio loop): :meth:`record` and :meth:`swap` never run
+    at the same time, and ``swap`` replaces the live dict in one attribute assignment, so a
+    flusher takes deltas without locks.
+    """
+
+    __slots__ = ("_live", "accuracy")
+
+    def __init__(
+        self,
+        rollouts: tuple[str, ...] | list[str] = (),
+        accuracy: float = DEFAULT_RELATIVE_ACCURACY,
+    ) -> None:
+        self.accuracy = accuracy
+        self._live: dict[str, RolloutAccumulator] = {
+            name: RolloutAccumulator(accuracy) for name in rollouts
+        }
+
+    def record(self, obs: Observation) -> None:
+        acc = self._live.get(obs.rollout)
+        if acc is None:
+            acc = self._live[obs.rollout] = RolloutAccumulator(self.accuracy)
+        acc.record(obs)
+
+    def record_routed(self, rollout: str, arm: str, n: int = 1) -> None:
+        acc = self._live.get(rollout)
+        if acc is None:
+            acc = self._live[rollout] = RolloutAccumulator(self.accuracy)
+        acc.record_routed(arm, n)
+
+    def live(self, rollout: str) -> RolloutAccumulator:
+        """The live accumulator of ``rollout`` (read-only use: tests, local gauges)."""
+        acc = self._live.get(rollout)
+        if acc is None:
+            acc = self._live[rollout] = RolloutAccumulator(self.accuracy)
+        return acc
+
+    def remove(self, rollout: str) -> RolloutAccumulator | None:
+        """Stop tracking a retired rollout; return what it had not yet flushed."""
+        return self._live.pop(rollout, None)
+
+    def swap(self) -> dict[str, RolloutAccumulator]:
+        """Replace every live accumulator with a fresh one; return the old ones (the deltas)."""
+        old = self._live
+        self._live = {name: RolloutAccumulator(self.accuracy) for name in old}
+        return old

@@ -1,0 +1,77 @@
+"""The per-request record the proxy appends for every routed or mirrored request.
+
+One :class:`Observation` per upstream request (a shadow mirror is its own observation). The
+proxy builds it once the response is complete (or has failed) and hands it to
+:meth:`canary.observe.accumulators.Recorder.record`; nothing keeps it after that, except a
+feedback join that may keep ``request_id``, ``arm`` and ``prediction`` for a bounded time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PRODUCTION = "production"
+CANDIDATE = "candidate"
+ARMS = (PRODUCTION, CANDIDATE)
+
+# Values of Observation.error; None means a complete response outside the error classes.
+ERROR_CONNECT = "connect"  # could not connect to the upstream
+ERROR_TIMEOUT = "timeout"  # connect, read or total timeout
+ERROR_RESET = "reset"  # the connection broke before the response was complete
+ERROR_STATUS = "status"  # a complete response whose status is in the configured error classes
+ERROR_PROTOCOL = "protocol"  # the upstream spoke invalid HTTP
+ERROR_KINDS = (ERROR_CONNECT, ERROR_TIMEOUT, ERROR_RESET, ERROR_STATUS, ERROR_PROTOCOL)
+
+
+@dataclass(slots=True)
+class Observation:
+    """What the proxy measured for one upstream request.
+
+    Attributes
+    ----------
+    rollout
+        Name of the rollout that owns the request.
+    arm
+        ``"production"`` or ``"candidate"``.
+    propensity
+        Probability with which this arm was chosen for this request (0.05 for the candidate at
+        weight 5, 0.95 for production); 1.0 when forced by the override header; for a shadow
+        mirror, whatever the caller passes. The analysis weights samples by it.
+    shadow
+        True for a mirrored request whose answer the user never saw.
+    request_id
+        The ``X-Request-Id`` returned to the client (feedback joins on it).
+    status
+        HTTP status of the upstream response; 0 when there was none.
+    error
+        None, or one of :data:`ERROR_KINDS`.
+    latency
+        Seconds from sending the request upstream to the last response byte (or the failure).
+    ttft
+        Seconds to the first response body byte (for event streams, the first event); None
+        when no body byte arrived.
+    bytes_out, bytes_in
+        Request body bytes sent upstream; response body bytes received.
+    signals
+        Values of the rollout's configured response and derived signals for this request,
+        keyed by the canonical signal string (``Signal.key``): ``"header:x-model-cost"``,
+        ``"server_timing:inference"``, ``"json:usage.total_tokens"``, ``"cost"``,
+        ``"tokens_per_s"``. A signal that could not be measured is absent. Never contains
+        ``latency``, ``ttft`` or ``error``: those come from the fields above.
+    prediction
+        The value at the rollout's ``prediction: json:PATH``, kept for feedback joins.
+    """
+
+    rollout: str
+    arm: str
+    propensity: float
+    shadow: bool
+    request_id: str
+    status: int
+    error: str | None
+    latency: float
+    ttft: float | None = None
+    bytes_out: int = 0
+    bytes_in: int = 0
+    signals: dict[str, float] = field(default_factory=dict)
+    prediction: object | None = None
