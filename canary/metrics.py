@@ -1,69 +1,232 @@
-"""Every Prometheus object canary exports, on an injected CollectorRegistry.
+"""Every Prometheus metric canary exports, on an injected CollectorRegistry.
 
-Labels are low-cardinality only: ``rollout``, ``arm``, ``code_class``, ``kind``, ``reason``.
+The hot path never calls prometheus_client: it bumps plain integers and floats in
+:class:`ProxyCounters` (no locks, no label lookups), and :class:`ProxyCollector` turns them
+into metric families when ``/metrics`` is scraped. Gauges that change only on the control
+path (weights) are ordinary prometheus_client gauges. Labels are low-cardinality only:
+``rollout``, ``arm``, ``code_class``, ``kind``, ``reason``, ``outcome``.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+import bisect
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Gauge, Info
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
 
 import canary
 
-# Buckets for request latency and time to first token: 1 ms .. 60 s, denser where models live.
+ARMS = ("production", "candidate")
+
+# Buckets for request latency and time to first byte: 1 ms .. 60 s, denser where models live.
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
     1.0, 1.5, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
 )  # fmt: skip
 
 
+class HistogramCounts:
+    """Per-bucket counts (not cumulative) plus sum and count; ``observe`` is O(log buckets)."""
+
+    __slots__ = ("buckets", "count", "sum")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, value)] += 1
+        self.sum += value
+        self.count += 1
+
+
+class ArmCounters:
+    __slots__ = (
+        "cost_n",
+        "cost_total",
+        "errors",
+        "forced",
+        "latency",
+        "request_bytes",
+        "requests",
+        "response_bytes",
+        "ttft",
+    )
+
+    def __init__(self) -> None:
+        self.requests: dict[str, int] = {}  # by status class
+        self.errors: dict[str, int] = {}  # by kind
+        self.latency = HistogramCounts()
+        self.ttft = HistogramCounts()
+        self.request_bytes = 0
+        self.response_bytes = 0
+        self.cost_total = 0.0
+        self.cost_n = 0
+        self.forced = 0
+
+
+class RolloutCounters:
+    __slots__ = ("arms", "client_disconnects", "failovers", "shadow")
+
+    def __init__(self) -> None:
+        self.arms = {arm: ArmCounters() for arm in ARMS}
+        self.failovers = 0
+        self.client_disconnects = 0
+        self.shadow: dict[str, int] = {}  # by outcome
+
+
+class ProxyCounters:
+    """The data plane's counters; they survive config reloads (Prometheus counters never drop)."""
+
+    __slots__ = ("inflight", "rejected", "rollouts")
+
+    def __init__(self) -> None:
+        self.rollouts: dict[str, RolloutCounters] = {}
+        self.rejected: dict[str, int] = {}
+        self.inflight = 0
+
+    def rollout(self, name: str) -> RolloutCounters:
+        c = self.rollouts.get(name)
+        if c is None:
+            c = self.rollouts[name] = RolloutCounters()
+        return c
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+
+def bump(counts: dict[str, int], key: str, n: int = 1) -> None:
+    counts[key] = counts.get(key, 0) + n
+
+
+class ProxyCollector(Collector):
+    """Exposes :class:`ProxyCounters` at scrape time."""
+
+    def __init__(self, counters: ProxyCounters) -> None:
+        self._c = counters
+
+    def collect(self) -> Iterator[Metric]:
+        c = self._c
+        requests = CounterMetricFamily(
+            "canary_requests",
+            "Requests answered per rollout and arm, by HTTP status class of the upstream "
+            "answer ('none' when there was no answer).",
+            labels=["rollout", "arm", "code_class"],
+        )
+        errors = CounterMetricFamily(
+            "canary_upstream_errors",
+            "Failed upstream requests per rollout and arm, by kind "
+            "(connect, timeout, reset, protocol, status).",
+            labels=["rollout", "arm", "kind"],
+        )
+        latency = HistogramMetricFamily(
+            "canary_request_duration_seconds",
+            "Seconds from sending a request upstream to its last response byte.",
+            labels=["rollout", "arm"],
+        )
+        ttft = HistogramMetricFamily(
+            "canary_time_to_first_byte_seconds",
+            "Seconds from sending a request upstream to the first response body byte "
+            "(time to first token for streams).",
+            labels=["rollout", "arm"],
+        )
+        req_bytes = CounterMetricFamily(
+            "canary_request_bytes", "Request body bytes sent upstream.", labels=["rollout", "arm"]
+        )
+        resp_bytes = CounterMetricFamily(
+            "canary_response_bytes",
+            "Response body bytes received from upstream.",
+            labels=["rollout", "arm"],
+        )
+        cost = CounterMetricFamily(
+            "canary_cost",
+            "Accumulated cost of the requests each arm answered (currency of the pricing).",
+            labels=["rollout", "arm"],
+        )
+        cost_1k = GaugeMetricFamily(
+            "canary_cost_per_1k_requests",
+            "Cost of 1000 requests per arm from its pricing, averaged since start.",
+            labels=["rollout", "arm"],
+        )
+        forced = CounterMetricFamily(
+            "canary_override_requests",
+            "Requests whose arm was forced by the override header (kept out of the analysis).",
+            labels=["rollout", "arm"],
+        )
+        failovers = CounterMetricFamily(
+            "canary_failovers",
+            "Candidate requests that failed and were answered by production instead.",
+            labels=["rollout"],
+        )
+        disconnects = CounterMetricFamily(
+            "canary_client_disconnects",
+            "Clients that went away before their response was complete.",
+            labels=["rollout"],
+        )
+        shadow = CounterMetricFamily(
+            "canary_shadow_requests",
+            "Mirrored shadow requests by outcome (sent, failed, dropped_busy, dropped_body).",
+            labels=["rollout", "outcome"],
+        )
+        for name, rc in c.rollouts.items():
+            for arm, a in rc.arms.items():
+                for code_class, n in a.requests.items():
+                    requests.add_metric([name, arm, code_class], n)
+                for kind, n in a.errors.items():
+                    errors.add_metric([name, arm, kind], n)
+                for family, h in ((latency, a.latency), (ttft, a.ttft)):
+                    cumulative, buckets = 0, []
+                    for bound, n in zip((*LATENCY_BUCKETS, float("inf")), h.buckets, strict=True):
+                        cumulative += n
+                        buckets.append((_le(bound), cumulative))
+                    family.add_metric([name, arm], buckets, h.sum)
+                req_bytes.add_metric([name, arm], a.request_bytes)
+                resp_bytes.add_metric([name, arm], a.response_bytes)
+                cost.add_metric([name, arm], a.cost_total)
+                if a.cost_n:
+                    cost_1k.add_metric([name, arm], 1000.0 * a.cost_total / a.cost_n)
+                forced.add_metric([name, arm], a.forced)
+            failovers.add_metric([name], rc.failovers)
+            disconnects.add_metric([name], rc.client_disconnects)
+            for outcome, n in rc.shadow.items():
+                shadow.add_metric([name, outcome], n)
+        rejected = CounterMetricFamily(
+            "canary_proxy_rejected",
+            "Requests the proxy answered itself, by reason "
+            "(no_route, body_too_large, client_timeout).",
+            labels=["reason"],
+        )
+        for reason, n in c.rejected.items():
+            rejected.add_metric([reason], n)
+        inflight = GaugeMetricFamily(
+            "canary_inflight_requests", "Requests the proxy is forwarding right now.", c.inflight
+        )
+        yield from (requests, errors, latency, ttft, req_bytes, resp_bytes, cost, cost_1k)
+        yield from (forced, failovers, disconnects, shadow, rejected, inflight)
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
 class Metrics:
-    """The exported metrics. Create one per process (or per test) with its own registry."""
+    """The exported metrics of one process (or one test), on their own registry."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        self.counters = ProxyCounters()
+        r.register(ProxyCollector(self.counters))
         self.build_info = Info("canary_build", "canary version.", registry=r)
         self.build_info.info({"version": canary.__version__})
-        self.requests = Counter(
-            "canary_requests_total",
-            "Requests answered per rollout and arm, by HTTP status class of the upstream answer.",
-            ["rollout", "arm", "code_class"],
-            registry=r,
-        )
-        self.upstream_errors = Counter(
-            "canary_upstream_errors_total",
-            "Failed upstream requests per rollout and arm, by kind "
-            "(connect, timeout, reset, protocol, status).",
-            ["rollout", "arm", "kind"],
-            registry=r,
-        )
-        self.latency = Histogram(
-            "canary_request_duration_seconds",
-            "Seconds from sending a request upstream to its last response byte.",
-            ["rollout", "arm"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.ttft = Histogram(
-            "canary_time_to_first_byte_seconds",
-            "Seconds from sending a request upstream to the first response body byte "
-            "(time to first token for streams).",
-            ["rollout", "arm"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.request_bytes = Counter(
-            "canary_request_bytes_total",
-            "Request body bytes sent upstream.",
-            ["rollout", "arm"],
-            registry=r,
-        )
-        self.response_bytes = Counter(
-            "canary_response_bytes_total",
-            "Response body bytes received from upstream.",
-            ["rollout", "arm"],
-            registry=r,
-        )
         self.weight = Gauge(
             "canary_traffic_weight_ratio",
             "Share of live traffic routed to each arm (0..1).",
@@ -74,54 +237,5 @@ class Metrics:
             "canary_shadow_active",
             "1 while the rollout mirrors production traffic to the candidate.",
             ["rollout"],
-            registry=r,
-        )
-        self.cost_per_1k = Gauge(
-            "canary_cost_per_1k_requests",
-            "Cost of 1000 requests per arm from its pricing, averaged since start "
-            "(currency of the pricing config).",
-            ["rollout", "arm"],
-            registry=r,
-        )
-        self.cost = Counter(
-            "canary_cost_total",
-            "Accumulated cost of the requests each arm answered.",
-            ["rollout", "arm"],
-            registry=r,
-        )
-        self.failovers = Counter(
-            "canary_failovers_total",
-            "Candidate requests that failed and were answered by production instead.",
-            ["rollout"],
-            registry=r,
-        )
-        self.forced = Counter(
-            "canary_override_requests_total",
-            "Requests whose arm was forced by the override header (kept out of the analysis).",
-            ["rollout", "arm"],
-            registry=r,
-        )
-        self.shadow = Counter(
-            "canary_shadow_requests_total",
-            "Mirrored shadow requests by outcome (sent, dropped_busy, dropped_body, failed).",
-            ["rollout", "outcome"],
-            registry=r,
-        )
-        self.rejected = Counter(
-            "canary_proxy_rejected_total",
-            "Requests the proxy answered itself, by reason (no_route, body_too_large, "
-            "bad_request, client_timeout).",
-            ["reason"],
-            registry=r,
-        )
-        self.client_disconnects = Counter(
-            "canary_client_disconnects_total",
-            "Clients that went away before their response was complete.",
-            ["rollout"],
-            registry=r,
-        )
-        self.inflight = Gauge(
-            "canary_inflight_requests",
-            "Requests the proxy is forwarding right now.",
             registry=r,
         )

@@ -19,8 +19,6 @@ READY_KEY: web.AppKey[Readiness] = web.AppKey("ready")
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    proxy = request.app[PROXY_KEY]
-    proxy.update_cost_gauges()
     body = generate_latest(request.app[METRICS_KEY].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -43,6 +43,8 @@ class LogHistogram:
         return 2.0 * self.gamma**index / (self.gamma + 1.0)
 
     def add(self, value: float, n: int = 1) -> None:
+        if not math.isfinite(value):
+            raise ValueError(f"histogram values must be finite, got {value!r}")
         self.count += n
         if value > MIN_POSITIVE:
             i = math.ceil(math.log(value) * self._inv_log_gamma)

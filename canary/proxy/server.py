@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 
 from canary.config import Config, ProxyConfig, RolloutConfig
 from canary.errors import UpstreamError
-from canary.metrics import Metrics
+from canary.metrics import Metrics, RolloutCounters, bump
 from canary.observe import (
     ArmCost,
     Observation,
@@ -45,6 +45,7 @@ from canary.proxy.upstream import (
 log = logging.getLogger("canary.proxy")
 
 _NO_BODY_STATUSES = frozenset({204, 304})
+_CODE_CLASS = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
 _STATUS_FOR_ERROR = {"timeout": 504, "connect": 502, "reset": 502, "protocol": 502}
 
 
@@ -91,18 +92,15 @@ class RolloutRoute:
     """Everything the hot path needs for one rollout, built once per config (re)load."""
 
     __slots__ = (
-        "_children",
         "chooser",
         "config",
         "cost_is_signal",
-        "cost_n",
-        "cost_sum",
         "costs",
+        "counters",
         "extractor",
         "failover",
         "hosts",
         "is_error_status",
-        "metrics",
         "name",
         "pools",
         "rate",
@@ -110,7 +108,7 @@ class RolloutRoute:
         "weights",
     )
 
-    def __init__(self, rollout: RolloutConfig, metrics: Metrics, weights: Weights) -> None:
+    def __init__(self, rollout: RolloutConfig, counters: RolloutCounters, weights: Weights) -> None:
         self.name = rollout.name
         self.config = rollout
         self.chooser = ArmChooser(rollout)
@@ -147,35 +145,7 @@ class RolloutRoute:
         self.timeouts = Timeouts(total=r.timeout, connect=r.connect_timeout, read=r.read_timeout)
         self.is_error_status = r.is_error_status
         self.failover = r.failover
-        self.metrics = metrics
-        self._children: dict[tuple[str, str], Any] = {}
-        self.cost_sum = {arm: 0.0 for arm in ARMS}
-        self.cost_n = {arm: 0 for arm in ARMS}
-
-    def child(self, family: str, arm: str) -> Any:
-        """A bound Prometheus child, cached: ``labels()`` is too slow for every request."""
-        key = (family, arm)
-        c = self._children.get(key)
-        if c is None:
-            c = getattr(self.metrics, family).labels(self.name, arm)
-            self._children[key] = c
-        return c
-
-    def requests_child(self, arm: str, code_class: str) -> Any:
-        key = ("requests:" + code_class, arm)
-        c = self._children.get(key)
-        if c is None:
-            c = self.metrics.requests.labels(self.name, arm, code_class)
-            self._children[key] = c
-        return c
-
-    def error_child(self, arm: str, kind: str) -> Any:
-        key = ("errors:" + kind, arm)
-        c = self._children.get(key)
-        if c is None:
-            c = self.metrics.upstream_errors.labels(self.name, arm, kind)
-            self._children[key] = c
-        return c
+        self.counters = counters
 
 
 def _error_response(status: int, message: str, rid: str, arm: str | None = None) -> web.Response:
@@ -201,6 +171,7 @@ class Proxy:
         self._transport = transport
         self._recorder = recorder
         self._metrics = metrics
+        self._counters = metrics.counters
         self._clock = clock or time.perf_counter
         self._mirrors: set[asyncio.Task[None]] = set()
         self._mirror_inflight = 0
@@ -220,7 +191,7 @@ class Proxy:
             if w is None:
                 old = self.routes.get(r.name)
                 w = old.weights if old is not None else initial_weights(r)
-            routes[r.name] = RolloutRoute(r, self._metrics, w)
+            routes[r.name] = RolloutRoute(r, self._counters.rollout(r.name), w)
             self._export_weights(r.name, w)
         self._proxy_cfg = config.proxy
         self.routes = routes
@@ -235,15 +206,6 @@ class Proxy:
             self._metrics.weight.labels(name, arm).set(weights.fraction(arm))
         self._metrics.shadow_active.labels(name).set(1 if weights.shadow else 0)
 
-    def update_cost_gauges(self) -> None:
-        for route in self.routes.values():
-            for arm in ARMS:
-                n = route.cost_n[arm]
-                if n:
-                    self._metrics.cost_per_1k.labels(route.name, arm).set(
-                        1000.0 * route.cost_sum[arm] / n
-                    )
-
     async def close(self) -> None:
         for task in list(self._mirrors):
             task.cancel()
@@ -256,14 +218,14 @@ class Proxy:
         rid = request_id(request.headers.get("X-Request-Id"))
         route_name = self._table.lookup(request.host, request.path)
         if route_name is None:
-            self._metrics.rejected.labels("no_route").inc()
+            self._counters.reject("no_route")
             return _error_response(404, "no rollout matches this request", rid)
         route = self.routes[route_name]
         cfg = self._proxy_cfg
 
         length = request.content_length
         if length is not None and length > cfg.max_body_size:
-            self._metrics.rejected.labels("body_too_large").inc()
+            self._counters.reject("body_too_large")
             return _error_response(413, f"request body exceeds {cfg.max_body_size} bytes", rid)
         body: bytes | _BodyStream | None
         replayable = True
@@ -274,14 +236,15 @@ class Proxy:
                 async with asyncio.timeout(cfg.client_timeout):
                     body = await request.content.readexactly(length)
             except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-                self._metrics.rejected.labels("client_timeout").inc()
+                self._counters.reject("client_timeout")
                 return _error_response(408, "request body was not received in time", rid)
         else:
             body = _BodyStream(request, cfg.max_body_size, cfg.client_timeout)
             replayable = False
 
         choice = route.chooser.choose(request.headers, route.weights)
-        self._metrics.inflight.inc()
+        counters = self._counters
+        counters.inflight += 1
         try:
             return await self._forward(
                 request,
@@ -295,7 +258,7 @@ class Proxy:
                 rid,
             )
         finally:
-            self._metrics.inflight.dec()
+            counters.inflight -= 1
 
     async def _forward(
         self,
@@ -312,7 +275,7 @@ class Proxy:
         clock = self._clock
         analysed = not forced
         if forced:
-            self._metrics.forced.labels(route.name, arm).inc()
+            route.counters.arms[arm].forced += 1
         else:
             self._recorder.record_routed(route.name, arm)
         if mirror:
@@ -347,7 +310,7 @@ class Proxy:
                 None,
                 analysed,
             )
-            route.metrics.failovers.labels(route.name).inc()
+            route.counters.failovers += 1
             arm, analysed = PRODUCTION, False  # a failover is not a randomised assignment
             started = clock()
             resp, err = await self._send(request, route, arm, body, rid)
@@ -355,10 +318,10 @@ class Proxy:
         if err is not None or resp is None:
             kind = err.kind if err is not None else "protocol"
             if isinstance(err, RequestBodyTooLarge):
-                self._metrics.rejected.labels("body_too_large").inc()
+                self._counters.reject("body_too_large")
                 return _error_response(413, str(err), rid, arm)
             if isinstance(err, _ClientStalled):
-                self._metrics.rejected.labels("client_timeout").inc()
+                self._counters.reject("client_timeout")
                 return _error_response(408, str(err), rid, arm)
             self._record(
                 route,
@@ -461,7 +424,7 @@ class Proxy:
             if request.transport is not None:
                 request.transport.close()
         except (ClientConnectionResetError, ConnectionError, asyncio.CancelledError):
-            route.metrics.client_disconnects.labels(route.name).inc()
+            route.counters.client_disconnects += 1
             resp.close()
             raise
         finally:
@@ -523,17 +486,15 @@ class Proxy:
         )
         if analysed:
             self._recorder.record(obs)
-        code_class = f"{status // 100}xx" if status else "none"
-        route.requests_child(arm, code_class).inc()
+        c = route.counters.arms[arm]
+        bump(c.requests, _CODE_CLASS[status // 100] if 100 <= status < 600 else "none")
         if error is not None:
-            route.error_child(arm, error).inc()
-        route.child("latency", arm).observe(latency)
+            bump(c.errors, error)
+        c.latency.observe(latency)
         if ttft is not None:
-            route.child("ttft", arm).observe(ttft)
-        if sent:
-            route.child("request_bytes", arm).inc(sent)
-        if received:
-            route.child("response_bytes", arm).inc(received)
+            c.ttft.observe(ttft)
+        c.request_bytes += sent
+        c.response_bytes += received
 
     def _finish(
         self,
@@ -556,21 +517,21 @@ class Proxy:
         else:
             cost = arm_cost.cost(now, inspector.total_tokens, headers)
         if cost is not None:
-            route.cost_sum[arm] += cost
-            route.cost_n[arm] += 1
-            route.child("cost", arm).inc(cost)
+            c = route.counters.arms[arm]
+            c.cost_total += cost
+            c.cost_n += 1
 
     # -- shadow mirroring ---------------------------------------------------------------------
 
     def _start_mirror(
         self, request: web.BaseRequest, route: RolloutRoute, body: object, rid: str
     ) -> None:
-        shadow = route.metrics.shadow
+        shadow = route.counters.shadow
         if body is _NOT_REPLAYABLE:
-            shadow.labels(route.name, "dropped_body").inc()
+            bump(shadow, "dropped_body")
             return
         if self._mirror_inflight >= self._proxy_cfg.mirror_concurrency:
-            shadow.labels(route.name, "dropped_busy").inc()
+            bump(shadow, "dropped_busy")
             return
         assert body is None or isinstance(body, bytes)  # _NOT_REPLAYABLE was handled above
         self._mirror_inflight += 1
@@ -617,7 +578,7 @@ class Proxy:
             scheme=scheme,
             rid=rid,
         )
-        route.metrics.shadow.labels(route.name, "sent").inc()
+        bump(route.counters.shadow, "sent")
         self._recorder.record_routed(route.name, CANDIDATE)
         started = clock()
         inspector: ResponseInspector | None = None
@@ -631,7 +592,7 @@ class Proxy:
             )
         except UpstreamError as exc:
             error = exc.kind
-            route.metrics.shadow.labels(route.name, "failed").inc()
+            bump(route.counters.shadow, "failed")
         else:
             status = resp.status
             inspector = route.extractor.start(
