@@ -48,6 +48,14 @@ class _Response:
         self.headers = resp.headers
         self._done = False
 
+    async def read(self) -> bytes:
+        try:
+            data = await self._resp.read()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise _translate(exc) from exc
+        self._done = True
+        return data
+
     async def chunks(self) -> AsyncIterator[bytes]:
         content = self._resp.content
         try:
@@ -77,6 +85,7 @@ class AiohttpTransport:
         self._limit = limit
         self._limit_per_host = limit_per_host
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[Timeouts, aiohttp.ClientTimeout] = {}
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -105,9 +114,11 @@ class AiohttpTransport:
         timeouts: Timeouts,
     ) -> _Response:
         session = self._get_session()
-        timeout = aiohttp.ClientTimeout(
-            total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.read
-        )
+        timeout = self._timeouts.get(timeouts)
+        if timeout is None:  # one per distinct config, not one per request
+            timeout = self._timeouts[timeouts] = aiohttp.ClientTimeout(
+                total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.read
+            )
         try:
             resp = await session.request(
                 method,

@@ -45,6 +45,7 @@ from canary.proxy.upstream import (
 log = logging.getLogger("canary.proxy")
 
 _NO_BODY_STATUSES = frozenset({204, 304})
+_SMALL_BODY = 64 * 1024  # bodies up to this, of known length, are sent back in one write
 _CODE_CLASS = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
 _STATUS_FOR_ERROR = {"timeout": 504, "connect": 502, "reset": 502, "protocol": 502}
 
@@ -397,14 +398,41 @@ class Proxy:
     ) -> web.StreamResponse:
         clock = self._clock
         headers, length = downstream_headers(tuple(resp.headers.items()), rid=rid, arm=arm)
+        inspector = route.extractor.start(
+            resp.headers.get("Content-Type", ""), resp.headers.get("Content-Encoding", "")
+        )
+        if (
+            length is not None
+            and length <= _SMALL_BODY
+            and request.method != "HEAD"
+            and resp.status not in _NO_BODY_STATUSES
+        ):
+            # A small body of known length arrives in one piece: answer with one write
+            # instead of prepare/write/write_eof. Nothing has reached the client yet, so an
+            # upstream failure here can still get a clean 502/504.
+            try:
+                data = await resp.read()
+            except UpstreamError as exc:
+                resp.close()
+                self._record(route, arm, propensity, False, rid, resp.status, exc.kind,
+                             clock() - started, None, 0, body, None, analysed)  # fmt: skip
+                status = _STATUS_FOR_ERROR.get(exc.kind, 502)
+                return _error_response(status, f"upstream {arm} failed: {exc.kind}", rid, arm)
+            resp.close()
+            latency = clock() - started
+            inspector.feed(data)
+            failed = "status" if route.is_error_status(resp.status) else None
+            self._finish(route, arm, inspector, resp.headers, latency, latency, failed)
+            self._record(route, arm, propensity, False, rid, resp.status, failed, latency,
+                         latency, len(data), body, inspector, analysed)  # fmt: skip
+            return web.Response(
+                status=resp.status, reason=resp.reason, headers=CIMultiDict(headers), body=data
+            )
         out = web.StreamResponse(
             status=resp.status, reason=resp.reason, headers=CIMultiDict(headers)
         )
         if length is not None:
             out.content_length = length
-        inspector = route.extractor.start(
-            resp.headers.get("Content-Type", ""), resp.headers.get("Content-Encoding", "")
-        )
         ttft: float | None = None
         received = 0
         error: str | None = None

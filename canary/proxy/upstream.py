@@ -61,6 +61,10 @@ class UpstreamResponse(Protocol):
     reason: str
     headers: CIMultiDictProxy[str]  # case-insensitive, repeated fields kept in order
 
+    async def read(self) -> bytes:
+        """The whole body (for small bodies of known length); raises like :meth:`chunks`."""
+        ...
+
     def chunks(self) -> AsyncIterator[bytes]:
         """Body bytes as they arrive; raises an :class:`UpstreamError` subclass on failure."""
         ...
