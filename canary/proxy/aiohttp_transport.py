@@ -86,6 +86,7 @@ class AiohttpTransport:
         self._limit_per_host = limit_per_host
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[Timeouts, aiohttp.ClientTimeout] = {}
+        self._urls: dict[str, URL] = {}
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -105,6 +106,15 @@ class AiohttpTransport:
             )
         return self._session
 
+    def _url(self, url: str) -> URL:
+        """Parsed upstream URL, cached: model endpoints see a handful of distinct paths."""
+        target = self._urls.get(url)
+        if target is None:
+            if len(self._urls) >= 1024:
+                self._urls.clear()
+            target = self._urls[url] = URL(url, encoded=True)
+        return target
+
     async def send(
         self,
         method: str,
@@ -122,7 +132,7 @@ class AiohttpTransport:
         try:
             resp = await session.request(
                 method,
-                URL(url, encoded=True),  # forward the path's bytes exactly as the client sent them
+                self._url(url),  # forward the path's bytes exactly as the client sent them
                 headers=CIMultiDict(headers),
                 data=body,
                 timeout=timeout,

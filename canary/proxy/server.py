@@ -144,7 +144,8 @@ class RolloutRoute:
         self.weights = weights
         r = rollout.routing
         self.timeouts = Timeouts(total=r.timeout, connect=r.connect_timeout, read=r.read_timeout)
-        self.is_error_status = r.is_error_status
+        errors = frozenset(s for s in range(100, 600) if r.is_error_status(s))
+        self.is_error_status = errors.__contains__  # a set lookup per request, not a parse
         self.failover = r.failover
         self.counters = counters
 
@@ -233,9 +234,15 @@ class Proxy:
         if not request.body_exists:
             body = None
         elif length is not None and length <= cfg.replay_buffer:
+            content = request.content
             try:
-                async with asyncio.timeout(cfg.client_timeout):
-                    body = await request.content.readexactly(length)
+                if content.is_eof():  # the whole body came with the headers: no timer needed
+                    body = content.read_nowait(-1)
+                    if len(body) != length:
+                        raise asyncio.IncompleteReadError(body, length)
+                else:
+                    async with asyncio.timeout(cfg.client_timeout):
+                        body = await content.readexactly(length)
             except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                 self._counters.reject("client_timeout")
                 return _error_response(408, "request body was not received in time", rid)
