@@ -303,21 +303,7 @@ class Proxy:
             if resp is not None:
                 resp.close()
             kind = err.kind if err is not None else "status"
-            self._record(
-                route,
-                arm,
-                propensity,
-                False,
-                rid,
-                status,
-                kind,
-                clock() - started,
-                None,
-                0,
-                body,
-                None,
-                analysed,
-            )
+            self._record_failure(route, arm, propensity, rid, status, kind, started, body, analysed)
             route.counters.failovers += 1
             arm, analysed = PRODUCTION, False  # a failover is not a randomised assignment
             started = clock()
@@ -331,21 +317,7 @@ class Proxy:
             if isinstance(err, _ClientStalled):
                 self._counters.reject("client_timeout")
                 return _error_response(408, str(err), rid, arm)
-            self._record(
-                route,
-                arm,
-                propensity,
-                False,
-                rid,
-                0,
-                kind,
-                clock() - started,
-                None,
-                0,
-                body,
-                None,
-                analysed,
-            )
+            self._record_failure(route, arm, propensity, rid, 0, kind, started, body, analysed)
             return _error_response(
                 _STATUS_FOR_ERROR.get(kind, 502), f"upstream {arm} failed: {kind}", rid, arm
             )
@@ -421,8 +393,9 @@ class Proxy:
                 data = await resp.read()
             except UpstreamError as exc:
                 resp.close()
-                self._record(route, arm, propensity, False, rid, resp.status, exc.kind,
-                             clock() - started, None, 0, body, None, analysed)  # fmt: skip
+                self._record_failure(
+                    route, arm, propensity, rid, resp.status, exc.kind, started, body, analysed
+                )
                 status = _STATUS_FOR_ERROR.get(exc.kind, 502)
                 return _error_response(status, f"upstream {arm} failed: {exc.kind}", rid, arm)
             resp.close()
@@ -530,6 +503,22 @@ class Proxy:
             c.ttft.observe(ttft)
         c.request_bytes += sent
         c.response_bytes += received
+
+    def _record_failure(
+        self,
+        route: RolloutRoute,
+        arm: str,
+        propensity: float,
+        rid: str,
+        status: int,
+        kind: str,
+        started: float,
+        body: object,
+        analysed: bool,
+    ) -> None:
+        """Record an upstream attempt that produced no usable response body."""
+        self._record(route, arm, propensity, False, rid, status, kind, self._clock() - started,
+                     None, 0, body, None, analysed)  # fmt: skip
 
     def _finish(
         self,
