@@ -19,16 +19,12 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
+    import uvloop
+
     from canary.runtime import serve  # imported late: `validate` needs no aiohttp
 
     try:
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
-    except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
-        loop_factory = None
-    try:
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(serve(config, args.config))
     except OSError as exc:
         print(f"canary: cannot start: {exc}", file=sys.stderr)

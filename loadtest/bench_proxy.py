@@ -66,6 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO, TypeVar, cast
 
+import uvloop
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -1168,14 +1169,6 @@ def sanity_checks(ports: dict[str, int], have_nginx_upstream: bool) -> list[str]
     return notes
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
 def write_docs(
     path: Path,
     argv: Sequence[str],
@@ -1418,7 +1411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"measuring {', '.join(targets)}: {s.repeats} repeat(s) x {s.duration:g} s,"
             f" ~{s.repeats * len(targets) * per_target:.0f} s"
         )
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             bench = Bench(s, pin, tmp, ports, wrk, script, proxy_pids, runner)
             bench.noise_budget = (
                 args.noise_budget if args.noise_budget is not None else (10.0 if s.quick else 75.0)

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import httpx
+import uvloop
 import yaml
 
 from canary.config import load_config_text
@@ -148,13 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.duration <= 600 or not 1 <= args.rate <= 5000:
         parser.error("--duration must be within 1..600 and --rate within 1..5000")
-    try:
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    except ImportError:  # pragma: no cover
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(demo(args.duration, args.rate))
 
 

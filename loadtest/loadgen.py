@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TextIO
 
 import aiohttp
+import uvloop
 from yarl import URL
 
 __all__ = [
@@ -522,14 +523,6 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
     )
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the CLI: send the load, print the summary (or JSON) to stdout."""
     parser = build_parser()
@@ -538,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = config_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         report = runner.run(run_load(cfg))
     if args.json:
         # NaN is not JSON; report missing percentiles as null.

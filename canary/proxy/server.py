@@ -288,9 +288,9 @@ class Proxy:
             self._recorder.record_routed(route.name, arm)
         if mirror:
             self._start_mirror(request, route, body if replayable else _NOT_REPLAYABLE, rid)
-        route.rate.tick(clock())
-
         started = clock()
+        if route.costs:  # only the amortised per-hour price needs the request rate
+            route.rate.tick(started)
         resp, err = await self._send(request, route, arm, body, rid)
         if (
             arm == CANDIDATE
@@ -336,10 +336,11 @@ class Proxy:
         pool = route.pools[arm]
         attempts = len(pool.endpoints) if isinstance(body, bytes | None) else 1
         err: UpstreamError | None = None
+        client_headers = tuple(request.headers.items())
         for _ in range(min(attempts, 2)):
             i = pool.pick()
             headers = upstream_headers(
-                tuple(request.headers.items()),
+                client_headers,
                 upstream_host=route.hosts[arm][i],
                 client_ip=request.remote,
                 scheme=request.scheme,
@@ -433,7 +434,6 @@ class Proxy:
                 request.transport.close()
         except (ClientConnectionResetError, ConnectionError, asyncio.CancelledError):
             route.counters.client_disconnects += 1
-            resp.close()
             raise
         finally:
             resp.close()
