@@ -1,16 +1,25 @@
-"""Command line: ``canary run | validate | version``."""
+"""Command line: ``canary run | validate``, and the admin API commands ``status``,
+``promote | rollback | pause | resume NAME`` and ``reload``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from canary import __version__
-from canary.config import load_config
-from canary.errors import ConfigError
+from canary.config import AdminConfig, load_config
+from canary.errors import AdminError, ConfigError
+
+if TYPE_CHECKING:
+    from canary.admin_client import AdminClient
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -48,6 +57,326 @@ def _validate(args: argparse.Namespace) -> int:
     return status
 
 
+# --- admin API commands ----------------------------------------------------------------------
+
+ADMIN_URL_ENV = "CANARY_ADMIN_URL"
+ADMIN_TOKEN_ENV = "CANARY_ADMIN_TOKEN"
+_WIDTH = 120  # status lines are cut to this many columns
+_PAST = {"pause": "paused", "resume": "resumed", "promote": "promoted", "rollback": "rolled back"}
+
+
+def _admin_section(path: str) -> AdminConfig:
+    """``admin:`` of a rollout file; read on its own when the rest of the file is invalid.
+
+    ``canary reload -c FILE`` is typically run right after editing FILE, so a mistake in a
+    rollout must not stop the CLI from finding the admin API (which then reports the mistake).
+    """
+    try:
+        return load_config(path).admin
+    except ConfigError as exc:
+        import yaml
+        from pydantic import ValidationError
+
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+            section = data.get("admin") if isinstance(data, dict) else None
+            return AdminConfig.model_validate(section or {})
+        except (OSError, yaml.YAMLError, ValidationError):
+            raise exc from None
+
+
+def _listen_url(listen: tuple[str, int], source: str) -> str:
+    host, port = listen
+    if port == 0:
+        raise AdminError(
+            f"admin.listen in {source} uses port 0 (any free port): pass --admin URL",
+            exit_code=2,
+        )
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # wildcard: reach loopback
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def resolve_admin(
+    admin: str | None, config: str | None, environ: Mapping[str, str]
+) -> tuple[str, str | None]:
+    """The admin base URL and bearer token to use.
+
+    Parameters
+    ----------
+    admin
+        ``--admin URL``; wins when given.
+    config
+        ``-c FILE``: its ``admin.listen`` gives the URL when neither ``--admin`` nor
+        ``$CANARY_ADMIN_URL`` is set (a wildcard host 0.0.0.0 or :: is reached on loopback), and
+        its ``admin.token_env`` names the token variable when ``$CANARY_ADMIN_TOKEN`` is unset.
+    environ
+        The environment (``os.environ``).
+
+    Returns
+    -------
+    tuple of (str, str or None)
+        Base URL without trailing slash, and the token (None: send none).
+
+    Raises
+    ------
+    ConfigError
+        ``config`` cannot be read, or neither it nor its ``admin:`` section is valid.
+    AdminError
+        ``admin.listen`` uses port 0 (exit code 2).
+    """
+    from canary.admin_client import DEFAULT_ADMIN_URL
+
+    url = admin or environ.get(ADMIN_URL_ENV) or None
+    token = environ.get(ADMIN_TOKEN_ENV) or None
+    if config is not None and (url is None or token is None):
+        section = _admin_section(config)
+        if url is None:
+            url = _listen_url(section.listen, config)
+        if token is None and section.token_env:
+            token = environ.get(section.token_env) or None
+    return (url or DEFAULT_ADMIN_URL).rstrip("/"), token
+
+
+def _cut(text: str, width: int) -> str:
+    text = " ".join(text.split())  # reasons may hold newlines: keep one row per line
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned columns two spaces apart; the last column is cut to fit ``_WIDTH``."""
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    room = max(_WIDTH - sum(w + 2 for w in widths[:-1]), len(headers[-1]), 20)
+    widths[-1] = min(widths[-1], room)
+    lines = []
+    for row in [list(headers), *rows]:
+        cells = [*row[:-1], _cut(row[-1], widths[-1])]
+        lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
+    return lines
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, int | float) or seconds != seconds or seconds < 0:
+        return "?"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _pct(value: Any) -> str:
+    return f"{value:g}%" if isinstance(value, int | float) else "?"
+
+
+def _step(r: Mapping[str, Any]) -> str:
+    step, steps = r.get("step"), r.get("steps")
+    where = f"{step + 1}/{steps}" if isinstance(step, int) else f"?/{steps}"
+    if r.get("step_kind") == "shadow":
+        return f"{where} shadow"
+    weights = r.get("weights") or {}
+    return f"{where} weight {_pct(weights.get('candidate'))}"
+
+
+def _pair(d: Any, a: str, b: str) -> str:
+    d = d if isinstance(d, Mapping) else {}
+    return f"{d.get(a, '?')}/{d.get(b, '?')}"
+
+
+def _last_decision(r: Mapping[str, Any]) -> str:
+    d = r.get("last_decision")
+    if not isinstance(d, Mapping):
+        return "-"
+    reason = d.get("reason") or ""
+    return f"{d.get('action', '?')}: {reason}" if reason else str(d.get("action", "?"))
+
+
+_ROLLOUT_HEADERS = (
+    "NAME",
+    "PHASE",
+    "STEP",
+    "SAMPLES P/C",
+    "STEP PROGRESS",
+    "ELAPSED",
+    "LAST DECISION",
+)
+_METRIC_HEADERS = ("METRIC", "VERDICT", "ESTIMATE", "INTERVAL", "TOLERANCE", "SAMPLES P/C")
+_DECISION_HEADERS = ("AT", "STEP", "ACTION", "BY", "REASON")
+
+
+def _rollout_row(r: Mapping[str, Any]) -> list[str]:
+    return [
+        str(r.get("name", "?")),
+        str(r.get("phase", "?")),
+        _step(r),
+        _pair(r.get("samples"), "production", "candidate"),
+        f"{r.get('step_samples', '?')}/{r.get('step_required', '?')}",
+        _duration(r.get("elapsed")),
+        _last_decision(r),
+    ]
+
+
+def _signed(value: float, unit: str) -> str:
+    text = f"{value:+.0f}" if abs(value) >= 1000 else f"{value:+.3g}"
+    return text + unit
+
+
+def _metric_value(m: Mapping[str, Any], value: Any) -> str:
+    """An estimate or bound on a reader's scale: ratio -> %, rate difference -> pp."""
+    if not isinstance(value, int | float):
+        return "?"  # null: not enough data yet, or unbounded
+    if m.get("relative"):
+        return _signed((value - 1.0) * 100.0, "%")
+    if m.get("kind") in ("error_rate", "rate"):
+        return _signed(value * 100.0, "pp")
+    return _signed(value, "")
+
+
+def _tolerance(m: Mapping[str, Any]) -> str:
+    margin = m.get("margin")
+    if m.get("kind") == "net_value" or not isinstance(margin, int | float):
+        return "-"
+    sign = "-" if m.get("direction") == "decrease" else "+"
+    if m.get("relative"):
+        return f"{sign}{margin * 100:g}%"
+    if m.get("kind") in ("error_rate", "rate"):
+        return f"{sign}{margin * 100:g}pp"
+    return f"{sign}{margin:g}"
+
+
+def _metric_row(m: Mapping[str, Any]) -> list[str]:
+    lo, hi = _metric_value(m, m.get("lower")), _metric_value(m, m.get("upper"))
+    return [
+        str(m.get("name", "?")),
+        str(m.get("verdict", "?")),
+        _metric_value(m, m.get("estimate")),
+        f"[{lo}, {hi}]",
+        _tolerance(m),
+        f"{m.get('n_production', '?')}/{m.get('n_candidate', '?')}",
+    ]
+
+
+def _decision_row(d: Mapping[str, Any], steps: Any) -> list[str]:
+    at = d.get("at")
+    when = (
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+        if isinstance(at, int | float)
+        else "?"
+    )
+    step = d.get("step")
+    return [
+        when,
+        f"{step + 1}/{steps}" if isinstance(step, int) else "?",
+        str(d.get("action", "?")),
+        "manual" if d.get("manual") else "auto",
+        str(d.get("reason") or ""),
+    ]
+
+
+def _decision_time(d: Mapping[str, Any]) -> float:
+    at = d.get("at")
+    return float(at) if isinstance(at, int | float) else 0.0
+
+
+def _print_rollout(r: Mapping[str, Any]) -> None:
+    print("\n".join(_table(_ROLLOUT_HEADERS, [_rollout_row(r)])))
+    metrics = [m for m in r.get("metrics") or [] if isinstance(m, Mapping)]
+    print()
+    if metrics:
+        print("\n".join(_table(_METRIC_HEADERS, [_metric_row(m) for m in metrics])))
+    else:
+        print("no metrics")
+    decisions = [d for d in r.get("decisions") or [] if isinstance(d, Mapping)]
+    decisions.sort(key=_decision_time)
+    print()
+    if decisions:
+        print(f"last {min(len(decisions), 10)} of {len(decisions)} decision(s):")
+        rows = [_decision_row(d, r.get("steps", "?")) for d in decisions[-10:]]
+        print("\n".join(_table(_DECISION_HEADERS, rows)))
+    else:
+        print("no decisions yet")
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=False))
+
+
+def _status(args: argparse.Namespace, client: AdminClient) -> None:
+    if args.name is not None:
+        rollout = client.rollout(args.name)
+        if args.json:
+            _print_json(rollout)
+        else:
+            _print_rollout(rollout)
+        return
+    rollouts = client.rollouts()
+    if args.json:
+        _print_json({"rollouts": rollouts})
+    elif not rollouts:
+        print("no rollouts")
+    else:
+        rows = [_rollout_row(r) for r in rollouts if isinstance(r, Mapping)]
+        print("\n".join(_table(_ROLLOUT_HEADERS, rows)))
+
+
+def _action(args: argparse.Namespace, client: AdminClient) -> None:
+    answer = client.action(args.name, args.command, args.reason)
+    name = answer.get("name", args.name)
+    print(f"{name}: {_PAST[args.command]} (phase {answer.get('phase', '?')})")
+
+
+def _reload(args: argparse.Namespace, client: AdminClient) -> None:
+    answer = client.reload()
+    names = [str(n) for n in answer.get("rollouts") or []]
+    print(f"reloaded: {len(names)} rollout(s)" + (f": {', '.join(names)}" if names else ""))
+
+
+def _admin_command(
+    command: Callable[[argparse.Namespace, AdminClient], None],
+) -> Callable[[argparse.Namespace], int]:
+    """Wrap an admin command: resolve URL and token, translate errors into message + exit code."""
+
+    def run(args: argparse.Namespace) -> int:
+        from canary.admin_client import AdminClient
+
+        try:
+            url, token = resolve_admin(args.admin, args.config, os.environ)
+            with AdminClient(url, token, timeout=args.timeout) as client:
+                command(args, client)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        except AdminError as exc:
+            print(exc, file=sys.stderr)
+            return exc.exit_code
+        return 0
+
+    return run
+
+
+def _add_admin_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--admin",
+        metavar="URL",
+        help=f"admin API base URL (default: ${ADMIN_URL_ENV}, else admin.listen of -c FILE, "
+        "else http://127.0.0.1:9901)",
+    )
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="rollout file: gives admin.listen and admin.token_env",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=5.0, metavar="SECONDS", help="per call (default 5)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="canary", description="Performance-aware canary router for ML model endpoints."
@@ -63,6 +392,42 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check rollout files; exit 1 listing every error")
     validate.add_argument("files", nargs="+", help="rollout files (YAML)")
     validate.set_defaults(func=_validate)
+
+    token_note = (
+        f"The bearer token is read from ${ADMIN_TOKEN_ENV}, else from the variable named by "
+        "admin.token_env in -c FILE."
+    )
+    status = sub.add_parser(
+        "status",
+        help="show rollouts: phase, step, samples, last decision",
+        description="Show every rollout, or one with its metrics and decisions. " + token_note,
+    )
+    status.add_argument("name", nargs="?", metavar="NAME", help="one rollout, in detail")
+    status.add_argument("--json", action="store_true", help="print the admin API's JSON")
+    _add_admin_options(status)
+    status.set_defaults(func=_admin_command(_status))
+
+    for action, what in (
+        ("promote", "send all traffic to the candidate now"),
+        ("rollback", "send all traffic back to production now"),
+        ("pause", "stop advancing (traffic split kept) until resume"),
+        ("resume", "continue a paused rollout"),
+    ):
+        cmd = sub.add_parser(
+            action, help=what, description=f"{what[0].upper()}{what[1:]}. {token_note}"
+        )
+        cmd.add_argument("name", metavar="NAME", help="rollout name")
+        cmd.add_argument("--reason", metavar="TEXT", help="recorded in the decision log")
+        _add_admin_options(cmd)
+        cmd.set_defaults(func=_admin_command(_action))
+
+    reload = sub.add_parser(
+        "reload",
+        help="make a running canary re-read its rollout file",
+        description="Make a running canary re-read its rollout file. " + token_note,
+    )
+    _add_admin_options(reload)
+    reload.set_defaults(func=_admin_command(_reload))
     return parser
 
 
@@ -72,6 +437,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if str(args.log_level).upper() != "DEBUG":
+        # httpx logs every request (webhook URLs can carry secrets) at INFO.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     return int(args.func(args))
 
 

@@ -44,4 +44,26 @@ class StoreError(CanaryError):
 
 
 class AdminError(CanaryError):
-    """The admin API refused or failed a call (used by the CLI client)."""
+    """The admin API refused or failed a call (used by the CLI client).
+
+    ``exit_code`` is what the CLI exits with; ``status`` the HTTP status, if there was an answer;
+    ``issues`` the configuration problems of a refused reload, already listed in the message.
+    """
+
+    exit_code: int = 1
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        issues: list[ConfigIssue] | None = None,
+        exit_code: int | None = None,
+    ) -> None:
+        self.status = status
+        self.issues = issues or []
+        if exit_code is not None:
+            self.exit_code = exit_code
+        if self.issues:
+            message += "".join(f"\n  - {i}" for i in self.issues)
+        super().__init__(message)

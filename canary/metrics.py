@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Gauge, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -237,5 +237,88 @@ class Metrics:
             "canary_shadow_active",
             "1 while the rollout mirrors production traffic to the candidate.",
             ["rollout"],
+            registry=r,
+        )
+        # -- controller (control path only: ordinary prometheus_client objects) ------------
+        self.phase = Gauge(
+            "canary_rollout_phase",
+            "1 for the rollout's current phase (running, paused, holding, promoted, "
+            "rolled_back), 0 for the others.",
+            ["rollout", "phase"],
+            registry=r,
+        )
+        self.step = Gauge(
+            "canary_rollout_step",
+            "Current step of the rollout, 1-based.",
+            ["rollout"],
+            registry=r,
+        )
+        self.metric_estimate = Gauge(
+            "canary_metric_estimate",
+            "Point estimate of candidate vs production for each analysis metric (a ratio for "
+            "relative tolerances, a difference for absolute ones).",
+            ["rollout", "metric"],
+            registry=r,
+        )
+        self.metric_lower = Gauge(
+            "canary_metric_interval_lower",
+            "Lower bound of the metric's anytime-valid confidence interval.",
+            ["rollout", "metric"],
+            registry=r,
+        )
+        self.metric_upper = Gauge(
+            "canary_metric_interval_upper",
+            "Upper bound of the metric's anytime-valid confidence interval.",
+            ["rollout", "metric"],
+            registry=r,
+        )
+        self.metric_tolerance = Gauge(
+            "canary_metric_tolerance",
+            "The tolerance line the interval is compared with.",
+            ["rollout", "metric"],
+            registry=r,
+        )
+        self.metric_verdict = Gauge(
+            "canary_metric_verdict",
+            "Verdict of each metric: 1 ok (provably within tolerance), 0 unknown, "
+            "-1 worse (provably beyond it).",
+            ["rollout", "metric"],
+            registry=r,
+        )
+        self.metric_samples = Gauge(
+            "canary_metric_samples",
+            "Samples per arm behind each metric's interval.",
+            ["rollout", "metric", "arm"],
+            registry=r,
+        )
+        self.decisions = Counter(
+            "canary_decisions",
+            "Decisions taken by the controller or an operator, by action.",
+            ["rollout", "decision"],
+            registry=r,
+        )
+        self.store_up = Gauge(
+            "canary_store_up",
+            "1 when the last write to the state store succeeded; while 0 the controller "
+            "holds every rollout (no decisions on stale data).",
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "canary_store_errors",
+            "Failed state-store operations.",
+            ["operation"],
+            registry=r,
+        )
+        self.analysis_seconds = Gauge(
+            "canary_analysis_duration_seconds",
+            "Time the last analysis of a rollout took (statistics and policy).",
+            ["rollout"],
+            registry=r,
+        )
+        self.webhooks = Counter(
+            "canary_webhook_deliveries",
+            "Webhook deliveries by result (delivered, failed after retries, dropped when the "
+            "queue was full).",
+            ["rollout", "result"],
             registry=r,
         )

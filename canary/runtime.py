@@ -1,10 +1,11 @@
-"""The one place that wires config, proxy, admin app and (later) store and controller."""
+"""The one place that wires config, store, proxy, controller, webhooks and the admin app."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -12,10 +13,13 @@ from aiohttp import web
 
 from canary.admin import make_admin_app
 from canary.config import Config, load_config
+from canary.controller import Controller
 from canary.errors import CanaryError, ConfigError
 from canary.metrics import Metrics
 from canary.observe import Recorder
-from canary.proxy import AiohttpTransport, Proxy
+from canary.proxy import AiohttpTransport, Proxy, Weights
+from canary.store import Store, open_store
+from canary.webhooks import WebhookSender
 
 log = logging.getLogger("canary.runtime")
 
@@ -23,24 +27,88 @@ log = logging.getLogger("canary.runtime")
 class Runtime:
     """Start and stop the proxy port and the admin port for one config."""
 
-    def __init__(self, config: Config, config_path: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | Path | None = None,
+        *,
+        run_controller: bool = True,
+    ) -> None:
+        """``run_controller=False`` loads the rollouts' state but takes no decisions (tests of
+        the data plane drive :meth:`Controller.flush` and ``evaluate`` themselves)."""
         self.config = config
         self.config_path = Path(config_path) if config_path is not None else None
+        self.run_controller = run_controller
         self.metrics = Metrics()
         self.recorder = Recorder()
         self.transport = AiohttpTransport(
             limit_per_host=max(r.routing.max_connections for r in config.rollouts)
         )
         self.proxy = Proxy(config, self.transport, self.recorder, self.metrics)
+        self.store: Store = open_store(
+            config.state.backend, path=config.state.path, url=config.state.url
+        )
+        self.webhooks = WebhookSender(
+            on_result=lambda rollout, result: self.metrics.webhooks.labels(rollout, result).inc()
+        )
+        self.controller = Controller(
+            config,
+            self.store,
+            self.recorder,
+            self.metrics,
+            self._apply_weights,
+            notifier=self.webhooks,
+        )
         self._runners: list[web.BaseRunner] = []
         self._ready = False
+        self._started: list[str] = []
+        self._background: set[asyncio.Task[None]] = set()
         self.proxy_port: int | None = None
         self.admin_port: int | None = None
 
+    def _apply_weights(self, rollout: str, candidate: float, shadow: bool) -> None:
+        if rollout in self.proxy.routes:
+            self.proxy.set_weights(rollout, Weights(candidate=candidate, shadow=shadow))
+
     def readiness(self) -> tuple[bool, str]:
-        return (True, "serving") if self._ready else (False, "starting")
+        if not self._ready:
+            return False, "starting"
+        if not self.controller.store_ok:
+            return (
+                False,
+                f"state store unavailable, rollouts on hold: {self.controller.store_error}",
+            )
+        return True, "serving"
+
+    def _admin_token(self) -> str | None:
+        env = self.config.admin.token_env
+        if env is None:
+            return None
+        token = os.environ.get(env, "")
+        if not token:
+            raise CanaryError(
+                f"admin.token_env names ${env}, but it is not set or empty: set it, or remove "
+                "admin.token_env to run the admin API without a token (loopback only)"
+            )
+        return token
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        token = self._admin_token()
+        await self.store.open()
+        self._started.append("store")
+        weights = await self.controller.load()
+        self.proxy.apply_config(
+            self.config, {n: Weights(candidate=c, shadow=s) for n, (c, s) in weights.items()}
+        )
+        await self.webhooks.start()
+        self._started.append("webhooks")
         pcfg = self.config.proxy
         server = web.Server(
             self.proxy.handle,
@@ -58,13 +126,23 @@ class Runtime:
         await proxy_site.start()
         self.proxy_port = _bound_port(proxy_runner)
 
-        admin_app = make_admin_app(self.proxy, self.metrics, self.readiness)
+        admin_app = make_admin_app(
+            self.proxy,
+            self.metrics,
+            self.readiness,
+            controller=self.controller,
+            reload=self.reload_async if self.config_path is not None else None,
+            token=token,
+        )
         admin_runner = web.AppRunner(admin_app, handle_signals=False, access_log=None)
         await admin_runner.setup()
         self._runners.append(admin_runner)
         ahost, aport = self.config.admin.listen
         await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
         self.admin_port = _bound_port(admin_runner)
+        if self.run_controller:
+            await self.controller.start()
+        self._started.append("controller")
         self._ready = True
         for r in self.config.rollouts:
             w = self.proxy.routes[r.name].weights
@@ -79,29 +157,58 @@ class Runtime:
                 self.admin_port,
             )
 
-    def reload(self) -> None:
-        """Re-read the config file; an invalid file is rejected and the running config stays."""
+    async def reload_async(self) -> list[str]:
+        """Re-read the config file and apply it; raise ConfigError and keep the running one."""
         if self.config_path is None:
-            log.warning("reload requested but canary was not started from a file")
-            return
+            raise CanaryError("canary was not started from a file; there is nothing to reload")
         try:
             new = load_config(self.config_path)
         except ConfigError as exc:
             log.error("reload rejected, keeping the running config: %s", exc)
-            return
+            raise
         if new.proxy.listen != self.config.proxy.listen or new.admin != self.config.admin:
-            log.warning("listen addresses changed: restart canary to apply them")
-        self.proxy.apply_config(new)
+            log.warning("listen addresses, admin or state settings changed: restart to apply")
+        if new.state != self.config.state:
+            log.warning("state settings changed: restart canary to apply them")
+        weights = await self.controller.apply_config(new)
+        self.proxy.apply_config(
+            new, {n: Weights(candidate=c, shadow=s) for n, (c, s) in weights.items()}
+        )
         self.config = new
         log.info("configuration reloaded from %s", self.config_path)
+        return [r.name for r in new.rollouts]
+
+    def reload(self) -> None:
+        """SIGHUP: reload in the background; errors are logged, the running config stays."""
+
+        async def _reload() -> None:
+            try:
+                await self.reload_async()
+            except ConfigError:
+                pass  # already logged with every issue
+            except CanaryError as exc:
+                log.error("reload failed: %s", exc)
+
+        task = asyncio.get_running_loop().create_task(_reload())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def stop(self) -> None:
         self._ready = False
+        if "controller" in self._started:
+            await self.controller.stop()  # the last samples reach the store
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
         await self.proxy.close()
         await self.transport.close()
+        if "controller" in self._started:
+            await self.controller.flush()  # what the drained requests recorded
+        if "webhooks" in self._started:
+            await self.webhooks.close()
+        if "store" in self._started:
+            await self.store.close()
+        self._started.clear()
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

@@ -119,7 +119,7 @@ async def demo(duration: float, rate: float) -> int:
                     )
                     label = "shadow (mirrored)" if s.is_shadow else f"{s.candidate_weight:g}%"
                     print(f"-- step {step + 1}/{len(rollout.steps)}: candidate {label}")
-                acc = runtime.recorder.live(rollout.name)
+                acc = runtime.controller.totals(rollout.name)
                 print(f"  t={elapsed:5.1f}s")
                 print(_arm_line("production", acc.production))
                 print(_arm_line("candidate", acc.candidate))

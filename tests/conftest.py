@@ -27,6 +27,11 @@ class Canary:
     def proxy(self) -> Any:
         return self.runtime.proxy
 
+    async def samples(self, rollout: str = "m") -> Any:
+        """Everything recorded for ``rollout`` so far (flushes the proxy's deltas first)."""
+        await self.runtime.controller.flush()
+        return self.runtime.controller.totals(rollout)
+
 
 def rollout_config(
     production: list[str], candidate: list[str], *, name: str = "m", **overrides: Any
@@ -49,10 +54,14 @@ def rollout_config(
 
 
 @contextlib.asynccontextmanager
-async def running_canary(config: Config | dict[str, Any]) -> AsyncIterator[Canary]:
+async def running_canary(
+    config: Config | dict[str, Any], *, controller: bool = False, path: Any = None
+) -> AsyncIterator[Canary]:
+    """A canary on loopback; the controller loop runs only with ``controller=True`` (data-plane
+    tests keep the weights they configured)."""
     if isinstance(config, dict):
         config = load_config_text(yaml.safe_dump(config))
-    runtime = Runtime(config)
+    runtime = Runtime(config, path, run_controller=controller)
     await runtime.start()
     try:
         yield Canary(

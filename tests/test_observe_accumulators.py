@@ -55,13 +55,14 @@ def test_observation_is_slotted() -> None:
 
 def test_record_counts_and_signals() -> None:
     acc = RolloutAccumulator()
-    acc.record_routed("candidate", 3)
+    acc.record_lost("candidate", 0.05, 3)
     acc.record(_obs("candidate", propensity=0.05, ttft=0.02, signals={"cost": 0.5}))
     acc.record(_obs("candidate", propensity=0.05, status=503, error="status", latency=0.3))
     acc.record(_obs("candidate", propensity=0.05, status=0, error="connect", latency=0.001))
     acc.record(_obs("candidate", propensity=1.0, shadow=True, status=404, latency=0.2))
     c = acc.candidate
-    assert (c.routed, c.observed, c.answered, c.errors, c.shadow) == (3, 4, 3, 2, 1)
+    assert (c.routed, c.observed, c.answered, c.errors, c.shadow) == (7, 4, 3, 2, 1)
+    assert c.routing == {0.05: [6, 3], 1.0: [1, 1]}
     assert c.error_kinds == {"status": 1, "connect": 1}
     assert c.status_classes == {"2xx": 1, "5xx": 1, "4xx": 1}
     assert (c.bytes_in, c.bytes_out) == (400, 40)
@@ -92,7 +93,7 @@ def test_bad_arm_and_propensity_are_rejected() -> None:
     with pytest.raises(ValueError, match="unknown arm 'canary'"):
         acc.record(_obs("canary"))
     with pytest.raises(ValueError, match="unknown arm"):
-        acc.record_routed("shadow")
+        acc.record_lost("shadow", 1.0)
     for p in (0.0, 1.5, math.nan, -0.1):
         with pytest.raises(ValueError, match="propensity"):
             acc.record(_obs(propensity=p))
@@ -159,7 +160,7 @@ def _record_all(observations: list[Observation], routed: list[str]) -> RolloutAc
     for o in observations:
         acc.record(o)
     for arm in routed:
-        acc.record_routed(arm)
+        acc.record_lost(arm, 0.5)
     return acc
 
 
@@ -295,12 +296,12 @@ def test_from_dict_rejects_unknown_version() -> None:
 def test_recorder_swap_hands_over_deltas() -> None:
     rec = Recorder(["a"])
     rec.record(_obs(rollout="a"))
-    rec.record_routed("a", "production")
+    rec.record_lost("a", "production", 1.0)
     rec.record(_obs("candidate", propensity=0.05, rollout="b"))
     old = rec.swap()
     assert set(old) == {"a", "b"}
     assert old["a"].production.observed == 1
-    assert old["a"].production.routed == 1
+    assert old["a"].production.routed == 2
     assert old["b"].candidate.observed == 1
     fresh = rec.swap()
     assert set(fresh) == {"a", "b"}

@@ -40,7 +40,7 @@ async def test_split_follows_weight_within_binomial_bounds() -> None:
         async with running_canary(rollout_config([p], [c], steps=[{"weight": weight}])) as can:
             async with aiohttp.ClientSession() as s:
                 counts = await _arms(s, can.url + "/predict", n)
-            acc = can.runtime.recorder.live("m")
+            acc = await can.samples("m")
     expected = n * weight / 100
     sd = math.sqrt(n * 0.25 * 0.75)
     assert abs(counts["candidate"] - expected) < 4.5 * sd, counts  # false failure ~7e-6
@@ -99,7 +99,7 @@ async def test_override_header_forces_an_arm_and_stays_out_of_the_analysis() -> 
                 assert r.headers["x-model-name"] == "candidate"
                 r = await client.get(can.url + "/echo", headers={"X-Canary-Arm": "bogus"})
                 assert r.headers["x-canary-arm"] == "production"  # unknown values are ignored
-            acc = can.runtime.recorder.live("m")
+            acc = await can.samples("m")
             assert acc.candidate.observed == 0 and acc.production.observed == 1
 
 
@@ -195,7 +195,7 @@ async def test_candidate_down_fails_over_to_production() -> None:
         async with running_canary(cfg) as can, httpx.AsyncClient() as client:
             rs = [await client.post(can.url + "/predict", json={"id": str(i)}) for i in range(10)]
             metrics = (await client.get(can.admin + "/metrics")).text
-            acc = can.runtime.recorder.live("m")
+            acc = await can.samples("m")
     assert all(r.status_code == 200 for r in rs)
     assert {r.headers["x-canary-arm"] for r in rs} == {"production"}
     assert {r.headers["x-model-name"] for r in rs} == {"production"}
@@ -209,7 +209,7 @@ async def test_candidate_5xx_fails_over_and_counts_as_candidate_error() -> None:
         async with running_canary(rollout_config([p], [c], steps=[{"weight": 100}])) as can:
             async with httpx.AsyncClient() as client:
                 r = await client.post(can.url + "/predict", json={"id": "1"})
-            acc = can.runtime.recorder.live("m")
+            acc = await can.samples("m")
     assert r.status_code == 200 and r.headers["x-model-name"] == "production"
     assert acc.candidate.error_kinds == {"status": 1}
 
@@ -253,7 +253,7 @@ async def test_upstream_timeout_answers_504() -> None:
             t0 = time.perf_counter()
             r = await client.get(can.url + "/sleep?s=3")
             took = time.perf_counter() - t0
-            acc = can.runtime.recorder.live("m")
+            acc = await can.samples("m")
     assert r.status_code == 504 and took < 2.0
     assert acc.production.error_kinds == {"timeout": 1}
 
@@ -349,10 +349,10 @@ async def test_shadow_mirrors_to_the_candidate_and_users_get_production() -> Non
         async with running_canary(cfg) as can, httpx.AsyncClient() as client:
             rs = [await client.post(can.url + "/predict", json={"id": str(i)}) for i in range(20)]
             for _ in range(50):
-                if can.runtime.recorder.live("m").candidate.observed == 20:
+                if (await can.samples("m")).candidate.observed == 20:
                     break
                 await asyncio.sleep(0.02)
-            acc = can.runtime.recorder.live("m")
+            acc = await can.samples("m")
     assert {r.headers["x-model-name"] for r in rs} == {"production"}
     assert acc.candidate.shadow == 20 and acc.candidate.observed == 20
     assert acc.production.observed == 20
@@ -379,7 +379,7 @@ async def test_signals_are_extracted_per_arm() -> None:
         async with running_canary(cfg) as can, aiohttp.ClientSession() as s:
             await _arms(s, can.url + "/predict", 200)
             metrics = await (await s.get(can.admin + "/metrics")).text()
-            acc = can.runtime.recorder.live("m")
+            acc = await can.samples("m")
     cand = acc.candidate.signals
     assert cand["header:x-model-cost"].mean == pytest.approx(0.002)
     assert cand["cost"].mean == pytest.approx(0.012)
@@ -411,7 +411,7 @@ async def test_metrics_parse_with_prometheus_parser_and_health_endpoints() -> No
     assert weights == {"production": 0.5, "candidate": 0.5}
     assert "canary_time_to_first_byte_seconds" in families
     assert health.json() == {"status": "ok"} and ready.status_code == 200
-    assert rollouts["rollouts"][0]["weights"]["candidate"] == 0.5
+    assert rollouts["rollouts"][0]["weights"]["candidate"] == 50.0
 
 
 async def test_openai_client_streams_a_chat_completion_through_the_proxy() -> None:
@@ -444,7 +444,7 @@ async def test_openai_client_streams_a_chat_completion_through_the_proxy() -> No
                 if chunk.usage is not None:
                     usage = chunk.usage
             await client.close()
-            acc = can.runtime.recorder.live("m")
+            acc = await can.samples("m")
     assert text and usage is not None and usage.completion_tokens == 8
     prod = acc.production.signals
     assert prod["json:usage.total_tokens"].mean == usage.total_tokens

@@ -1,25 +1,55 @@
-"""The admin port: /metrics, /healthz, /readyz and the read side of /api/v1."""
+"""The admin port: /metrics, /healthz, /readyz and /api/v1 (rollouts, operator commands, reload).
+
+Mutating calls (``POST``) need ``Authorization: Bearer TOKEN`` when ``admin.token_env`` is
+set; the token is compared in constant time. Every error is a small JSON object
+``{"error": ...}``; nothing an admin client sends can stop the proxy.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from canary.controller import Controller, UnknownRollout
+from canary.decision import MANUAL_ACTIONS, CommandRejected
+from canary.errors import ConfigError
 from canary.metrics import Metrics
 from canary.proxy.routing import ARMS
 from canary.proxy.server import Proxy
 
-PROXY_KEY = web.AppKey("proxy", Proxy)
-METRICS_KEY = web.AppKey("metrics", Metrics)
+log = logging.getLogger("canary.admin")
+
 Readiness = Callable[[], tuple[bool, str]]
-READY_KEY: web.AppKey[Readiness] = web.AppKey("ready")
+Reloader = Callable[[], Awaitable[list[str]]]  # raises ConfigError when the file is invalid
+MAX_ADMIN_BODY = 64 * 1024
+
+
+@dataclass
+class AdminContext:
+    proxy: Proxy
+    metrics: Metrics
+    ready: Readiness
+    controller: Controller | None = None
+    reload: Reloader | None = None
+    token: str | None = None
+
+
+CONTEXT = web.AppKey("context", AdminContext)
+
+
+def _error(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS_KEY].registry)
+    body = generate_latest(request.app[CONTEXT].metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -28,50 +58,139 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    ready, reason = request.app[READY_KEY]()
+    ready, reason = request.app[CONTEXT].ready()
     return web.json_response(
         {"status": "ready" if ready else "not ready", "reason": reason},
         status=200 if ready else 503,
     )
 
 
-def _rollout_summary(proxy: Proxy, name: str) -> dict[str, Any]:
+def _routing(proxy: Proxy, name: str) -> dict[str, Any]:
     route = proxy.routes[name]
     cfg = route.config
     return {
-        "name": name,
         "match": {"path_prefix": cfg.match.path_prefix, "host": cfg.match.host},
-        "weights": {arm: route.weights.fraction(arm) for arm in ARMS},
-        "shadow": route.weights.shadow,
         "endpoints": {arm: list(route.pools[arm].endpoints) for arm in ARMS},
         "healthy_endpoints": {arm: route.pools[arm].healthy_count() for arm in ARMS},
-        "steps": len(cfg.steps),
     }
 
 
+def _summary(ctx: AdminContext, name: str, detail: bool) -> dict[str, Any]:
+    assert ctx.controller is not None
+    out = ctx.controller.detail(name) if detail else ctx.controller.summary(name)
+    if name in ctx.proxy.routes:
+        out.update(_routing(ctx.proxy, name))
+    return out
+
+
 async def list_rollouts(request: web.Request) -> web.Response:
-    proxy = request.app[PROXY_KEY]
-    return web.json_response({"rollouts": [_rollout_summary(proxy, n) for n in proxy.routes]})
+    ctx = request.app[CONTEXT]
+    if ctx.controller is None:
+        return web.json_response({"rollouts": []})
+    return web.json_response(
+        {"rollouts": [_summary(ctx, n, False) for n in ctx.controller.names()]}
+    )
 
 
 async def get_rollout(request: web.Request) -> web.Response:
-    proxy = request.app[PROXY_KEY]
+    ctx = request.app[CONTEXT]
     name = request.match_info["name"]
-    if name not in proxy.routes:
-        return web.json_response({"error": f"no rollout named {name!r}"}, status=404)
-    return web.json_response(_rollout_summary(proxy, name))
+    if ctx.controller is None or name not in ctx.controller.names():
+        return _error(404, f"no rollout named {name!r}")
+    return web.json_response(_summary(ctx, name, True))
+
+
+def _authorized(request: web.Request) -> bool:
+    token = request.app[CONTEXT].token
+    if token is None:
+        return True
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    )
+
+
+async def _json_body(request: web.Request) -> dict[str, Any] | web.Response:
+    if not request.body_exists:
+        return {}
+    if request.content_length is not None and request.content_length > MAX_ADMIN_BODY:
+        return _error(413, f"request body exceeds {MAX_ADMIN_BODY} bytes")
+    raw = await request.content.read(MAX_ADMIN_BODY + 1)
+    if len(raw) > MAX_ADMIN_BODY:
+        return _error(413, f"request body exceeds {MAX_ADMIN_BODY} bytes")
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return _error(400, f"request body is not valid JSON: {exc}")
+    if not isinstance(data, dict):
+        return _error(400, "request body must be a JSON object")
+    return data
+
+
+async def rollout_action(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    if not _authorized(request):
+        return _error(401, "a valid bearer token is required for this call")
+    name, action = request.match_info["name"], request.match_info["action"]
+    if action not in MANUAL_ACTIONS:
+        return _error(
+            404, f"unknown action {action!r}; expected one of {', '.join(MANUAL_ACTIONS)}"
+        )
+    body = await _json_body(request)
+    if isinstance(body, web.Response):
+        return body
+    reason = body.get("reason")
+    if reason is not None and not isinstance(reason, str):
+        return _error(400, "'reason' must be a string")
+    if reason is not None:
+        reason = reason.strip()[:500] or None
+    if ctx.controller is None:
+        return _error(404, f"no rollout named {name!r}")
+    try:
+        result = await ctx.controller.command(name, action, reason)
+    except UnknownRollout:
+        return _error(404, f"no rollout named {name!r}")
+    except CommandRejected as exc:
+        return _error(409, str(exc))
+    log.info("rollout %s: %s by an operator via the admin API", name, action)
+    return web.json_response(result)
+
+
+async def reload_handler(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    if not _authorized(request):
+        return _error(401, "a valid bearer token is required for this call")
+    if ctx.reload is None:
+        return _error(409, "canary was not started from a file; there is nothing to reload")
+    try:
+        names = await ctx.reload()
+    except ConfigError as exc:
+        return _error(
+            400,
+            f"configuration rejected, the running one stays: {len(exc.issues)} error(s)",
+            issues=[{"path": i.path, "message": i.message, "line": i.line} for i in exc.issues],
+        )
+    return web.json_response({"reloaded": True, "rollouts": names})
 
 
 def make_admin_app(
-    proxy: Proxy, metrics: Metrics, ready: Callable[[], tuple[bool, str]]
+    proxy: Proxy,
+    metrics: Metrics,
+    ready: Readiness,
+    *,
+    controller: Controller | None = None,
+    reload: Reloader | None = None,
+    token: str | None = None,
 ) -> web.Application:
-    app = web.Application()
-    app[PROXY_KEY] = proxy
-    app[METRICS_KEY] = metrics
-    app[READY_KEY] = ready
+    app = web.Application(client_max_size=MAX_ADMIN_BODY)
+    app[CONTEXT] = AdminContext(proxy, metrics, ready, controller, reload, token)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/api/v1/rollouts", list_rollouts)
     app.router.add_get("/api/v1/rollouts/{name}", get_rollout)
+    app.router.add_post("/api/v1/rollouts/{name}/{action}", rollout_action)
+    app.router.add_post("/api/v1/reload", reload_handler)
     return app

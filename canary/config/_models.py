@@ -339,10 +339,19 @@ class AnalysisConfig(_Model):
         if self.tradeoff is not None:
             if len(self.tradeoff) < 2:
                 raise ValueError("tradeoff needs at least two metrics to trade against each other")
-            for name in self.tradeoff:
+            by_name = {m.name: m for m in self.metrics}
+            for name, worth in self.tradeoff.items():
                 if name not in seen:
                     raise ValueError(
                         f"tradeoff names {name!r}, which is not a metric of this analysis"
+                    )
+                if worth.value <= 0:
+                    raise ValueError(f"tradeoff {name!r} must be positive, got {worth}")
+                if worth.relative != by_name[name].margin.relative:
+                    scale = "relative (%)" if by_name[name].margin.relative else "absolute (pp)"
+                    raise ValueError(
+                        f"tradeoff {name!r} is {worth}, but metric {name!r} is compared on the "
+                        f"{scale} scale; use the same unit as its tolerance"
                     )
         return self
 

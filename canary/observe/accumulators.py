@@ -17,7 +17,7 @@ from typing import Any
 from canary.observe.histogram import DEFAULT_RELATIVE_ACCURACY, MIN_POSITIVE, LogHistogram
 from canary.observe.record import ARMS, CANDIDATE, ERROR_STATUS, PRODUCTION, Observation
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-propensity routing counts
 _INF = math.inf
 _log = math.log
 _ceil = math.ceil
@@ -182,8 +182,12 @@ def _add_counts(into: dict[str, int], other: dict[str, int]) -> None:
 class ArmAccumulator:
     """Everything recorded for one arm of one rollout.
 
-    ``routed`` counts requests assigned to the arm (:meth:`RolloutAccumulator.record_routed`),
-    ``observed`` the observations recorded, ``answered`` those with an HTTP response. Signals
+    ``routed`` counts requests assigned to the arm whose outcome is final: every recorded
+    observation, plus requests lost without one (:meth:`RolloutAccumulator.record_lost`: the
+    client went away first). ``routing`` splits that by propensity as ``[routed, observed]``
+    for the sample-ratio check; requests still in flight are in neither count, so a slower arm
+    never looks like one that drops requests. ``observed`` counts the observations recorded,
+    ``answered`` those with an HTTP response. Signals
     always include ``latency`` and ``error`` (1/0 per observation), ``ttft`` once a value was
     seen, and every signal present on an observation. ``latency`` is recorded only for
     complete responses (no error, or an error status): a connection that fails in 1 ms must
@@ -201,6 +205,7 @@ class ArmAccumulator:
         "errors",
         "observed",
         "routed",
+        "routing",
         "shadow",
         "signals",
         "status_classes",
@@ -208,6 +213,7 @@ class ArmAccumulator:
 
     def __init__(self, accuracy: float = DEFAULT_RELATIVE_ACCURACY) -> None:
         self.routed = 0
+        self.routing: dict[float, list[int]] = {}
         self.observed = 0
         self.answered = 0
         self.errors = 0
@@ -230,6 +236,13 @@ class ArmAccumulator:
         if not 0.0 < p <= 1.0:  # also rejects nan, which would add a stratum per request
             raise ValueError(f"propensity must be in (0, 1], got {p!r}")
         self.observed += 1
+        self.routed += 1
+        cell = self.routing.get(p)
+        if cell is None:
+            self.routing[p] = [1, 1]
+        else:
+            cell[0] += 1
+            cell[1] += 1
         status = obs.status
         if status:
             self.answered += 1
@@ -261,8 +274,26 @@ class ArmAccumulator:
                 acc = signals[key] = SignalAccumulator(self.accuracy)
             acc.add(value, p)
 
+    def record_lost(self, propensity: float, n: int = 1) -> None:
+        """Count ``n`` requests assigned to this arm that ended without an observation."""
+        if not 0.0 < propensity <= 1.0:
+            raise ValueError(f"propensity must be in (0, 1], got {propensity!r}")
+        self.routed += n
+        cell = self.routing.get(propensity)
+        if cell is None:
+            self.routing[propensity] = [n, 0]
+        else:
+            cell[0] += n
+
     def merge(self, other: ArmAccumulator) -> None:
         self.routed += other.routed
+        for p, (routed, observed) in other.routing.items():
+            cell = self.routing.get(p)
+            if cell is None:
+                self.routing[p] = [routed, observed]
+            else:
+                cell[0] += routed
+                cell[1] += observed
         self.observed += other.observed
         self.answered += other.answered
         self.errors += other.errors
@@ -281,6 +312,7 @@ class ArmAccumulator:
     def to_dict(self) -> dict[str, Any]:
         return {
             "routed": self.routed,
+            "routing": {repr(p): list(cell) for p, cell in self.routing.items()},
             "observed": self.observed,
             "answered": self.answered,
             "errors": self.errors,
@@ -297,6 +329,7 @@ class ArmAccumulator:
         out = cls(accuracy)
         for name in ("routed", "observed", "answered", "errors", "bytes_in", "bytes_out", "shadow"):
             setattr(out, name, int(data[name]))
+        out.routing = {float(p): [int(r), int(o)] for p, (r, o) in data["routing"].items()}
         out.error_kinds = {str(k): int(v) for k, v in data["error_kinds"].items()}
         out.status_classes = {str(k): int(v) for k, v in data["status_classes"].items()}
         for key, sig in data["signals"].items():
@@ -326,12 +359,12 @@ class RolloutAccumulator:
             raise ValueError(f"unknown arm {obs.arm!r}; expected one of {', '.join(ARMS)}")
         arm.record(obs)
 
-    def record_routed(self, arm: str, n: int = 1) -> None:
-        """Count ``n`` requests assigned to ``arm`` (the denominator of sample-ratio checks)."""
+    def record_lost(self, arm: str, propensity: float, n: int = 1) -> None:
+        """Count ``n`` requests assigned to ``arm`` that ended without an observation."""
         acc = self.arms.get(arm)
         if acc is None:
             raise ValueError(f"unknown arm {arm!r}; expected one of {', '.join(ARMS)}")
-        acc.routed += n
+        acc.record_lost(propensity, n)
 
     def merge(self, other: RolloutAccumulator) -> None:
         """Add ``other`` into this one (``other`` is not modified nor aliased)."""
@@ -400,11 +433,12 @@ class Recorder:
             acc = self._live[obs.rollout] = RolloutAccumulator(self.accuracy)
         acc.record(obs)
 
-    def record_routed(self, rollout: str, arm: str, n: int = 1) -> None:
+    def record_lost(self, rollout: str, arm: str, propensity: float) -> None:
+        """A request routed to ``arm`` ended (client gone, cancelled) without an observation."""
         acc = self._live.get(rollout)
         if acc is None:
             acc = self._live[rollout] = RolloutAccumulator(self.accuracy)
-        acc.record_routed(arm, n)
+        acc.record_lost(arm, propensity)
 
     def live(self, rollout: str) -> RolloutAccumulator:
         """The live accumulator of ``rollout`` (read-only use: tests, local gauges)."""

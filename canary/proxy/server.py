@@ -284,46 +284,54 @@ class Proxy:
         analysed = not forced
         if forced:
             route.counters.arms[arm].forced += 1
-        else:
-            self._recorder.record_routed(route.name, arm)
-        if mirror:
-            self._start_mirror(request, route, body if replayable else _NOT_REPLAYABLE, rid)
-        started = clock()
-        if route.costs:  # only the amortised per-hour price needs the request rate
-            route.rate.tick(started)
-        resp, err = await self._send(request, route, arm, body, rid)
-        if (
-            arm == CANDIDATE
-            and route.failover
-            and replayable
-            and (err is not None or (resp is not None and route.is_error_status(resp.status)))
-        ):
-            # The user gets production's answer; the candidate's failure still counts against it.
-            status = resp.status if resp is not None else 0
-            if resp is not None:
-                resp.close()
-            kind = err.kind if err is not None else "status"
-            self._record_failure(route, arm, propensity, rid, status, kind, started, body, analysed)
-            route.counters.failovers += 1
-            arm, analysed = PRODUCTION, False  # a failover is not a randomised assignment
+        try:
+            if mirror:
+                self._start_mirror(request, route, body if replayable else _NOT_REPLAYABLE, rid)
             started = clock()
+            if route.costs:  # only the amortised per-hour price needs the request rate
+                route.rate.tick(started)
             resp, err = await self._send(request, route, arm, body, rid)
+            if (
+                arm == CANDIDATE
+                and route.failover
+                and replayable
+                and (err is not None or (resp is not None and route.is_error_status(resp.status)))
+            ):
+                # The user gets production's answer; the candidate's failure still counts.
+                status = resp.status if resp is not None else 0
+                if resp is not None:
+                    resp.close()
+                kind = err.kind if err is not None else "status"
+                self._record_failure(
+                    route, arm, propensity, rid, status, kind, started, body, analysed
+                )
+                route.counters.failovers += 1
+                arm, analysed = PRODUCTION, False  # a failover is not a randomised assignment
+                started = clock()
+                resp, err = await self._send(request, route, arm, body, rid)
 
-        if err is not None or resp is None:
-            kind = err.kind if err is not None else "protocol"
-            if isinstance(err, RequestBodyTooLarge):
-                self._counters.reject("body_too_large")
-                return _error_response(413, str(err), rid, arm)
-            if isinstance(err, _ClientStalled):
-                self._counters.reject("client_timeout")
-                return _error_response(408, str(err), rid, arm)
-            self._record_failure(route, arm, propensity, rid, 0, kind, started, body, analysed)
-            return _error_response(
-                _STATUS_FOR_ERROR.get(kind, 502), f"upstream {arm} failed: {kind}", rid, arm
+            if err is not None or resp is None:
+                kind = err.kind if err is not None else "protocol"
+                if isinstance(err, RequestBodyTooLarge):
+                    self._counters.reject("body_too_large")
+                    return _error_response(413, str(err), rid, arm)
+                if isinstance(err, _ClientStalled):
+                    self._counters.reject("client_timeout")
+                    return _error_response(408, str(err), rid, arm)
+                self._record_failure(route, arm, propensity, rid, 0, kind, started, body, analysed)
+                return _error_response(
+                    _STATUS_FOR_ERROR.get(kind, 502), f"upstream {arm} failed: {kind}", rid, arm
+                )
+            return await self._stream_back(
+                request, route, arm, propensity, resp, started, body, rid, analysed
             )
-        return await self._stream_back(
-            request, route, arm, propensity, resp, started, body, rid, analysed
-        )
+        except BaseException:
+            # Cancelled, or the client went away, before the randomised arm's observation was
+            # recorded: count the loss, so an arm that makes users give up shows in the ratio
+            # check. (Every path that records the observation returns without raising.)
+            if analysed:
+                self._recorder.record_lost(route.name, arm, propensity)
+            raise
 
     async def _send(
         self,
@@ -603,7 +611,6 @@ class Proxy:
             rid=rid,
         )
         bump(route.counters.shadow, "sent")
-        self._recorder.record_routed(route.name, CANDIDATE)
         started = clock()
         inspector: ResponseInspector | None = None
         ttft = None
@@ -614,6 +621,9 @@ class Proxy:
             resp = await self._transport.send(
                 method, pool.endpoints[i] + raw_path, headers, body, route.timeouts
             )
+        except asyncio.CancelledError:
+            self._recorder.record_lost(route.name, CANDIDATE, 1.0)
+            raise
         except UpstreamError as exc:
             error = exc.kind
             bump(route.counters.shadow, "failed")
@@ -630,6 +640,9 @@ class Proxy:
                     inspector.feed(chunk)
             except UpstreamError as exc:
                 error = exc.kind
+            except asyncio.CancelledError:
+                self._recorder.record_lost(route.name, CANDIDATE, 1.0)
+                raise
             finally:
                 resp.close()
             if error is None and route.is_error_status(status):

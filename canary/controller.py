@@ -1,0 +1,525 @@
+"""The rollout controller: snapshot -> analyze -> decide -> apply, on a timer.
+
+A thin async loop around the pure parts (:mod:`canary.decision`). Every ``flush_interval`` it
+takes the proxy's accumulator deltas (:meth:`Recorder.swap`), adds them to each rollout's
+totals and to the store; every ``analysis.interval`` of a rollout it runs the tests and the
+policy, and carries out the decision: an atomic weight swap through ``apply_weights`` (the
+proxy reads it on its next request), the new state and a decision-log entry in the store,
+webhooks (fire and forget) and gauges. Operator commands (:meth:`command`) go through the same
+path. The controller never imports the proxy: the runtime wires the two together.
+
+When the store fails, the proxy keeps its weights, the controller holds every rollout (no
+decisions on data it could not persist) and retries on the next flush; ``/readyz`` and
+``canary_store_up`` say so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from canary.config import Config, RolloutConfig, WebhookConfig
+from canary.decision import (
+    Action,
+    Analysis,
+    CommandRejected,
+    Decision,
+    Phase,
+    RolloutState,
+    analyze,
+    command,
+    decide,
+    fingerprint,
+    progress,
+    transition,
+)
+from canary.errors import StoreError
+from canary.metrics import Metrics
+from canary.observe import Recorder, RolloutAccumulator
+from canary.stats import MetricResult, Verdict
+from canary.store import Store
+
+log = logging.getLogger("canary.controller")
+
+FLUSH_INTERVAL = 0.25  # seconds of samples a crash can lose (DESIGN.md: "~250 ms")
+DECISIONS_SHOWN = 100  # decision-log entries kept in memory for the admin API
+_VERDICT_VALUE = {Verdict.OK: 1, Verdict.UNKNOWN: 0, Verdict.WORSE: -1}
+_EVENTS = {
+    Action.ADVANCE: "advance",
+    Action.PROMOTE: "promote",
+    Action.ROLLBACK: "rollback",
+    Action.PAUSE: "pause",
+    Action.RESUME: "resume",
+    Action.HOLD: "hold",
+    Action.START: "start",
+}
+
+
+class WeightSink(Protocol):
+    def __call__(self, rollout: str, candidate: float, shadow: bool) -> None: ...
+
+
+class Notifier(Protocol):
+    def fire(
+        self,
+        rollout: str,
+        event: str,
+        hooks: Sequence[WebhookConfig],
+        payload: Mapping[str, Any],
+    ) -> int: ...
+
+
+class UnknownRollout(KeyError):
+    """No rollout of that name is configured."""
+
+
+@dataclass
+class _Rollout:
+    config: RolloutConfig
+    state: RolloutState
+    totals: RolloutAccumulator
+    pending: RolloutAccumulator  # added to totals, not yet to the store
+    decisions: deque[dict[str, Any]]
+    unsaved: list[dict[str, Any]] = field(default_factory=list)
+    state_dirty: bool = False
+    analysis: Analysis | None = None
+    status: str = "starting"
+    next_eval: float = 0.0  # monotonic
+    last_obs: int = 0
+    last_err: int = 0
+    last_eval_wall: float = 0.0
+    failing_since: float | None = None
+    failing_requests: int = 0
+
+
+class Controller:
+    """Runs every rollout of a config against its store and recorder."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        recorder: Recorder,
+        metrics: Metrics,
+        apply_weights: WeightSink,
+        *,
+        notifier: Notifier | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        flush_interval: float = FLUSH_INTERVAL,
+    ) -> None:
+        self.config = config
+        self._store = store
+        self._recorder = recorder
+        self._metrics = metrics
+        self._apply_weights = apply_weights
+        self._notifier = notifier
+        self._clock = clock
+        self._monotonic = monotonic
+        self.flush_interval = flush_interval
+        self._rollouts: dict[str, _Rollout] = {}
+        self._lock = asyncio.Lock()  # control path only: evaluation vs operator commands
+        self._task: asyncio.Task[None] | None = None
+        self.store_ok = True
+        self.store_error = ""
+        metrics.store_up.set(1)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def load(self) -> dict[str, tuple[float, bool]]:
+        """Restore (or start) every configured rollout; return the weights to serve."""
+        for r in self.config.rollouts:
+            self._rollouts[r.name] = await self._adopt(r)
+        return self.weights()
+
+    def weights(self) -> dict[str, tuple[float, bool]]:
+        return {n: ro.state.weights(ro.config) for n, ro in self._rollouts.items()}
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="controller")
+
+    async def stop(self) -> None:
+        """Stop the loop and write the last samples (a clean stop loses nothing)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.flush()
+
+    async def _run(self) -> None:
+        while True:
+            started = self._monotonic()
+            try:
+                await self.flush()
+                await self.evaluate()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not stop the controller for good
+                log.exception("controller iteration failed")
+            elapsed = self._monotonic() - started
+            await asyncio.sleep(max(0.0, self.flush_interval - elapsed))
+
+    # -- samples --------------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Move the proxy's deltas into the totals and the store; retry unsaved writes."""
+        for name, delta in self._recorder.swap().items():
+            ro = self._rollouts.get(name)
+            if ro is None or delta.empty:
+                continue
+            ro.totals.merge(delta)
+            ro.pending.merge(delta)
+        for name, ro in self._rollouts.items():
+            try:
+                if ro.state_dirty:
+                    await self._store.put_state(name, ro.state.to_dict())
+                    ro.state_dirty = False
+                while ro.unsaved:
+                    await self._store.append_decision(name, ro.unsaved[0])
+                    ro.unsaved.pop(0)
+                if not ro.pending.empty:
+                    await self._store.add_samples(name, ro.pending)
+                    ro.pending = RolloutAccumulator(ro.totals.accuracy)
+            except StoreError as exc:
+                self._store_failed("flush", exc)
+                return
+        self._store_recovered()
+
+    def _store_failed(self, operation: str, exc: StoreError) -> None:
+        self._metrics.store_errors.labels(operation).inc()
+        if self.store_ok:
+            log.error("state store failed (%s): %s; holding every rollout", operation, exc)
+        self.store_ok = False
+        self.store_error = str(exc)
+        self._metrics.store_up.set(0)
+
+    def _store_recovered(self) -> None:
+        if not self.store_ok:
+            log.info("state store is back; decisions resume")
+        self.store_ok = True
+        self.store_error = ""
+        self._metrics.store_up.set(1)
+
+    # -- decisions ------------------------------------------------------------------------
+
+    async def evaluate(self, *, force: bool = False) -> None:
+        """Analyze and decide every rollout whose interval has come (all with ``force``)."""
+        mono = self._monotonic()
+        for ro in list(self._rollouts.values()):
+            if not force and mono < ro.next_eval:
+                continue
+            ro.next_eval = mono + ro.config.analysis.interval
+            async with self._lock:
+                await self._evaluate(ro)
+
+    async def _evaluate(self, ro: _Rollout) -> None:
+        cfg, name = ro.config, ro.config.name
+        now = self._clock()
+        t0 = time.perf_counter()
+        self._track_failures(ro, now)
+        analysis = analyze(
+            cfg,
+            ro.totals,
+            failing_for=0.0 if ro.failing_since is None else now - ro.failing_since,
+            failing_requests=ro.failing_requests,
+        )
+        ro.analysis = analysis
+        self._export_analysis(name, analysis)
+        if not self.store_ok and not ro.state.phase.terminal:
+            ro.status = f"holding: the state store is unavailable ({self.store_error})"
+            return
+        decision = decide(cfg, ro.state, analysis, now)
+        self._metrics.analysis_seconds.labels(name).set(time.perf_counter() - t0)
+        new = transition(cfg, ro.state, decision, analysis.candidate_observed, now)
+        ro.status = decision.reason
+        if new is not ro.state:
+            await self._apply(ro, decision, new, now)
+
+    def _track_failures(self, ro: _Rollout, now: float) -> None:
+        cand = ro.totals.candidate
+        d_obs, d_err = cand.observed - ro.last_obs, cand.errors - ro.last_err
+        if d_obs > 0:
+            if d_err >= d_obs:
+                if ro.failing_since is None:
+                    ro.failing_since = ro.last_eval_wall or now
+                ro.failing_requests += d_obs
+            else:
+                ro.failing_since = None
+                ro.failing_requests = 0
+        ro.last_obs, ro.last_err, ro.last_eval_wall = cand.observed, cand.errors, now
+
+    async def command(self, name: str, action: str, reason: str | None = None) -> dict[str, Any]:
+        """Carry out an operator's pause/resume/promote/rollback; raise CommandRejected."""
+        ro = self._rollouts.get(name)
+        if ro is None:
+            raise UnknownRollout(name)
+        async with self._lock:
+            decision = command(ro.state, action, reason)
+            now = self._clock()
+            observed = ro.totals.candidate.observed
+            new = transition(ro.config, ro.state, decision, observed, now)
+            ro.status = decision.reason
+            await self._apply(ro, decision, new, now)
+        return {
+            "name": name,
+            "phase": ro.state.phase.value,
+            "action": decision.action.value,
+            "reason": decision.reason,
+        }
+
+    async def _apply(self, ro: _Rollout, decision: Decision, new: RolloutState, now: float) -> None:
+        cfg, name = ro.config, ro.config.name
+        ro.state = new
+        candidate, shadow = new.weights(cfg)
+        self._apply_weights(name, candidate, shadow)  # the data plane acts first
+        entry = self._entry(ro, decision, now)
+        ro.decisions.append(entry)
+        self._metrics.decisions.labels(name, decision.action.value).inc()
+        self._export_state(ro)
+        log.info(
+            "rollout %s: %s%s -> %s, candidate %g%%%s: %s",
+            name,
+            decision.action.value,
+            " (manual)" if decision.manual else "",
+            new.phase.value,
+            candidate,
+            " (shadow)" if shadow else "",
+            decision.reason,
+        )
+        ro.state_dirty = True
+        ro.unsaved.append(entry)
+        try:
+            await self._store.put_state(name, new.to_dict())
+            ro.state_dirty = False
+            while ro.unsaved:
+                await self._store.append_decision(name, ro.unsaved[0])
+                ro.unsaved.pop(0)
+        except StoreError as exc:  # kept dirty: the next flush retries
+            self._store_failed("apply", exc)
+        event = _EVENTS.get(decision.action)
+        if event is not None and self._notifier is not None and cfg.webhooks:
+            self._notifier.fire(name, event, cfg.webhooks, entry)
+
+    def _entry(self, ro: _Rollout, decision: Decision, now: float) -> dict[str, Any]:
+        candidate, shadow = ro.state.weights(ro.config)
+        entry: dict[str, Any] = {
+            "at": now,
+            "action": decision.action.value,
+            "reason": decision.reason,
+            "manual": decision.manual,
+            "phase": ro.state.phase.value,
+            "step": ro.state.step,
+            "weights": {"production": 100.0 - candidate, "candidate": candidate},
+            "shadow": shadow,
+            "samples": {
+                "production": ro.totals.production.observed,
+                "candidate": ro.totals.candidate.observed,
+            },
+        }
+        if decision.evidence is not None:
+            entry["evidence"] = decision.evidence.to_dict()
+        return entry
+
+    # -- configuration --------------------------------------------------------------------
+
+    async def apply_config(self, config: Config) -> dict[str, tuple[float, bool]]:
+        """Adopt a reloaded config; return every rollout's weights for the proxy.
+
+        A rollout whose endpoints changed starts over (new samples, step 1); one whose
+        thresholds, steps or webhooks changed keeps its state and samples.
+        """
+        async with self._lock:
+            rollouts: dict[str, _Rollout] = {}
+            for r in config.rollouts:
+                old = self._rollouts.get(r.name)
+                if old is not None and old.state.fingerprint == fingerprint(r):
+                    old.state = _retime(old.state, old.config, r)
+                    old.config = r
+                    old.next_eval = 0.0
+                    rollouts[r.name] = old
+                else:
+                    rollouts[r.name] = await self._adopt(r)
+            for gone in set(self._rollouts) - set(rollouts):
+                log.info("rollout %s: no longer configured; its state stays in the store", gone)
+            self._rollouts = rollouts
+            self.config = config
+            for ro in rollouts.values():
+                self._export_state(ro)
+            return self.weights()
+
+    async def _adopt(self, r: RolloutConfig) -> _Rollout:
+        now = self._clock()
+        data = await self._store.get_state(r.name)
+        state: RolloutState | None = None
+        if data is not None:
+            try:
+                state = RolloutState.from_dict(data)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise StoreError(f"state of rollout {r.name!r} is unreadable: {exc}") from exc
+            if state.fingerprint != fingerprint(r):
+                log.info("rollout %s: endpoints changed; starting a new rollout", r.name)
+                state = None
+        if state is None:
+            await self._store.reset(r.name)
+            self._recorder.remove(r.name)  # samples of the old arms must not leak in
+            state = RolloutState.start(r, now)
+            ro = _Rollout(
+                r,
+                state,
+                RolloutAccumulator(self._recorder.accuracy),
+                RolloutAccumulator(self._recorder.accuracy),
+                deque(maxlen=DECISIONS_SHOWN),
+            )
+            entry = self._entry(ro, Decision(Action.START, "rollout started"), now)
+            ro.decisions.append(entry)
+            await self._store.put_state(r.name, state.to_dict())
+            await self._store.append_decision(r.name, entry)
+            log.info("rollout %s: started at step 1/%d", r.name, len(r.steps))
+        else:
+            totals = await self._store.get_samples(r.name)
+            history = await self._store.decisions(r.name, DECISIONS_SHOWN)
+            ro = _Rollout(
+                r,
+                state,
+                totals or RolloutAccumulator(self._recorder.accuracy),
+                RolloutAccumulator(self._recorder.accuracy),
+                deque(history, maxlen=DECISIONS_SHOWN),
+            )
+            log.info(
+                "rollout %s: resumed %s at step %d/%d with %d/%d samples",
+                r.name,
+                state.phase.value,
+                min(state.step, len(r.steps) - 1) + 1,
+                len(r.steps),
+                ro.totals.production.observed,
+                ro.totals.candidate.observed,
+            )
+        ro.last_obs, ro.last_err = ro.totals.candidate.observed, ro.totals.candidate.errors
+        self._export_state(ro)
+        return ro
+
+    # -- read side ------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return list(self._rollouts)
+
+    def summary(self, name: str) -> dict[str, Any]:
+        ro = self._rollouts.get(name)
+        if ro is None:
+            raise UnknownRollout(name)
+        cfg, state = ro.config, ro.state
+        now = self._clock()
+        candidate, shadow = state.weights(cfg)
+        step_index = min(state.step, len(cfg.steps) - 1)
+        step = cfg.steps[step_index]
+        analysis = ro.analysis
+        step_samples = max(0, ro.totals.candidate.observed - state.step_base)
+        if analysis is not None and not state.phase.terminal:
+            p = progress(cfg, state, analysis, now)
+            step_samples = p.samples
+        last = ro.decisions[-1] if ro.decisions else None
+        return {
+            "name": name,
+            "phase": state.phase.value,
+            "step": step_index,
+            "steps": len(cfg.steps),
+            "step_kind": "shadow" if step.is_shadow else "weight",
+            "weights": {"production": 100.0 - candidate, "candidate": candidate},
+            "shadow": shadow,
+            "samples": {
+                "production": ro.totals.production.observed,
+                "candidate": ro.totals.candidate.observed,
+            },
+            "step_samples": step_samples,
+            "step_required": step.required_requests,
+            "step_elapsed": max(0.0, now - state.step_started_at),
+            "step_min_duration": step.required_duration,
+            "elapsed": max(0.0, now - state.started_at),
+            "deadline_in": state.deadline - now,
+            "status": ro.status,
+            "store_ok": self.store_ok,
+            "last_decision": None
+            if last is None
+            else {"action": last["action"], "reason": last["reason"], "at": last["at"]},
+        }
+
+    def detail(self, name: str) -> dict[str, Any]:
+        out = self.summary(name)
+        ro = self._rollouts[name]
+        a = ro.analysis
+        out["metrics"] = [] if a is None else [_result_dict(r) for r in a.metrics]
+        out["guards"] = [] if a is None else [_result_dict(a.srm)]
+        out["net_value"] = None if a is None or a.net is None else _result_dict(a.net)
+        out["decisions"] = list(ro.decisions)
+        out["endpoints"] = {
+            "production": list(ro.config.production.endpoints),
+            "candidate": list(ro.config.candidate.endpoints),
+        }
+        return out
+
+    def state(self, name: str) -> RolloutState:
+        return self._rollouts[name].state
+
+    def totals(self, name: str) -> RolloutAccumulator:
+        return self._rollouts[name].totals
+
+    # -- gauges ---------------------------------------------------------------------------
+
+    def _export_state(self, ro: _Rollout) -> None:
+        name = ro.config.name
+        for phase in Phase:
+            self._metrics.phase.labels(name, phase.value).set(1 if ro.state.phase is phase else 0)
+        self._metrics.step.labels(name).set(min(ro.state.step, len(ro.config.steps) - 1) + 1)
+
+    def _export_analysis(self, name: str, analysis: Analysis) -> None:
+        m = self._metrics
+        for r in analysis.all_results():
+            m.metric_estimate.labels(name, r.name).set(r.estimate)
+            m.metric_lower.labels(name, r.name).set(r.lower)
+            m.metric_upper.labels(name, r.name).set(r.upper)
+            m.metric_tolerance.labels(name, r.name).set(r.tolerance)
+            m.metric_verdict.labels(name, r.name).set(_VERDICT_VALUE[r.verdict])
+            m.metric_samples.labels(name, r.name, "production").set(r.n_production)
+            m.metric_samples.labels(name, r.name, "candidate").set(r.n_candidate)
+
+
+def _retime(state: RolloutState, old: RolloutConfig, new: RolloutConfig) -> RolloutState:
+    """Keep the deadline consistent when a reload changes max_duration."""
+    delta = new.analysis.max_duration - old.analysis.max_duration
+    return state.with_(deadline=state.deadline + delta) if delta else state
+
+
+def _num(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _result_dict(r: MetricResult) -> dict[str, Any]:
+    return {
+        "name": r.name,
+        "kind": r.kind.value,
+        "verdict": r.verdict.value.upper(),
+        "estimate": _num(r.estimate),
+        "lower": _num(r.lower),
+        "upper": _num(r.upper),
+        "margin": r.margin,
+        "relative": r.relative,
+        "direction": r.direction.value,
+        "tolerance": _num(r.tolerance),
+        "n_production": r.n_production,
+        "n_candidate": r.n_candidate,
+        "alpha": r.alpha,
+        "detail": r.detail,
+        "explain": r.explain(),
+    }
+
+
+__all__ = ["CommandRejected", "Controller", "Notifier", "UnknownRollout", "WeightSink"]

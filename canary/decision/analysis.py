@@ -1,0 +1,200 @@
+"""Run a rollout's configured tests on a snapshot of its accumulators (pure, no I/O).
+
+Maps each ``analysis.metrics`` entry to the statistics engine: ``error`` to the
+conditional-binomial error test, ``pNN`` to the quantile test on the log histograms, ``rate``
+on bounded signals to the rate test, ``mean`` to the IPW mean test. Every test runs at
+``alpha / m`` where m counts the metrics plus the sample-ratio guard (Bonferroni), so that
+all intervals hold at once and the trade-off net value can be built from them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from canary.config import MetricConfig, RolloutConfig
+from canary.observe import ArmAccumulator, RolloutAccumulator, SignalAccumulator, parse_signal
+from canary.stats import (
+    ArmMoments,
+    ArmRouting,
+    Direction,
+    HistogramArrays,
+    MetricKind,
+    MetricResult,
+    Verdict,
+    error_test,
+    mean_test,
+    net_value,
+    quantile_test,
+    rate_test,
+    split_alpha,
+    srm_test,
+)
+
+SRM_NAME = "sample_ratio"
+NET_VALUE_NAME = "net_value"
+_RATE_SIGNALS = ("feedback", "agreement")
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """Everything the policy needs from the data, computed once per interval.
+
+    Attributes
+    ----------
+    metrics
+        One result per configured metric, in config order.
+    srm
+        The sample-ratio guard (kind ``SRM``).
+    net
+        The trade-off net value, when the rollout has a ``tradeoff``.
+    observed
+        Observations per arm (``{"production": n, "candidate": n}``), shadow included.
+    failing_for, failing_requests
+        How long, and over how many requests, every candidate request has failed (0 when the
+        last one succeeded): the hard-failure guard.
+    """
+
+    metrics: tuple[MetricResult, ...]
+    srm: MetricResult
+    net: MetricResult | None
+    observed: dict[str, int]
+    failing_for: float = 0.0
+    failing_requests: int = 0
+
+    @property
+    def candidate_observed(self) -> int:
+        return self.observed.get("candidate", 0)
+
+    def all_results(self) -> list[MetricResult]:
+        out = [*self.metrics, self.srm]
+        if self.net is not None:
+            out.append(self.net)
+        return out
+
+
+def metric_alpha(rollout: RolloutConfig) -> float:
+    """Level of each test: the rollout's alpha split over its metrics and the SRM guard."""
+    return split_alpha(rollout.analysis.alpha, len(rollout.analysis.metrics) + 1)
+
+
+def analyze(
+    rollout: RolloutConfig,
+    acc: RolloutAccumulator,
+    *,
+    failing_for: float = 0.0,
+    failing_requests: int = 0,
+) -> Analysis:
+    """Evaluate every configured test on ``acc`` (cumulative since the rollout started)."""
+    cfg = rollout.analysis
+    alpha = metric_alpha(rollout)
+    results = tuple(
+        _metric(m, acc.production, acc.candidate, alpha, cfg.burn_in) for m in cfg.metrics
+    )
+    srm = srm_test(
+        _routing(acc.production),
+        _routing(acc.candidate),
+        alpha=alpha,
+        # Sticky users are assigned as groups, so the routed split is overdispersed by design.
+        check_routing=rollout.routing.sticky is None,
+        name=SRM_NAME,
+    )
+    net = None
+    if cfg.tradeoff:
+        by_name = {r.name: r for r in results}
+        parts = [by_name[n] for n in cfg.tradeoff]
+        net = net_value(
+            parts,
+            {n: m.value for n, m in cfg.tradeoff.items()},
+            burn_in=cfg.burn_in,
+            name=NET_VALUE_NAME,
+        )
+    return Analysis(
+        metrics=results,
+        srm=srm,
+        net=net,
+        observed={"production": acc.production.observed, "candidate": acc.candidate.observed},
+        failing_for=failing_for,
+        failing_requests=failing_requests,
+    )
+
+
+def _metric(
+    m: MetricConfig, prod: ArmAccumulator, cand: ArmAccumulator, alpha: float, burn_in: int
+) -> MetricResult:
+    margin = m.margin
+    direction = Direction.INCREASE if m.higher_is_worse else Direction.DECREASE
+    key = parse_signal(m.signal).key
+    p_acc, c_acc = prod.signals.get(key), cand.signals.get(key)
+    if p_acc is None or c_acc is None:
+        return _no_data(m, direction, alpha, p_acc, c_acc)
+    rel, value, b = margin.relative, margin.value, burn_in
+    if key == "error":
+        return error_test(
+            _moments(p_acc), _moments(c_acc), value,
+            relative=rel, direction=direction, alpha=alpha, burn_in=b, name=m.name,
+        )  # fmt: skip
+    q = m.quantile
+    if q is not None:
+        return quantile_test(
+            _hist(p_acc), _hist(c_acc), q, value,
+            relative=rel, direction=direction, alpha=alpha, burn_in=b, name=m.name,
+        )  # fmt: skip
+    if m.stat == "rate" or key in _RATE_SIGNALS:
+        return rate_test(
+            _moments(p_acc), _moments(c_acc), value,
+            relative=rel, direction=direction, alpha=alpha, burn_in=b, name=m.name,
+        )  # fmt: skip
+    return mean_test(
+        _moments(p_acc), _moments(c_acc), value,
+        relative=rel, direction=direction, alpha=alpha, burn_in=b, name=m.name,
+    )  # fmt: skip
+
+
+def _moments(acc: SignalAccumulator) -> ArmMoments:
+    return ArmMoments.from_strata({p: (m.n, m.total, m.total_sq) for p, m in acc.strata.items()})
+
+
+def _hist(acc: SignalAccumulator) -> HistogramArrays:
+    values, counts = acc.hist.to_arrays()
+    return HistogramArrays(values, counts, acc.hist.accuracy)
+
+
+def _routing(arm: ArmAccumulator) -> ArmRouting:
+    # Only randomised strata: propensity 1.0 is a shadow mirror or a 0%/100% step, where
+    # there is no split to check.
+    return ArmRouting.from_strata({p: (r, o) for p, (r, o) in arm.routing.items() if p < 1.0})
+
+
+def _no_data(
+    m: MetricConfig,
+    direction: Direction,
+    alpha: float,
+    p_acc: SignalAccumulator | None,
+    c_acc: SignalAccumulator | None,
+) -> MetricResult:
+    kind = (
+        MetricKind.ERROR_RATE
+        if m.signal == "error"
+        else MetricKind.QUANTILE
+        if m.quantile is not None
+        else MetricKind.RATE
+        if m.stat == "rate"
+        else MetricKind.MEAN
+    )
+    missing = [arm for arm, a in (("production", p_acc), ("candidate", c_acc)) if a is None]
+    return MetricResult(
+        name=m.name,
+        kind=kind,
+        estimate=math.nan,
+        lower=-math.inf,
+        upper=math.inf,
+        margin=m.margin.value,
+        relative=m.margin.relative,
+        direction=direction,
+        verdict=Verdict.UNKNOWN,
+        n_production=p_acc.n if p_acc is not None else 0,
+        n_candidate=c_acc.n if c_acc is not None else 0,
+        alpha=alpha,
+        detail=f"no {m.signal} values from {' and '.join(missing)} yet",
+    )

@@ -1,0 +1,272 @@
+"""The rollout policy: pure functions from (config, state, analysis, now) to a decision.
+
+:func:`decide` says what the data calls for; :func:`command` validates an operator's
+command; :func:`transition` turns either into the next state. None of them does I/O or reads
+a clock, so every rule is tested with plain values (tests/test_decision_policy.py).
+
+Order of the rules (DESIGN.md "Decision semantics"):
+
+1. A paused or held rollout takes no automatic action; a finished one stays finished.
+2. Guards roll back at once: sample-ratio mismatch, then hard failure (the candidate failed
+   every request for a few seconds), then any metric WORSE, then a provably negative net value.
+3. ``max_duration`` over: ``on_inconclusive`` (rollback, hold or promote).
+4. The step's ``min_requests``, ``min_duration`` and the analysis ``burn_in`` met: ADVANCE,
+   or at the last step PROMOTE once every metric (or the net value) is OK.
+5. Otherwise CONTINUE, saying what it waits for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from canary.config import RolloutConfig
+from canary.decision.analysis import Analysis
+from canary.decision.state import Action, Decision, Evidence, Phase, RolloutState
+from canary.stats import MetricResult, Verdict
+
+# The candidate "fails hard" when every one of its requests failed for this long and at least
+# this many of them: a dead candidate is rolled back in seconds, without waiting for burn-in.
+HARD_FAILURE_SECONDS = 2.0
+HARD_FAILURE_REQUESTS = 5
+
+MANUAL_ACTIONS = ("pause", "resume", "promote", "rollback")
+
+
+class CommandRejected(ValueError):
+    """An operator command that does not apply in the rollout's current phase."""
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """How far the current step is towards its requirements."""
+
+    index: int
+    total: int
+    kind: str  # "shadow" | "weight"
+    weight: float
+    samples: int
+    required_samples: int
+    elapsed: float
+    required_duration: float
+    burn_in_samples: int
+    burn_in: int
+
+    @property
+    def met(self) -> bool:
+        return (
+            self.samples >= self.required_samples
+            and self.elapsed >= self.required_duration
+            and self.burn_in_samples >= self.burn_in
+        )
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.total - 1
+
+    def describe(self) -> str:
+        what = "shadow" if self.kind == "shadow" else f"weight {self.weight:g}%"
+        parts = [f"step {self.index + 1}/{self.total} ({what})"]
+        if self.required_samples:
+            parts.append(f"{self.samples}/{self.required_samples} candidate requests")
+        if self.required_duration:
+            parts.append(f"{_dur(self.elapsed)} of {_dur(self.required_duration)}")
+        if self.burn_in_samples < self.burn_in:
+            parts.append(f"burn-in {self.burn_in_samples}/{self.burn_in}")
+        return ", ".join(parts)
+
+
+def progress(
+    rollout: RolloutConfig, state: RolloutState, analysis: Analysis, now: float
+) -> StepProgress:
+    index = min(state.step, len(rollout.steps) - 1)
+    step = rollout.steps[index]
+    return StepProgress(
+        index=index,
+        total=len(rollout.steps),
+        kind="shadow" if step.is_shadow else "weight",
+        weight=step.candidate_weight,
+        samples=max(0, analysis.candidate_observed - state.step_base),
+        required_samples=step.required_requests,
+        elapsed=max(0.0, now - state.step_started_at),
+        required_duration=step.required_duration,
+        burn_in_samples=analysis.candidate_observed,
+        burn_in=rollout.analysis.burn_in,
+    )
+
+
+def decide(rollout: RolloutConfig, state: RolloutState, analysis: Analysis, now: float) -> Decision:
+    """What the data calls for now (operator commands are :func:`command`)."""
+    if state.phase is Phase.PROMOTED:
+        return Decision(Action.CONTINUE, "promoted: the candidate serves 100%")
+    if state.phase is Phase.ROLLED_BACK:
+        return Decision(Action.CONTINUE, "rolled back: production serves 100%")
+    if state.phase is Phase.PAUSED:
+        return Decision(Action.HOLD, "paused by an operator: resume, promote or rollback")
+    if state.phase is Phase.HOLDING:
+        return Decision(
+            Action.HOLD,
+            "max_duration ended with no verdict (on_inconclusive: hold): "
+            "resume, promote or rollback",
+        )
+
+    if analysis.srm.verdict is Verdict.WORSE:
+        return _rollback(f"sample-ratio mismatch: {analysis.srm.explain()}", analysis.srm)
+    if (
+        analysis.failing_for >= HARD_FAILURE_SECONDS
+        and analysis.failing_requests >= HARD_FAILURE_REQUESTS
+    ):
+        return Decision(
+            Action.ROLLBACK,
+            f"candidate failed hard: all of its last {analysis.failing_requests} requests "
+            f"failed over {analysis.failing_for:.1f}s",
+        )
+    for r in analysis.metrics:
+        if r.verdict is Verdict.WORSE:
+            return _rollback(f"{r.name} is worse than allowed: {r.explain()}", r)
+    if analysis.net is not None and analysis.net.verdict is Verdict.WORSE:
+        return _rollback(f"the trade-off is net negative: {analysis.net.explain()}", analysis.net)
+
+    if now >= state.deadline:
+        policy = rollout.analysis.on_inconclusive
+        why = (
+            f"max_duration {_dur(rollout.analysis.max_duration)} ended with no verdict "
+            f"({_waiting_for(rollout, analysis) or 'nothing pending'}); "
+            f"on_inconclusive: {policy}"
+        )
+        if policy == "rollback":
+            return Decision(Action.ROLLBACK, why)
+        if policy == "promote":
+            return Decision(Action.PROMOTE, why)
+        return Decision(Action.HOLD, why)
+
+    step = progress(rollout, state, analysis, now)
+    if not step.met:
+        return Decision(Action.CONTINUE, step.describe())
+    if not step.last:
+        nxt = rollout.steps[step.index + 1]
+        what = "shadow" if nxt.is_shadow else f"weight {nxt.candidate_weight:g}%"
+        return Decision(
+            Action.ADVANCE,
+            f"step {step.index + 1}/{step.total} done ({step.samples} candidate requests in "
+            f"{_dur(step.elapsed)}, no metric worse): next {what}",
+        )
+    pending = _waiting_for(rollout, analysis)
+    if pending:
+        return Decision(Action.CONTINUE, f"{step.describe()}: waiting for {pending} to be OK")
+    if not rollout.analysis.metrics:
+        return Decision(Action.PROMOTE, "last step done; no metrics configured, no guard fired")
+    shown = ([analysis.net] if analysis.net is not None else []) + [
+        r
+        for r in analysis.metrics
+        if rollout.analysis.tradeoff is None or r.name not in rollout.analysis.tradeoff
+    ]
+    return Decision(
+        Action.PROMOTE,
+        "every metric is within tolerance: " + "; ".join(r.explain() for r in shown),
+    )
+
+
+def _waiting_for(rollout: RolloutConfig, analysis: Analysis) -> str:
+    """Names of the results that must still become OK before a promotion."""
+    tradeoff = rollout.analysis.tradeoff or {}
+    names = [
+        r.name for r in analysis.metrics if r.name not in tradeoff and r.verdict is not Verdict.OK
+    ]
+    if analysis.net is not None and analysis.net.verdict is not Verdict.OK:
+        names.append(analysis.net.name)
+    return ", ".join(names)
+
+
+def _rollback(reason: str, r: MetricResult) -> Decision:
+    return Decision(Action.ROLLBACK, reason, evidence=evidence(r))
+
+
+def evidence(r: MetricResult) -> Evidence:
+    return Evidence(
+        metric=r.name,
+        verdict=r.verdict.value.upper(),
+        estimate=r.estimate,
+        lower=r.lower,
+        upper=r.upper,
+        n_production=r.n_production,
+        n_candidate=r.n_candidate,
+        explain=r.explain(),
+    )
+
+
+def command(state: RolloutState, action: str, reason: str | None = None) -> Decision:
+    """Validate an operator command against the current phase; raise CommandRejected."""
+    phase = state.phase
+    who = f"by an operator{': ' + reason if reason else ''}"
+    if action == "pause":
+        if phase is Phase.PAUSED:
+            raise CommandRejected(f"rollout {state.name!r} is already paused")
+        if phase.terminal:
+            raise CommandRejected(f"rollout {state.name!r} is {phase.value}; nothing to pause")
+        return Decision(Action.PAUSE, f"paused {who}", manual=True)
+    if action == "resume":
+        if phase not in (Phase.PAUSED, Phase.HOLDING):
+            raise CommandRejected(
+                f"rollout {state.name!r} is {phase.value}; only a paused or held rollout resumes"
+            )
+        return Decision(Action.RESUME, f"resumed {who}", manual=True)
+    if action == "promote":
+        if phase is Phase.PROMOTED:
+            raise CommandRejected(f"rollout {state.name!r} is already promoted")
+        if phase is Phase.ROLLED_BACK:
+            raise CommandRejected(
+                f"rollout {state.name!r} was rolled back; deploy a new candidate (change its "
+                "endpoints) and reload to start a new rollout"
+            )
+        return Decision(Action.PROMOTE, f"promoted {who}", manual=True)
+    if action == "rollback":
+        if phase is Phase.ROLLED_BACK:
+            raise CommandRejected(f"rollout {state.name!r} is already rolled back")
+        return Decision(Action.ROLLBACK, f"rolled back {who}", manual=True)
+    raise CommandRejected(f"unknown action {action!r}; expected one of {', '.join(MANUAL_ACTIONS)}")
+
+
+def transition(
+    rollout: RolloutConfig,
+    state: RolloutState,
+    decision: Decision,
+    candidate_observed: int,
+    now: float,
+) -> RolloutState:
+    """The state after carrying out ``decision`` (the same object when nothing changes)."""
+    a = decision.action
+    common = {"last_action": a.value, "reason": decision.reason, "updated_at": now}
+    if a is Action.ADVANCE:
+        return state.with_(
+            step=min(state.step + 1, len(rollout.steps) - 1),
+            step_started_at=now,
+            step_base=candidate_observed,
+            **common,
+        )
+    if a is Action.PROMOTE:
+        return state.with_(phase=Phase.PROMOTED, paused_at=None, **common)
+    if a is Action.ROLLBACK:
+        return state.with_(phase=Phase.ROLLED_BACK, paused_at=None, **common)
+    if a is Action.PAUSE:
+        return state.with_(phase=Phase.PAUSED, paused_at=now, **common)
+    if a is Action.RESUME:
+        if state.phase is Phase.HOLDING:
+            # A held rollout ran out of time: give it a fresh max_duration.
+            deadline = now + rollout.analysis.max_duration
+        else:
+            deadline = state.deadline + (now - (state.paused_at or now))
+        return state.with_(phase=Phase.RUNNING, paused_at=None, deadline=deadline, **common)
+    if a is Action.HOLD and state.phase is Phase.RUNNING:
+        return state.with_(phase=Phase.HOLDING, **common)
+    return state
+
+
+def _dur(seconds: float) -> str:
+    s = round(seconds)
+    if s < 60:
+        return f"{seconds:.0f}s" if seconds >= 1 or seconds == 0 else f"{seconds:.1f}s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m}m{s:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m"

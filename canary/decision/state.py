@@ -1,0 +1,166 @@
+"""Rollout state, actions and decisions: plain values that the policy reads and returns.
+
+The state is what survives a restart (the store keeps :meth:`RolloutState.to_dict`); the
+weights the proxy serves are a function of it (:meth:`RolloutState.weights`), so nothing
+else needs persisting for the data plane to come back exactly where it was.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from canary.config import RolloutConfig
+
+STATE_VERSION = 1
+
+
+class Phase(enum.StrEnum):
+    RUNNING = "running"  # the policy steps the rollout forward on its own
+    PAUSED = "paused"  # an operator froze it: weights stay, no automatic action
+    HOLDING = "holding"  # max_duration ended inconclusive with on_inconclusive: hold
+    PROMOTED = "promoted"  # the candidate serves 100% (terminal)
+    ROLLED_BACK = "rolled_back"  # production serves 100% (terminal)
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Phase.PROMOTED, Phase.ROLLED_BACK)
+
+
+class Action(enum.StrEnum):
+    CONTINUE = "CONTINUE"  # nothing changes; keep collecting evidence
+    ADVANCE = "ADVANCE"  # next step
+    PROMOTE = "PROMOTE"  # the candidate gets 100%
+    ROLLBACK = "ROLLBACK"  # production gets 100%
+    HOLD = "HOLD"  # stay where we are and take no automatic action
+    # Operator commands and lifecycle entries that appear in the decision log.
+    PAUSE = "PAUSE"
+    RESUME = "RESUME"
+    START = "START"
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """The metric behind a decision: what the decision log and webhooks show."""
+
+    metric: str
+    verdict: str
+    estimate: float
+    lower: float
+    upper: float
+    n_production: int
+    n_candidate: int
+    explain: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _finite_or_none(v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the policy (or an operator) decided, and why."""
+
+    action: Action
+    reason: str
+    evidence: Evidence | None = None
+    manual: bool = False
+
+    @property
+    def changes_state(self) -> bool:
+        return self.action not in (Action.CONTINUE,)
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    """Where one rollout is. Times are wall-clock seconds (``time.time()``).
+
+    Attributes
+    ----------
+    fingerprint
+        Hash of both arms' endpoints: a rollout whose endpoints change is a new rollout.
+    step
+        0-based index into the rollout's steps.
+    started_at, deadline
+        When the rollout started and when ``max_duration`` runs out (pushed back by pauses
+        and by resuming a held rollout).
+    step_started_at, step_base
+        When the current step started, and the candidate's observation count at that moment
+        (the step's own samples are the count now minus this).
+    paused_at
+        When an operator paused it (None when not paused).
+    """
+
+    name: str
+    fingerprint: str
+    phase: Phase
+    step: int
+    started_at: float
+    deadline: float
+    step_started_at: float
+    step_base: int = 0
+    paused_at: float | None = None
+    last_action: str = Action.START.value
+    reason: str = "rollout started"
+    updated_at: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, rollout: RolloutConfig, now: float) -> RolloutState:
+        return cls(
+            name=rollout.name,
+            fingerprint=fingerprint(rollout),
+            phase=Phase.RUNNING,
+            step=0,
+            started_at=now,
+            deadline=now + rollout.analysis.max_duration,
+            step_started_at=now,
+            step_base=0,
+            updated_at=now,
+        )
+
+    def weights(self, rollout: RolloutConfig) -> tuple[float, bool]:
+        """(candidate percent, shadow) the proxy should serve in this state."""
+        if self.phase is Phase.PROMOTED:
+            return 100.0, False
+        if self.phase is Phase.ROLLED_BACK:
+            return 0.0, False
+        step = rollout.steps[min(self.step, len(rollout.steps) - 1)]
+        return step.candidate_weight, step.is_shadow
+
+    def with_(self, **changes: Any) -> RolloutState:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["phase"] = self.phase.value
+        out["version"] = STATE_VERSION
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RolloutState:
+        version = data.get("version")
+        if version != STATE_VERSION:
+            raise ValueError(f"unsupported rollout state version {version!r}")
+        fields = {k: v for k, v in data.items() if k != "version"}
+        fields["phase"] = Phase(fields["phase"])
+        return cls(**fields)
+
+
+def fingerprint(rollout: RolloutConfig) -> str:
+    """Identity of a rollout's arms: changing an endpoint starts a new rollout."""
+    text = "|".join(
+        [
+            ",".join(sorted(rollout.production.endpoints)),
+            ",".join(sorted(rollout.candidate.endpoints)),
+        ]
+    )
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def _finite_or_none(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v

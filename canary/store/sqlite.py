@@ -1,0 +1,316 @@
+"""SQLite store: one embedded file that survives restarts and is shared by local workers.
+
+Every blocking call runs on one dedicated worker thread that owns the connection, so the
+event loop never waits on the disk. The file is in WAL mode (readers never block the writer)
+with ``synchronous=NORMAL`` (a power loss may drop the last transactions, never corrupt the
+file). Read-modify-write operations run in ``BEGIN IMMEDIATE`` transactions, which take the
+write lock up front: several processes merging sample deltas into one file wait for each
+other (up to the busy timeout) instead of losing an update.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from canary.errors import StoreError
+from canary.observe import RolloutAccumulator
+from canary.store._protocol import (
+    DEFAULT_MAX_DECISIONS,
+    check_limit,
+    check_max_decisions,
+    decode,
+    encode,
+)
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT = 5.0  # seconds a writer waits for another process's transaction
+
+# MIGRATIONS[v] takes a database from schema version v to v + 1 (the version is kept in
+# PRAGMA user_version; 0 is a new file). A later version appends one entry, never edits one.
+# Plain CREATE (no IF NOT EXISTS): a version-0 file that already has these tables is not ours.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        "CREATE TABLE state (rollout TEXT PRIMARY KEY, data TEXT NOT NULL,"
+        " updated_at REAL NOT NULL)",
+        "CREATE TABLE samples (rollout TEXT PRIMARY KEY, data TEXT NOT NULL,"
+        " updated_at REAL NOT NULL)",
+        "CREATE TABLE decisions (id INTEGER PRIMARY KEY AUTOINCREMENT, rollout TEXT NOT NULL,"
+        " at REAL NOT NULL, data TEXT NOT NULL)",
+        "CREATE INDEX decisions_rollout_id ON decisions (rollout, id)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the original error says more; sqlite rolls back on close anyway
+        raise
+
+
+class SQLiteStore:
+    """A :class:`~canary.store.Store` in one SQLite file.
+
+    Parameters
+    ----------
+    path
+        The database file; created on :meth:`open` when absent. Its directory must exist.
+    max_decisions
+        Decision log entries kept per rollout; appending deletes older ones.
+
+    Notes
+    -----
+    Several stores (in one process or several) may use the same file at once; every write is
+    one transaction. The schema version is ``PRAGMA user_version``; a file written by a newer
+    canary is refused rather than guessed at.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, max_decisions: int = DEFAULT_MAX_DECISIONS
+    ) -> None:
+        check_max_decisions(max_decisions)
+        self.path = os.fspath(path)
+        self.max_decisions = max_decisions
+        # One worker: sqlite connections belong to the thread that made them, and a single
+        # thread also serialises this store's calls in submission order.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="canary-store")
+        self._conn: sqlite3.Connection | None = None  # touched only on the worker thread
+        self._opened = False
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r})"
+
+    async def _run(self, what: str, job: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise StoreError(f"state store {self.path} is closed")
+        if not self._opened:
+            raise StoreError(f"state store {self.path} is not open; call open() first")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._call, job)
+        except (sqlite3.Error, OSError, UnicodeError) as exc:  # Unicode: names with lone surrogates
+            raise StoreError(f"state store {self.path}: cannot {what}: {exc}") from exc
+
+    def _call(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        if self._conn is None:  # only if close() raced ahead of a queued call
+            raise StoreError(f"state store {self.path} is closed")
+        return job(self._conn)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._closed:
+            raise StoreError(f"state store {self.path} is closed")
+        if self._opened:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._connect)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open state store {self.path}: {exc}") from exc
+        self._opened = True
+
+    def _connect(self) -> None:
+        if self._conn is not None:  # a concurrent open() got here first (calls run in order)
+            return
+        if self.path != ":memory:":
+            parent = os.path.dirname(os.path.abspath(self.path))
+            if not os.path.isdir(parent):
+                raise StoreError(
+                    f"cannot open state store {self.path}: directory {parent} does not exist"
+                )
+        # isolation_level=None: no implicit transactions, _transaction() says where they are.
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+            # Check the version before changing anything: the first read of a file that is
+            # not a database fails here, and a newer canary's file is left as it was.
+            self._check_version(conn)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _check_version(self, conn: sqlite3.Connection) -> int:
+        version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"state store {self.path}: schema version {version} is newer than this canary"
+                f" supports ({SCHEMA_VERSION}); upgrade canary"
+            )
+        return version
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        if self._check_version(conn) == SCHEMA_VERSION:
+            return
+        with _transaction(conn):
+            # Re-read under the write lock: another process may have migrated meanwhile.
+            for version in range(self._check_version(conn), SCHEMA_VERSION):
+                for statement in MIGRATIONS[version]:
+                    conn.execute(statement)
+            # PRAGMA takes no parameters; the value is our own int. It is transactional.
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        try:
+            # Queued behind every call already submitted, so those finish first.
+            await loop.run_in_executor(self._executor, self._disconnect)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot close state store {self.path}: {exc}") from exc
+        finally:
+            self._executor.shutdown(wait=False)
+
+    def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    # -- state ----------------------------------------------------------------------------
+
+    async def get_state(self, rollout: str) -> dict[str, Any] | None:
+        what = f"state of rollout {rollout!r} in {self.path}"
+
+        def job(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            row = conn.execute("SELECT data FROM state WHERE rollout = ?", (rollout,)).fetchone()
+            return None if row is None else decode(row[0], what)
+
+        return await self._run(f"read state of rollout {rollout!r}", job)
+
+    async def put_state(self, rollout: str, state: dict[str, Any]) -> None:
+        # Encoded here, before awaiting: the caller may change ``state`` once we yield.
+        text = encode(state, f"state of rollout {rollout!r}")
+
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO state (rollout, data, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (rollout) DO UPDATE SET"
+                " data = excluded.data, updated_at = excluded.updated_at",
+                (rollout, text, time.time()),
+            )
+
+        await self._run(f"write state of rollout {rollout!r}", job)
+
+    # -- samples --------------------------------------------------------------------------
+
+    async def add_samples(self, rollout: str, delta: RolloutAccumulator) -> None:
+        copy = delta.snapshot()  # taken now: the caller may record into ``delta`` later
+        what = f"samples of rollout {rollout!r} in {self.path}"
+
+        def job(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                row = conn.execute(
+                    "SELECT data FROM samples WHERE rollout = ?", (rollout,)
+                ).fetchone()
+                if row is None:
+                    merged = copy
+                else:
+                    merged = _accumulator(decode(row[0], what), what)
+                    try:
+                        merged.merge(copy)
+                    except ValueError as exc:  # accuracy mismatch
+                        raise StoreError(f"cannot add {what}: {exc}") from exc
+                conn.execute(
+                    "INSERT INTO samples (rollout, data, updated_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (rollout) DO UPDATE SET"
+                    " data = excluded.data, updated_at = excluded.updated_at",
+                    (rollout, encode(merged.to_dict(), what), time.time()),
+                )
+
+        await self._run(f"add samples of rollout {rollout!r}", job)
+
+    async def get_samples(self, rollout: str) -> RolloutAccumulator | None:
+        what = f"samples of rollout {rollout!r} in {self.path}"
+
+        def job(conn: sqlite3.Connection) -> RolloutAccumulator | None:
+            row = conn.execute("SELECT data FROM samples WHERE rollout = ?", (rollout,)).fetchone()
+            return None if row is None else _accumulator(decode(row[0], what), what)
+
+        return await self._run(f"read samples of rollout {rollout!r}", job)
+
+    # -- decisions ------------------------------------------------------------------------
+
+    async def append_decision(self, rollout: str, entry: dict[str, Any]) -> None:
+        text = encode(entry, f"decision of rollout {rollout!r}")
+        keep = self.max_decisions
+
+        def job(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.execute(
+                    "INSERT INTO decisions (rollout, at, data) VALUES (?, ?, ?)",
+                    (rollout, time.time(), text),
+                )
+                # The (rollout, id) index makes this a walk of at most `keep` index entries;
+                # decisions are appended seconds apart, so that is cheap enough.
+                conn.execute(
+                    "DELETE FROM decisions WHERE rollout = ?1 AND id <= ("
+                    "SELECT id FROM decisions WHERE rollout = ?1"
+                    " ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+                    (rollout, keep),
+                )
+
+        await self._run(f"append a decision of rollout {rollout!r}", job)
+
+    async def decisions(self, rollout: str, limit: int = 100) -> list[dict[str, Any]]:
+        check_limit(limit)  # sqlite reads a negative LIMIT as "no limit"
+        what = f"decision of rollout {rollout!r} in {self.path}"
+
+        def job(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                "SELECT data FROM decisions WHERE rollout = ? ORDER BY id DESC LIMIT ?",
+                (rollout, limit),
+            ).fetchall()
+            return [decode(text, what) for (text,) in reversed(rows)]
+
+        return await self._run(f"read decisions of rollout {rollout!r}", job)
+
+    # -- rollouts -------------------------------------------------------------------------
+
+    async def reset(self, rollout: str) -> None:
+        def job(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                for table in ("state", "samples", "decisions"):
+                    conn.execute(f"DELETE FROM {table} WHERE rollout = ?", (rollout,))
+
+        await self._run(f"reset rollout {rollout!r}", job)
+
+    async def rollouts(self) -> list[str]:
+        def job(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT rollout FROM state UNION SELECT rollout FROM samples"
+                " UNION SELECT rollout FROM decisions"
+            ).fetchall()
+            return sorted(name for (name,) in rows)
+
+        return await self._run("list rollouts", job)
+
+
+def _accumulator(data: dict[str, Any], what: str) -> RolloutAccumulator:
+    try:
+        return RolloutAccumulator.from_dict(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise StoreError(f"corrupt {what}: {exc!r}") from exc
