@@ -11,6 +11,8 @@ RUN pip install --disable-pip-version-check . \
 
 USER canary
 WORKDIR /var/lib/canary
+# canary-state.db (the default state.path) lives here: mount it to keep rollouts across restarts.
+VOLUME /var/lib/canary
 EXPOSE 8080
 # The admin port binds to loopback by default, which is where the health check runs.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \

@@ -239,7 +239,7 @@ def _metric_value(m: Mapping[str, Any], value: Any) -> str:
 
 def _tolerance(m: Mapping[str, Any]) -> str:
     margin = m.get("margin")
-    if m.get("kind") == "net_value" or not isinstance(margin, int | float):
+    if m.get("kind") in ("net_value", "srm") or not isinstance(margin, int | float):
         return "-"
     sign = "-" if m.get("direction") == "decrease" else "+"
     if m.get("relative"):
@@ -285,7 +285,13 @@ def _decision_time(d: Mapping[str, Any]) -> float:
 
 def _print_rollout(r: Mapping[str, Any]) -> None:
     print("\n".join(_table(_ROLLOUT_HEADERS, [_rollout_row(r)])))
+    if r.get("status"):
+        print(f"now: {r['status']}")
     metrics = [m for m in r.get("metrics") or [] if isinstance(m, Mapping)]
+    net = r.get("net_value")
+    if isinstance(net, Mapping):
+        metrics.append(net)
+    metrics += [g for g in r.get("guards") or [] if isinstance(g, Mapping)]
     print()
     if metrics:
         print("\n".join(_table(_METRIC_HEADERS, [_metric_row(m) for m in metrics])))

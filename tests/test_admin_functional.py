@@ -183,3 +183,28 @@ async def test_runtime_refuses_an_unopenable_state_file(tmp_path: Path) -> None:
     with pytest.raises(CanaryError, match="missing-dir"):
         await rt.start()
     await asyncio.sleep(0)
+
+
+async def test_cli_against_the_real_admin_api(capsys: pytest.CaptureFixture[str]) -> None:
+    from canary.cli import main
+
+    async with fake_pair() as (p, c):
+        cfg = rollout_config([p], [c], steps=[{"weight": 20}, {"weight": 50}])
+        async with running_canary(cfg) as can, httpx.AsyncClient() as client:
+            await _traffic(client, can.url, 30)
+            await can.runtime.controller.flush()
+            await can.runtime.controller.evaluate(force=True)
+            # the CLI is synchronous: run it off this loop, which serves the admin API
+            code = await asyncio.to_thread(main, ["status", "--admin", can.admin])
+            out = capsys.readouterr().out
+            assert code == 0 and "m" in out and "running" in out and "1/2" in out
+            code = await asyncio.to_thread(main, ["status", "m", "--admin", can.admin])
+            assert code == 0 and "START" in capsys.readouterr().out
+            code = await asyncio.to_thread(
+                main, ["rollback", "m", "--reason", "bad canary", "--admin", can.admin]
+            )
+            assert code == 0 and "rolled_back" in capsys.readouterr().out
+            assert can.runtime.controller.summary("m")["phase"] == "rolled_back"
+            assert "bad canary" in can.runtime.controller.summary("m")["last_decision"]["reason"]
+            code = await asyncio.to_thread(main, ["promote", "m", "--admin", can.admin])
+            assert code == 5 and "new candidate" in capsys.readouterr().err
