@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -114,8 +117,13 @@ class Controller:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         flush_interval: float = FLUSH_INTERVAL,
+        executor: Executor | None = None,
     ) -> None:
+        """``executor`` runs the statistics off the event loop (a process pool in ``canary
+        run``: the tests take milliseconds that the proxy's requests would otherwise wait);
+        None runs them inline."""
         self.config = config
+        self._executor = executor
         self._store = store
         self._recorder = recorder
         self._metrics = metrics
@@ -226,12 +234,14 @@ class Controller:
         now = self._clock()
         t0 = time.perf_counter()
         self._track_failures(ro, now)
-        analysis = analyze(
+        run = functools.partial(
+            analyze,
             cfg,
             ro.totals,
             failing_for=0.0 if ro.failing_since is None else now - ro.failing_since,
             failing_requests=ro.failing_requests,
         )
+        analysis = await self._run_analysis(run)
         ro.analysis = analysis
         self._export_analysis(name, analysis)
         if not self.store_ok and not ro.state.phase.terminal:
@@ -243,6 +253,17 @@ class Controller:
         ro.status = decision.reason
         if new is not ro.state:
             await self._apply(ro, decision, new, now)
+
+    async def _run_analysis(self, run: Callable[[], Analysis]) -> Analysis:
+        # ro.totals is only changed by flush(), which runs in this same task: it cannot change
+        # while the executor pickles it.
+        if self._executor is not None:
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+            except BrokenProcessPool:
+                log.error("the analysis process died; analysing in the event loop from now on")
+                self._executor = None
+        return run()
 
     def _track_failures(self, ro: _Rollout, now: float) -> None:
         cand = ro.totals.candidate

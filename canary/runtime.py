@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import multiprocessing
 import os
 import signal
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from aiohttp import web
@@ -51,6 +53,13 @@ class Runtime:
         self.webhooks = WebhookSender(
             on_result=lambda rollout, result: self.metrics.webhooks.labels(rollout, result).inc()
         )
+        # The statistics take milliseconds per rollout: run them in a worker process so the
+        # proxy's requests never wait for them (the second core does the work).
+        self._analysis_pool = (
+            ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver"))
+            if run_controller
+            else None
+        )
         self.controller = Controller(
             config,
             self.store,
@@ -58,6 +67,7 @@ class Runtime:
             self.metrics,
             self._apply_weights,
             notifier=self.webhooks,
+            executor=self._analysis_pool,
         )
         self._runners: list[web.BaseRunner] = []
         self._ready = False
@@ -209,6 +219,9 @@ class Runtime:
         if "store" in self._started:
             await self.store.close()
         self._started.clear()
+        if self._analysis_pool is not None:
+            self._analysis_pool.shutdown(wait=True, cancel_futures=True)
+            self._analysis_pool = None
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

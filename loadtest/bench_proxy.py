@@ -732,7 +732,7 @@ def canary_config(proxy_port: int, admin_port: int, prod: int, cand: int) -> dic
                     "error_status": ["5xx"],
                     "max_connections": 256,
                 },
-                "steps": [{"weight": 50}],
+                "steps": [{"weight": 50, "min_duration": "1h"}],  # analysed, never promoted
                 "analysis": {
                     "interval": "1s",
                     "alpha": 0.05,
