@@ -86,6 +86,9 @@ class FakeModelConfig:
     """Requests served at once, the rest wait (``queue`` in Server-Timing); 0 = no limit."""
     error_rate: float = 0.0
     accuracy: float = 0.9
+    report_correct: bool = False
+    """Add ``"correct": 1 or 0`` (prediction == :func:`true_label`) to ``/predict`` answers, so a
+    rollout can measure accuracy per request (``signal: json:correct``) without feedback."""
     cost: float = 0.001
     """Value of the ``X-Model-Cost`` header, per request."""
     ttft: float = 0.05
@@ -338,6 +341,8 @@ async def _predict(request: web.Request) -> web.Response:
     headers["X-Model-Cost"] = st.cost_header
     prediction, score = st.answer(payload)
     body: dict[str, Any] = {"prediction": prediction, "model": st.cfg.model, "score": score}
+    if st.cfg.report_correct:
+        body["correct"] = int(prediction == true_label(payload))
     if "id" in payload:
         body["id"] = payload["id"]
     return _json(body, headers=headers)
@@ -670,6 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-concurrency", type=int, default=defaults.max_concurrency)
     parser.add_argument("--error-rate", type=float, default=defaults.error_rate)
     parser.add_argument("--accuracy", type=float, default=defaults.accuracy)
+    parser.add_argument(
+        "--report-correct", action="store_true", help='add "correct": 0|1 to /predict answers'
+    )
     parser.add_argument("--cost", type=float, default=defaults.cost, help="X-Model-Cost value")
     parser.add_argument("--ttft", type=_duration, default=defaults.ttft)
     parser.add_argument("--inter-token", type=_duration, default=defaults.inter_token)

@@ -127,6 +127,20 @@ async def test_accuracy_is_binomial_and_reproducible(http: aiohttp.ClientSession
     assert [data["prediction"] for _, data, _ in other] != preds
 
 
+async def test_report_correct_matches_true_label(http: aiohttp.ClientSession) -> None:
+    bodies = [{"id": f"r{i}", "features": [i]} for i in range(400)]
+    async with running_fake_model(replace(FAST, accuracy=0.7, report_correct=True)) as base:
+        results = await post_all(http, base + "/predict", bodies)
+    flags = [d["correct"] for _, d, _ in results]
+    assert set(flags) == {0, 1}
+    for (_, data, _), body in zip(results, bodies, strict=True):
+        assert data["correct"] == int(data["prediction"] == true_label(body))
+    # Off by default: the answer shape other tests and users rely on does not change.
+    async with running_fake_model(FAST) as base:
+        (_, data, _), *_ = await post_all(http, base + "/predict", bodies[:1])
+    assert "correct" not in data
+
+
 @pytest.mark.parametrize("accuracy", [0.0, 1.0])
 async def test_accuracy_extremes(http: aiohttp.ClientSession, accuracy: float) -> None:
     bodies = [{"features": [i, i + 1]} for i in range(200)]
