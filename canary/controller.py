@@ -260,8 +260,15 @@ class Controller:
         if self._executor is not None:
             try:
                 return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+            except asyncio.CancelledError:
+                raise
             except BrokenProcessPool:
                 log.error("the analysis process died; analysing in the event loop from now on")
+                self._executor = None
+            except Exception:
+                # e.g. a program embedding canary without an `if __name__ == "__main__"` guard,
+                # which a forkserver worker cannot import: analyse here rather than never.
+                log.exception("the analysis process failed; analysing in the event loop")
                 self._executor = None
         return run()
 

@@ -16,6 +16,7 @@ from aiohttp import web
 from canary.admin import make_admin_app
 from canary.config import Config, load_config
 from canary.controller import Controller
+from canary.decision.worker import watch_parent
 from canary.errors import CanaryError, ConfigError
 from canary.metrics import Metrics
 from canary.observe import Recorder
@@ -56,7 +57,12 @@ class Runtime:
         # The statistics take milliseconds per rollout: run them in a worker process so the
         # proxy's requests never wait for them (the second core does the work).
         self._analysis_pool = (
-            ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver"))
+            ProcessPoolExecutor(
+                1,
+                mp_context=multiprocessing.get_context("forkserver"),
+                initializer=watch_parent,
+                initargs=(os.getpid(),),
+            )
             if run_controller
             else None
         )

@@ -65,6 +65,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import re
 import signal
 import socket
@@ -589,18 +590,40 @@ async def _run_inprocess(
 
 # -- restart scenario -----------------------------------------------------------------------
 
+
+def _group_members(pgid: int) -> list[str]:
+    """``"pid command"`` of each live process in process group ``pgid`` (Linux /proc)."""
+    members = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[2]) != pgid or fields[0] == "Z":
+                continue
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        members.append(f"{entry.name} {cmd.strip()[:100]}")
+    return members
+
+
 _RESUMED = re.compile(r"resumed (\w+) at step (\d+)/(\d+) with (\d+)/(\d+) samples")
 FLUSH_SECONDS = 0.25
 
 
 class _CanaryProcess:
-    """``python -m canary run -c FILE`` as a child process with its log in a file."""
+    """``python -m canary run -c FILE`` as a child process with its log in a file.
+
+    Each start gets its own process group, so that whatever a killed canary leaves behind
+    (helper processes of its own) can be found, reported and stopped at the end.
+    """
 
     def __init__(self, config_path: Path, log_path: Path, admin: str) -> None:
         self.config_path = config_path
         self.log_path = log_path
         self.admin = admin
         self.proc: subprocess.Popen[bytes] | None = None
+        self.groups: list[int] = []
 
     def start(self) -> None:
         with open(self.log_path, "ab") as log_file:
@@ -609,7 +632,9 @@ class _CanaryProcess:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
+        self.groups.append(self.proc.pid)
 
     async def wait_ready(self, client: httpx.AsyncClient, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
@@ -624,6 +649,7 @@ class _CanaryProcess:
             await asyncio.sleep(0.05)
 
     def kill(self) -> None:
+        """A crash: SIGKILL the canary process itself (not its group)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
@@ -636,6 +662,30 @@ class _CanaryProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    async def reap_groups(self, grace: float = 2.0) -> dict[int, list[str]]:
+        """Stop every process left in the groups of canaries that have exited.
+
+        Returns the leftovers per group (pid and command line) found after ``grace`` seconds.
+        """
+        deadline = time.monotonic() + grace
+        left: dict[int, list[str]] = {}
+        for pgid in self.groups:
+            if self.proc is not None and pgid == self.proc.pid and self.proc.poll() is None:
+                continue  # still running: not ours to reap yet
+            while (procs := _group_members(pgid)) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            if procs:
+                left[pgid] = procs
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, signal.SIGKILL)
+        self.groups = [g for g in self.groups if g not in left and _group_members(g)]
+        return left
+
+    async def stop(self) -> dict[int, list[str]]:
+        """Stop the running canary (SIGTERM) and reap every group; return the leftovers."""
+        self.terminate()
+        return await self.reap_groups()
 
     def resumed(self) -> tuple[int, int, int] | None:
         """(step index, production, candidate samples) from the last "resumed" log line."""
@@ -668,7 +718,7 @@ async def _run_restart(sc: Scenario, *, seed: int, fast: bool, rate: float, out:
             load_config_text(config_path.read_text())  # fail here, not in the child
             admin = f"http://127.0.0.1:{admin_port}"
             canary = _CanaryProcess(config_path, tmpdir / "canary.log", admin)
-            stack.callback(canary.terminate)
+            stack.push_async_callback(canary.stop)
             client = await stack.enter_async_context(httpx.AsyncClient(timeout=5.0))
             canary.start()
             await canary.wait_ready(client)
@@ -739,7 +789,16 @@ async def _run_restart(sc: Scenario, *, seed: int, fast: bool, rate: float, out:
                     continue
                 await asyncio.sleep(0.1)
             await traffic.stop()
+            leftovers = await canary.stop()
             result = _finish(sc, watcher.detail or detail, traffic, seed)
+            if leftovers:
+                # Not a wrong outcome, but a crashed canary must not leave processes behind.
+                procs = [p for group in leftovers.values() for p in group]
+                result.extra["_leftovers"] = len(procs)
+                result.extra["LEFTOVERS"] = (
+                    f"{len(procs)} processes of exited canaries were still running (now "
+                    "killed): " + "; ".join(procs)
+                )
             if before is None or after is None or killed_at is None or ready_at is None:
                 result.problems.append("the rollout never reached step 2 to be restarted")
                 return result
@@ -845,6 +904,9 @@ def summary_table(results: Sequence[Result]) -> str:
                 f"resumed at the same step; samples lost median {statistics.median(losts):g}; "
                 "user errors all while the one canary process was down"
             )
+        leaked = sum(r.extra.get("_leftovers", 0) for r in runs)
+        if leaked:
+            note += f"; {leaked} processes left behind by SIGKILLed canaries"
         failed = sum(not r.ok for r in runs)
         if failed:
             note = (note + f"; {failed} FAILED").lstrip("; ")
