@@ -188,12 +188,7 @@ class Controller:
             ro.pending.merge(delta)
         for name, ro in self._rollouts.items():
             try:
-                if ro.state_dirty:
-                    await self._store.put_state(name, ro.state.to_dict())
-                    ro.state_dirty = False
-                while ro.unsaved:
-                    await self._store.append_decision(name, ro.unsaved[0])
-                    ro.unsaved.pop(0)
+                await self._save_decisions(ro)
                 if not ro.pending.empty:
                     await self._store.add_samples(name, ro.pending)
                     ro.pending = RolloutAccumulator(ro.totals.accuracy)
@@ -326,16 +321,22 @@ class Controller:
         ro.state_dirty = True
         ro.unsaved.append(entry)
         try:
-            await self._store.put_state(name, new.to_dict())
-            ro.state_dirty = False
-            while ro.unsaved:
-                await self._store.append_decision(name, ro.unsaved[0])
-                ro.unsaved.pop(0)
+            await self._save_decisions(ro)
         except StoreError as exc:  # kept dirty: the next flush retries
             self._store_failed("apply", exc)
         event = _EVENTS.get(decision.action)
         if event is not None and self._notifier is not None and cfg.webhooks:
             self._notifier.fire(name, event, cfg.webhooks, entry)
+
+    async def _save_decisions(self, ro: _Rollout) -> None:
+        """Write the state and decision-log entries not yet in the store (StoreError: retry)."""
+        name = ro.config.name
+        if ro.state_dirty:
+            await self._store.put_state(name, ro.state.to_dict())
+            ro.state_dirty = False
+        while ro.unsaved:
+            await self._store.append_decision(name, ro.unsaved[0])
+            ro.unsaved.pop(0)
 
     def _entry(self, ro: _Rollout, decision: Decision, now: float) -> dict[str, Any]:
         candidate, shadow = ro.state.weights(ro.config)

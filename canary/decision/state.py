@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from canary.config import RolloutConfig
@@ -68,10 +68,6 @@ class Decision:
     evidence: Evidence | None = None
     manual: bool = False
 
-    @property
-    def changes_state(self) -> bool:
-        return self.action not in (Action.CONTINUE,)
-
 
 @dataclass(frozen=True)
 class RolloutState:
@@ -105,7 +101,6 @@ class RolloutState:
     last_action: str = Action.START.value
     reason: str = "rollout started"
     updated_at: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def start(cls, rollout: RolloutConfig, now: float) -> RolloutState:
