@@ -144,7 +144,7 @@ class SQLiteStore:
             # Check the version before changing anything: the first read of a file that is
             # not a database fails here, and a newer canary's file is left as it was.
             self._check_version(conn)
-            conn.execute("PRAGMA journal_mode = WAL")
+            _set_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
             self._migrate(conn)
         except BaseException:
@@ -314,3 +314,20 @@ def _accumulator(data: dict[str, Any], what: str) -> RolloutAccumulator:
         return RolloutAccumulator.from_dict(data)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise StoreError(f"corrupt {what}: {exc!r}") from exc
+
+
+def _set_wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL, waiting out another process doing the same.
+
+    Changing the journal mode does not go through SQLite's busy handler, so two canaries
+    opening one fresh file at the same moment get "database is locked" here at once.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
