@@ -1,6 +1,7 @@
 """aiohttp data plane: routing, forwarding and streaming, upstream pools, failover."""
 
 from canary.proxy.aiohttp_transport import AiohttpTransport
+from canary.proxy.h1_transport import H1Transport
 from canary.proxy.routing import CANDIDATE, PRODUCTION, Choice, Weights, sticky_point
 from canary.proxy.server import Proxy, initial_weights
 from canary.proxy.upstream import Timeouts, Transport, UpstreamPool, UpstreamResponse
@@ -9,6 +10,7 @@ __all__ = [
     "CANDIDATE",
     "PRODUCTION",
     "AiohttpTransport",
+    "H1Transport",
     "Choice",
     "Proxy",
     "Timeouts",
