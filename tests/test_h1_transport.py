@@ -295,7 +295,7 @@ async def test_broken_upstreams_raise_the_right_error(
 
 async def test_connect_error_names_the_upstream() -> None:
     t = H1Transport()
-    with pytest.raises(UpstreamConnectError, match="cannot connect to 127.0.0.1"):
+    with pytest.raises(UpstreamConnectError, match=r"cannot connect to 127\.0\.0\.1"):
         await call(t, dead_url() + "/")
     await t.close()
 
