@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from canary import __version__
 from canary.config import AdminConfig, load_config
-from canary.errors import AdminError, ConfigError
+from canary.errors import AdminError, CanaryError, ConfigError
 
 if TYPE_CHECKING:
     from canary.admin_client import AdminClient
@@ -35,7 +35,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(serve(config, args.config))
-    except OSError as exc:
+    except (OSError, CanaryError) as exc:
         print(f"canary: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -118,12 +118,16 @@ class Controller:
         monotonic: Callable[[], float] = time.monotonic,
         flush_interval: float = FLUSH_INTERVAL,
         executor: Executor | None = None,
+        input_drift: Callable[[str], Sequence[str]] | None = None,
     ) -> None:
         """``executor`` runs the statistics off the event loop (a process pool in ``canary
         run``: the tests take milliseconds that the proxy's requests would otherwise wait);
-        None runs them inline."""
+        None runs them inline. ``input_drift(rollout)`` names the request fields whose input
+        health flags drift (the runtime reads the proxy's monitors; the policy holds on them
+        with ``inputs.on_drift: hold``)."""
         self.config = config
         self._executor = executor
+        self._input_drift = input_drift
         self._store = store
         self._recorder = recorder
         self._metrics = metrics
@@ -242,7 +246,8 @@ class Controller:
         if not self.store_ok and not ro.state.phase.terminal:
             ro.status = f"holding: the state store is unavailable ({self.store_error})"
             return
-        decision = decide(cfg, ro.state, analysis, now)
+        drift = self._input_drift(name) if self._input_drift is not None else ()
+        decision = decide(cfg, ro.state, analysis, now, input_drift=drift)
         self._metrics.analysis_seconds.labels(name).set(time.perf_counter() - t0)
         new = transition(cfg, ro.state, decision, analysis.candidate_observed, now)
         ro.status = decision.reason

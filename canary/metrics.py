@@ -10,7 +10,8 @@ path (weights) are ordinary prometheus_client gauges. Labels are low-cardinality
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 from prometheus_client.core import (
@@ -22,6 +23,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 import canary
+
+if TYPE_CHECKING:
+    from canary.observe.inputs import InputMonitor
 
 ARMS = ("production", "candidate")
 
@@ -217,6 +221,78 @@ def _le(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(bound)
 
 
+class InputCollector(Collector):
+    """Input health (:mod:`canary.observe.inputs`) of every rollout with ``inputs``, read at
+    scrape time: the proxy only bumps the monitors' counters, and the drift tests run here at
+    most once per second. Labels: ``rollout``, ``field`` (a configured path), ``type``."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "canary_input_requests",
+            "Requests of rollouts with input health, by result: inspected (a JSON object or "
+            "array body), unparseable, not_inspected (streamed or no body), too_large.",
+            labels=["rollout", "result"],
+        )
+        values = CounterMetricFamily(
+            "canary_input_field_values",
+            "Inspected requests per field by the JSON type of its value (number, string, bool, "
+            "null, missing, object, array).",
+            labels=["rollout", "field", "type"],
+        )
+        gauges = {
+            key: GaugeMetricFamily(name, text, labels=["rollout", "field"])
+            for key, name, text in (
+                ("null_rate", "canary_input_field_null_ratio",
+                 "Share of requests since the baseline where the field is null or missing."),
+                ("mean", "canary_input_field_mean",
+                 "Mean of the field's numeric values since the baseline."),
+                ("min", "canary_input_field_min",
+                 "Smallest numeric value of the field since the baseline."),
+                ("max", "canary_input_field_max",
+                 "Largest numeric value of the field since the baseline."),
+                ("base_mean", "canary_input_baseline_mean",
+                 "Mean of the field's numeric values in the baseline (learned or given)."),
+                ("base_null_rate", "canary_input_baseline_null_ratio",
+                 "Null-or-missing share of the field in the baseline (learned or given)."),
+            )
+        }  # fmt: skip
+        drift = GaugeMetricFamily(
+            "canary_input_drift",
+            "1 while the field's sequential drift test flags a shift from the baseline beyond "
+            "the tolerance (mean, null rate or type mix), 0 otherwise.",
+            labels=["rollout", "field"],
+        )
+        learning = GaugeMetricFamily(
+            "canary_input_baseline_learning",
+            "1 while the input baseline is still being learned (no drift test yet).",
+            labels=["rollout"],
+        )
+        monitors: Mapping[str, InputMonitor] = self._metrics.inputs
+        for name, monitor in monitors.items():
+            report = monitor.report()
+            for result, n in report.requests.items():
+                requests.add_metric([name, result], n)
+            learning.add_metric([name], 1 if report.learning else 0)
+            for f in report.fields:
+                for t, n in f.values.items():
+                    values.add_metric([name, f.field, t], n)
+                for key, value in (
+                    ("null_rate", f.current.null_rate),
+                    ("mean", f.current.mean),
+                    ("min", f.current.min),
+                    ("max", f.current.max),
+                    ("base_mean", f.baseline.mean),
+                    ("base_null_rate", f.baseline.null_rate),
+                ):
+                    if value is not None:  # no sample until there is data
+                        gauges[key].add_metric([name, f.field], value)
+                drift.add_metric([name, f.field], 1 if f.drifted else 0)
+        yield from (requests, values, *gauges.values(), drift, learning)
+
+
 class Metrics:
     """The exported metrics of one process (or one test), on their own registry."""
 
@@ -225,6 +301,9 @@ class Metrics:
         r = self.registry
         self.counters = ProxyCounters()
         r.register(ProxyCollector(self.counters))
+        # Input health monitors by rollout; the proxy swaps in the current ones on (re)load.
+        self.inputs: dict[str, InputMonitor] = {}
+        r.register(InputCollector(self))
         self.build_info = Info("canary_build", "canary version.", registry=r)
         self.build_info.info({"version": canary.__version__})
         self.weight = Gauge(
@@ -320,5 +399,42 @@ class Metrics:
             "Webhook deliveries by result (delivered, failed after retries, dropped when the "
             "queue was full).",
             ["rollout", "result"],
+            registry=r,
+        )
+        # -- feedback intake (admin path) ---------------------------------------------------
+        self.feedback = Counter(
+            "canary_feedback",
+            "Feedback items posted to /api/v1/feedback by result (accepted, unknown, expired, "
+            "duplicate, invalid, no_prediction); rollout is empty when no rollout knows the id.",
+            ["rollout", "result"],
+            registry=r,
+        )
+        self.feedback_entries = Gauge(
+            "canary_feedback_entries",
+            "Answers kept for joining delayed labels (request ids, joined ones included until "
+            "they expire).",
+            ["rollout"],
+            registry=r,
+        )
+        # -- resource scraper (background task, see canary/resources.py) -------------------
+        self.resource_scrapes = Counter(
+            "canary_resource_scrapes",
+            "Scrapes of the arms' Prometheus endpoints by result (ok, error, timeout, parse, "
+            "missing_metric).",
+            ["rollout", "arm", "result"],
+            registry=r,
+        )
+        self.resource_windows = Counter(
+            "canary_resource_windows",
+            "Resource windows per analysis metric by outcome: recorded, or dropped "
+            "(scrape_failed, no_baseline, few_requests, not_positive).",
+            ["rollout", "metric", "outcome"],
+            registry=r,
+        )
+        self.resource_value = Gauge(
+            "canary_resource_value",
+            "Each arm's value of a resource metric in the latest complete window (per replica "
+            "for gauges, per request for counters).",
+            ["rollout", "arm", "metric"],
             registry=r,
         )

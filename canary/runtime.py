@@ -20,7 +20,8 @@ from canary.decision.worker import watch_parent
 from canary.errors import CanaryError, ConfigError
 from canary.metrics import Metrics
 from canary.observe import Recorder
-from canary.proxy import AiohttpTransport, Proxy, Weights
+from canary.proxy import H1Transport, Proxy, Weights
+from canary.resources import ResourceScrapers
 from canary.store import Store, open_store
 from canary.webhooks import WebhookSender
 
@@ -44,7 +45,7 @@ class Runtime:
         self.run_controller = run_controller
         self.metrics = Metrics()
         self.recorder = Recorder()
-        self.transport = AiohttpTransport(
+        self.transport = H1Transport(
             limit_per_host=max(r.routing.max_connections for r in config.rollouts)
         )
         self.proxy = Proxy(config, self.transport, self.recorder, self.metrics)
@@ -74,7 +75,10 @@ class Runtime:
             self._apply_weights,
             notifier=self.webhooks,
             executor=self._analysis_pool,
+            input_drift=self._input_drift,
         )
+        # Background scrapers of rollouts with resource: metrics (never on the request path).
+        self.resources = ResourceScrapers(self.recorder, self.metrics)
         self._runners: list[web.BaseRunner] = []
         self._ready = False
         self._started: list[str] = []
@@ -85,6 +89,14 @@ class Runtime:
     def _apply_weights(self, rollout: str, candidate: float, shadow: bool) -> None:
         if rollout in self.proxy.routes:
             self.proxy.set_weights(rollout, Weights(candidate=candidate, shadow=shadow))
+
+    def _input_drift(self, rollout: str) -> list[str]:
+        """Fields drifted in this process's input health (only asked of `on_drift: hold`); the
+        tests rerun at each analysis (well under a millisecond), so a decision sees fresh ones."""
+        route = self.proxy.routes.get(rollout)
+        if route is None or route.inputs is None or route.inputs.on_drift != "hold":
+            return []
+        return route.inputs.drifted_fields(max_age=0.0)
 
     def readiness(self) -> tuple[bool, str]:
         if not self._ready:
@@ -149,6 +161,7 @@ class Runtime:
             controller=self.controller,
             reload=self.reload_async if self.config_path is not None else None,
             token=token,
+            recorder=self.recorder,
         )
         admin_runner = web.AppRunner(admin_app, handle_signals=False, access_log=None)
         await admin_runner.setup()
@@ -159,6 +172,7 @@ class Runtime:
         if self.run_controller:
             await self.controller.start()
         self._started.append("controller")
+        await self.resources.apply(self.config)
         self._ready = True
         for r in self.config.rollouts:
             w = self.proxy.routes[r.name].weights
@@ -179,6 +193,7 @@ class Runtime:
             raise CanaryError("canary was not started from a file; there is nothing to reload")
         try:
             new = load_config(self.config_path)
+            ResourceScrapers.check(new)  # label selectors of resource: signals
         except ConfigError as exc:
             log.error("reload rejected, keeping the running config: %s", exc)
             raise
@@ -190,6 +205,7 @@ class Runtime:
         self.proxy.apply_config(
             new, {n: Weights(candidate=c, shadow=s) for n, (c, s) in weights.items()}
         )
+        await self.resources.apply(new)
         self.config = new
         log.info("configuration reloaded from %s", self.config_path)
         return [r.name for r in new.rollouts]
@@ -211,6 +227,7 @@ class Runtime:
 
     async def stop(self) -> None:
         self._ready = False
+        await self.resources.close()  # before the controller's last flush: keep its windows
         if "controller" in self._started:
             await self.controller.stop()  # the last samples reach the store
         for runner in reversed(self._runners):

@@ -45,14 +45,31 @@ below about +10%. At 97% vs 98.5% accuracy that took 78k-147k requests in four r
 at 500-600 req/s), hence its 7-minute bound; at 90% vs 91.5% the per-request variance is about
 4 times larger (``accuracy90_slow8``, not in the default set: run it with ``--only``).
 
+Delayed labels (``kind="feedback"``): the rollout sets ``prediction: json:prediction`` and
+measures ``accuracy`` as ``{signal: feedback, stat: rate, max_decrease: 1pp}`` next to
+``latency_p95`` and ``errors``. A :class:`LabelPoster` posts every answered request's true
+label (:func:`~loadtest.fake_model.true_label` of its body) to ``/api/v1/feedback`` after a
+delay uniform in 2-30 s, in batches, so the accuracy test always lags the traffic by that
+much. Production answers 97% correctly: near 97% a 0/1 signal has a fifth of the variance it
+has near 80% (0.03 vs 0.16), so the per-arm beta-binomial sequences resolve -3pp or +2pp
+against the 1pp margin with a few thousand to ten thousand labels per arm (80% vs 82% would
+need about five times as many). ``labels_worse3`` must roll back *on accuracy* (the reason is
+checked); ``labels_better2`` must promote, which also needs ``latency_p95`` provably within
++10% (equal latency).
+
 Scenarios
 ---------
 ``identical`` (promote), ``slow30`` (+30% latency: roll back), ``errors5`` (5% errors: roll
 back), ``down`` (the candidate's server stops 4 s into the rollout: roll back within 5 s of it
 going down, with no user-visible error thanks to failover), ``unreachable`` (nothing ever
 listens at the candidate's address: the same), ``cheaper`` (20% faster and 20% cheaper:
-promote), ``accuracy_slow8`` (+1.5pp accuracy at +8% latency: promote on the trade-off),
-``accuracy_slow25`` (the same accuracy at +25% latency: roll back), ``restart`` (canary as a
+promote), ``memory40`` (the candidate's ``/metrics`` reports 40% more resident memory, equal
+latency and errors: ``memory`` at most +20%, scraped every second, rolls it back after the
+10-window burn-in), ``memory_same`` (its control: promote), ``accuracy_slow8`` (+1.5pp
+accuracy at +8% latency: promote on the trade-off),
+``accuracy_slow25`` (the same accuracy at +25% latency: roll back),
+``labels_worse3`` (94% vs 97% accuracy, measured from labels posted 2-30 s late: roll back on
+accuracy), ``labels_better2`` (99% vs 97%, equal latency: promote), ``restart`` (canary as a
 process on SQLite, SIGKILLed in step 2 of 3 and started again: it must resume at that step
 with the samples it had flushed, losing at most about the last flush interval, then promote;
 connection errors while the only canary process is down are expected and reported apart).
@@ -63,9 +80,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import math
 import os
+import random
 import re
 import signal
 import socket
@@ -86,7 +106,7 @@ import yaml
 
 from canary.config import load_config_text
 from canary.runtime import Runtime
-from loadtest.fake_model import FakeModelConfig, running_fake_model
+from loadtest.fake_model import FakeModelConfig, running_fake_model, true_label
 from loadtest.loadgen import LoadConfig, LoadReport, ResponseRecord, run_load
 
 __all__ = [
@@ -120,6 +140,22 @@ TRADEOFF = {
     "metrics": [LATENCY_P95, ERRORS, ACCURACY],
     "tradeoff": {"accuracy": "1pp", "latency_p95": "10%"},
 }
+# Accuracy from delayed labels: the feedback signal joined by request id.
+LABELED_ACCURACY = {
+    "name": "accuracy",
+    "signal": "feedback",
+    "stat": "rate",
+    "max_decrease": "1pp",
+}
+LABELS = {"metrics": [LATENCY_P95, ERRORS, LABELED_ACCURACY]}
+# Resident memory per replica, scraped from both fake models' /metrics every second.
+MEMORY = {
+    "name": "memory",
+    "signal": "resource:process_resident_memory_bytes",
+    "stat": "mean",
+    "max_increase": "20%",
+}
+RESOURCES = {"scrape": "/metrics", "every": "1s"}
 
 # 20 ms median, sigma 0.3: p95 is about 33 ms. The servers only sleep, so this costs no CPU.
 BASE_MODEL = FakeModelConfig(model="production", latency_median=0.020, latency_sigma=0.3)
@@ -150,13 +186,22 @@ class Scenario:
     """Fail the scenario on any user-visible error."""
     fast: bool = False
     """Part of the ``--fast`` CI subset."""
-    kind: Literal["inprocess", "restart"] = "inprocess"
+    kind: Literal["inprocess", "restart", "feedback"] = "inprocess"
+    """``feedback``: in process, and every answered request's true label is posted to
+    ``/api/v1/feedback`` after a delay uniform in ``label_delay`` (``prediction:
+    json:prediction`` on the rollout)."""
+    label_delay: tuple[float, float] = (2.0, 30.0)
+    expect_reason: str | None = None
+    """The terminal decision's reason must start with this (right outcome, right cause)."""
     default: bool = True
     """Part of the full set; the others run only when named with ``--only``."""
+    resources: Mapping[str, Any] | None = None
+    """``resources:`` of both arms (needed by ``resource:`` metrics)."""
 
     def rollout(self, production_url: str, candidate_url: str) -> dict[str, Any]:
         """The rollout file (as a dict) for these endpoints."""
         arm_cost = {"header": "X-Model-Cost"}
+        res = {"resources": dict(self.resources)} if self.resources is not None else {}
         return {
             "proxy": {"listen": "127.0.0.1:0"},
             "admin": {"listen": "127.0.0.1:0"},
@@ -164,11 +209,12 @@ class Scenario:
             "rollouts": [
                 {
                     "name": ROLLOUT,
-                    "production": {"endpoints": [production_url], "cost": arm_cost},
-                    "candidate": {"endpoints": [candidate_url], "cost": arm_cost},
+                    "production": {"endpoints": [production_url], "cost": arm_cost, **res},
+                    "candidate": {"endpoints": [candidate_url], "cost": arm_cost, **res},
                     "routing": {"failover": True, "timeout": "5s"},
                     "steps": [dict(s) for s in self.steps],
                     "analysis": {**ANALYSIS, **self.analysis},
+                    **({"prediction": "json:prediction"} if self.kind == "feedback" else {}),
                 }
             ],
         }
@@ -179,6 +225,9 @@ def _candidate(**changes: Any) -> FakeModelConfig:
 
 
 ACCURATE_PRODUCTION = replace(BASE_MODEL, accuracy=0.97, report_correct=True)
+# 97%: a 0/1 signal near 97% has a fifth of the variance it has near 80%, so the labelled
+# scenarios decide on about five times fewer labels (see the docstring).
+LABELED_PRODUCTION = replace(BASE_MODEL, accuracy=0.97)
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in [
@@ -212,6 +261,22 @@ SCENARIOS: dict[str, Scenario] = {
             _candidate(latency_median=0.016, cost=0.0008),
         ),
         Scenario(
+            "memory40",
+            "+40% memory per replica",
+            "rolled_back",
+            _candidate(memory_overhead_ratio=0.4),
+            analysis={"metrics": [LATENCY_P95, ERRORS, MEMORY]},
+            resources=RESOURCES,
+        ),
+        Scenario(
+            "memory_same",
+            "same memory (resource control)",
+            "promoted",
+            _candidate(),
+            analysis={"metrics": [LATENCY_P95, ERRORS, MEMORY]},
+            resources=RESOURCES,
+        ),
+        Scenario(
             "accuracy_slow8",
             "+1.5pp accuracy, +8% latency",
             "promoted",
@@ -230,6 +295,27 @@ SCENARIOS: dict[str, Scenario] = {
             analysis=TRADEOFF,
             rate=500.0,
             time_limit=300.0,
+        ),
+        Scenario(
+            "labels_worse3",
+            "-3pp accuracy, labels 2-30 s late",
+            "rolled_back",
+            _candidate(accuracy=0.94),
+            production=LABELED_PRODUCTION,
+            analysis=LABELS,
+            time_limit=150.0,
+            kind="feedback",
+            expect_reason="accuracy is worse than allowed",
+        ),
+        Scenario(
+            "labels_better2",
+            "+2pp accuracy, labels 2-30 s late",
+            "promoted",
+            _candidate(accuracy=0.99),
+            production=LABELED_PRODUCTION,
+            analysis=LABELS,
+            time_limit=150.0,
+            kind="feedback",
         ),
         Scenario(
             "accuracy90_slow8",
@@ -313,9 +399,18 @@ class Traffic:
     """
 
     def __init__(
-        self, url: str, *, rate: float, duration: float, requests: int, seed: int, users: int = 0
+        self,
+        url: str,
+        *,
+        rate: float,
+        duration: float,
+        requests: int,
+        seed: int,
+        users: int = 0,
+        on_answer: Callable[[ResponseRecord], None] | None = None,
     ) -> None:
         self.first_sent: float | None = None
+        self._on_answer = on_answer
         self.sent = 0
         self.answered: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
@@ -346,6 +441,8 @@ class Traffic:
     def _on_response(self, rec: ResponseRecord) -> None:
         if rec.status is not None and 200 <= rec.status < 300:
             self.answered[rec.arm or "unknown"] += 1
+            if self._on_answer is not None:
+                self._on_answer(rec)
             return
         what = rec.error or str(rec.status)
         self.errors[what] += 1
@@ -374,6 +471,76 @@ class Traffic:
 
     def errors_between(self, start: float, end: float) -> Counter[str]:
         return Counter(what for t, what in self.error_times if start <= t <= end)
+
+
+class LabelPoster:
+    """Posts each answered request's true label to ``POST /api/v1/feedback`` after a delay.
+
+    Like a labelling pipeline: every answer (``X-Request-Id`` and the request body, whose true
+    label :func:`~loadtest.fake_model.true_label` derives) becomes due after a delay drawn
+    uniformly from ``delay``; due labels are posted in batches of at most ``batch`` items.
+    Bounded: it holds one pending label per answered request and :meth:`run` ends by itself
+    at ``deadline`` (monotonic seconds) or when cancelled.
+    """
+
+    def __init__(
+        self, url: str, *, delay: tuple[float, float], seed: int, batch: int = 400
+    ) -> None:
+        self.url = url
+        self.delay = delay
+        self.batch = batch  # 400 items of ~70 bytes: well inside the 64 KiB body limit
+        self._rng = random.Random(seed)
+        self._seq = itertools.count()
+        self._due: list[tuple[float, int, str, int]] = []  # (due, seq, request id, label)
+        self.posted = 0
+        self.results: Counter[str] = Counter()
+        self.failures: Counter[str] = Counter()
+
+    def add(self, rec: ResponseRecord) -> None:
+        rid = rec.headers.get("X-Request-Id")
+        if rid is None or rec.request_json is None:
+            self.failures["no request id"] += 1
+            return
+        due = time.monotonic() + self._rng.uniform(*self.delay)
+        heapq.heappush(self._due, (due, next(self._seq), rid, true_label(rec.request_json)))
+
+    @property
+    def pending(self) -> int:
+        return len(self._due)
+
+    async def run(self, client: httpx.AsyncClient, deadline: float) -> None:
+        due = self._due
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            items: list[dict[str, Any]] = []
+            while due and due[0][0] <= now and len(items) < self.batch:
+                _, _, rid, label = heapq.heappop(due)
+                items.append({"request_id": rid, "label": label})
+            if not items:
+                await asyncio.sleep(0.2)
+                continue
+            try:
+                r = await client.post(self.url, json=items)
+            except httpx.HTTPError as exc:
+                self.failures[type(exc).__name__] += 1
+                continue
+            if r.status_code != 200:
+                self.failures[f"HTTP {r.status_code}"] += 1
+                continue
+            self.posted += len(items)
+            self.results.update({k: v for k, v in r.json()["results"].items() if v})
+
+    def summary(self) -> str:
+        results = ", ".join(f"{k} {v}" for k, v in sorted(self.results.items())) or "none"
+        failed = ", ".join(f"{k} {v}" for k, v in sorted(self.failures.items()))
+        tail = f"; FAILED posts: {failed}" if failed else ""
+        return f"{self.posted} posted ({results}); {self.pending} not yet due{tail}"
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def dead_url() -> str:
@@ -500,6 +667,8 @@ def _finish(
     )
     if outcome != sc.expect:
         result.problems.append(f"outcome {outcome}, expected {sc.expect}")
+    elif sc.expect_reason is not None and not result.reason.startswith(sc.expect_reason):
+        result.problems.append(f"decided for another reason, expected {sc.expect_reason!r}")
     if sc.no_user_errors and traffic.errors:
         result.problems.append(f"users saw {sum(traffic.errors.values())} errors")
     return result
@@ -533,10 +702,27 @@ async def _run_inprocess(
         await runtime.start()
         stack.push_async_callback(runtime.stop)
         proxy = f"http://127.0.0.1:{runtime.proxy_port}/predict"
+        poster: LabelPoster | None = None
+        if sc.kind == "feedback":
+            poster = LabelPoster(
+                f"http://127.0.0.1:{runtime.admin_port}/api/v1/feedback",
+                delay=sc.label_delay,
+                seed=seed,
+            )
         traffic = Traffic(
-            proxy, rate=rate, duration=limit, requests=int(rate * limit * 1.2) + 1, seed=seed
+            proxy,
+            rate=rate,
+            duration=limit,
+            requests=int(rate * limit * 1.2) + 1,
+            seed=seed,
+            on_answer=poster.add if poster is not None else None,
         )
         stack.push_async_callback(traffic.stop)
+        if poster is not None:
+            client = await stack.enter_async_context(httpx.AsyncClient(timeout=10.0))
+            deadline = time.monotonic() + limit + sc.label_delay[1] + 5.0
+            labelling = asyncio.get_running_loop().create_task(poster.run(client, deadline))
+            stack.push_async_callback(_cancel, labelling)
 
         async def fetch() -> dict[str, Any]:
             return runtime.controller.detail(ROLLOUT)
@@ -572,6 +758,10 @@ async def _run_inprocess(
         if stopping is not None:
             await stopping
         result = _finish(sc, watcher.detail, traffic, seed)
+        if poster is not None:
+            result.extra["labels"] = poster.summary()
+            if poster.failures:
+                result.problems.append(f"label posts failed: {dict(poster.failures)}")
         entry = _terminal_entry(watcher.detail)
         if sc.candidate_down_at is not None:
             if down_at is not None and entry is not None:

@@ -135,7 +135,44 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         )
         proc = subprocess.run(
             [sys.executable, "-m", "canary", "run", "-c", str(path)],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
         )  # fmt: skip
     assert proc.returncode == 1
     assert "cannot start" in proc.stderr
+
+
+def test_unreadable_state_is_a_clear_error(tmp_path: Path) -> None:
+    from canary.store.sqlite import SQLiteStore
+
+    async def corrupt() -> None:
+        store = SQLiteStore(tmp_path / "state.db")
+        await store.open()
+        await store.put_state("m", {"version": 999})
+        await store.close()
+
+    asyncio.run(corrupt())
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "proxy": {"listen": "127.0.0.1:0"},
+                "admin": {"listen": "127.0.0.1:0"},
+                "state": {"backend": "sqlite", "path": str(tmp_path / "state.db")},
+                "rollouts": [
+                    {
+                        "name": "m",
+                        "production": {"endpoints": ["http://127.0.0.1:1"]},
+                        "candidate": {"endpoints": ["http://127.0.0.1:2"]},
+                        "steps": [{"weight": 0}],
+                    }
+                ],
+            }
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "canary", "run", "-c", str(path)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "state of rollout 'm' is unreadable" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -371,3 +371,10 @@ def test_analyze_sees_requests_one_arm_loses() -> None:
     a = analyze(r, acc)
     assert a.srm.verdict is Verdict.WORSE and "candidate drops more" in a.srm.detail
     assert decide(r, RolloutState.start(r, T0), a, T0).action is Action.ROLLBACK
+
+
+def test_state_written_by_another_version_with_unknown_keys_still_loads() -> None:
+    cfg = load_config_text(yaml.safe_dump(rollout_config(["http://a:1"], ["http://b:1"])))
+    data = RolloutState.start(cfg.rollouts[0], 100.0).to_dict()
+    data["extra"] = {}  # a field an older canary wrote
+    assert RolloutState.from_dict(data) == RolloutState.from_dict({**data, "extra": None})

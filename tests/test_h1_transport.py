@@ -326,7 +326,7 @@ async def test_read_and_total_timeouts(which: str) -> None:
             await call(t, base + "/", timeouts=timeouts)
         elapsed = loop.time() - started
     await t.close()
-    assert limit <= elapsed < limit + 0.5
+    assert limit <= elapsed < limit + 1.5  # generous: a loaded CI machine is slow to wake
 
 
 async def test_https_endpoints_go_through_aiohttp() -> None:

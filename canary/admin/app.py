@@ -1,4 +1,5 @@
-"""The admin port: /metrics, /healthz, /readyz and /api/v1 (rollouts, operator commands, reload).
+"""The admin port: /metrics, /healthz, /readyz and /api/v1 (rollouts, operator commands, reload,
+feedback).
 
 Mutating calls (``POST``) need ``Authorization: Bearer TOKEN`` when ``admin.token_env`` is
 set; the token is compared in constant time. Every error is a small JSON object
@@ -20,7 +21,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from canary.controller import Controller, UnknownRollout
 from canary.decision import MANUAL_ACTIONS, CommandRejected
 from canary.errors import ConfigError
+from canary.feedback import FeedbackBodyError, join_feedback, parse_feedback
 from canary.metrics import Metrics
+from canary.observe import Recorder
 from canary.proxy.routing import ARMS
 from canary.proxy.server import Proxy
 
@@ -39,6 +42,7 @@ class AdminContext:
     controller: Controller | None = None
     reload: Reloader | None = None
     token: str | None = None
+    recorder: Recorder | None = None  # where joined feedback goes
 
 
 CONTEXT = web.AppKey("context", AdminContext)
@@ -49,7 +53,13 @@ def _error(status: int, message: str, **extra: Any) -> web.Response:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[CONTEXT].metrics.registry)
+    ctx = request.app[CONTEXT]
+    entries = ctx.metrics.feedback_entries
+    entries.clear()  # read at scrape time, so rollouts removed by a reload disappear
+    for name, route in ctx.proxy.routes.items():
+        if route.feedback is not None:
+            entries.labels(name).set(len(route.feedback))
+    body = generate_latest(ctx.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -80,6 +90,9 @@ def _summary(ctx: AdminContext, name: str, detail: bool) -> dict[str, Any]:
     out = ctx.controller.detail(name) if detail else ctx.controller.summary(name)
     if name in ctx.proxy.routes:
         out.update(_routing(ctx.proxy, name))
+        if detail:  # input health: per-field summaries, drift checks (None without `inputs`)
+            monitor = ctx.proxy.routes[name].inputs
+            out["inputs"] = None if monitor is None else monitor.report().to_dict()
     return out
 
 
@@ -175,6 +188,36 @@ async def reload_handler(request: web.Request) -> web.Response:
     return web.json_response({"reloaded": True, "rollouts": names})
 
 
+async def feedback_handler(request: web.Request) -> web.Response:
+    """Join delayed labels to the answers they are about; 200 with counts per result.
+
+    Invalid items are listed (``{"index", "error"}``) and counted, the rest still count: only
+    a body that is not JSON or not an object/array (400) or too large (413) is refused.
+    """
+    ctx = request.app[CONTEXT]
+    if not _authorized(request):
+        return _error(401, "a valid bearer token is required for this call")
+    if ctx.recorder is None:
+        return _error(409, "this admin app has no recorder to record feedback into")
+    if request.content_length is not None and request.content_length > MAX_ADMIN_BODY:
+        return _error(413, f"request body exceeds {MAX_ADMIN_BODY} bytes; send smaller batches")
+    try:
+        raw = await request.content.read(MAX_ADMIN_BODY + 1)
+    except ConnectionError:  # the client gave up while sending: nobody is left to answer
+        return _error(400, "the request body was cut off")
+    if len(raw) > MAX_ADMIN_BODY:
+        return _error(413, f"request body exceeds {MAX_ADMIN_BODY} bytes; send smaller batches")
+    try:
+        parsed = parse_feedback(raw)
+    except FeedbackBodyError as exc:
+        return _error(exc.status, str(exc))
+    stores = [r.feedback for r in ctx.proxy.routes.values() if r.feedback is not None]
+    report = join_feedback(parsed, stores, ctx.recorder)
+    for (rollout, result), n in report.counts.items():
+        ctx.metrics.feedback.labels(rollout, result).inc(n)
+    return web.json_response(report.to_json())
+
+
 def make_admin_app(
     proxy: Proxy,
     metrics: Metrics,
@@ -183,9 +226,10 @@ def make_admin_app(
     controller: Controller | None = None,
     reload: Reloader | None = None,
     token: str | None = None,
+    recorder: Recorder | None = None,
 ) -> web.Application:
     app = web.Application(client_max_size=MAX_ADMIN_BODY)
-    app[CONTEXT] = AdminContext(proxy, metrics, ready, controller, reload, token)
+    app[CONTEXT] = AdminContext(proxy, metrics, ready, controller, reload, token, recorder=recorder)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -193,4 +237,5 @@ def make_admin_app(
     app.router.add_get("/api/v1/rollouts/{name}", get_rollout)
     app.router.add_post("/api/v1/rollouts/{name}/{action}", rollout_action)
     app.router.add_post("/api/v1/reload", reload_handler)
+    app.router.add_post("/api/v1/feedback", feedback_handler)
     return app

@@ -370,6 +370,106 @@ class FeedbackConfig(_Model):
     max_entries: int = Field(100_000, ge=1)
 
 
+INPUT_TYPES = ("number", "string", "bool", "null", "missing", "object", "array")
+InputType = Literal["number", "string", "bool", "null", "missing", "object", "array"]
+
+
+class InputFieldBaseline(_Model):
+    """A field's expected input values, when the baseline is given instead of learned."""
+
+    mean: float | None = None
+    std: float | None = Field(None, ge=0)
+    null_rate: float | None = Field(None, ge=0, le=1)  # share of requests where it is null/missing
+    types: dict[InputType, float] | None = None  # share of requests per JSON type; unlisted = 0
+
+    @field_validator("types", mode="before")
+    @classmethod
+    def _null_key(cls, v: object) -> object:
+        # YAML reads the key `null` as None: {number: 0.99, null: 0.01} means the JSON type null
+        if isinstance(v, dict) and None in v:
+            return {("null" if k is None else k): share for k, share in v.items()}
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InputFieldBaseline:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give 'mean' and 'std' together: the mean tolerance is in stds")
+        if self.types is not None:
+            bad = {t: v for t, v in self.types.items() if not 0 <= v <= 1}
+            if bad:
+                raise ValueError(f"type shares must be within 0..1, got {bad}")
+            if abs(sum(self.types.values()) - 1.0) > 0.01:
+                raise ValueError(f"type shares must add up to 1, got {sum(self.types.values()):g}")
+            absent = self.types.get("null", 0.0) + self.types.get("missing", 0.0)
+            if self.null_rate is not None and abs(self.null_rate - absent) > 0.01:
+                raise ValueError(
+                    f"null_rate {self.null_rate:g} disagrees with the null + missing type shares "
+                    f"({absent:g}); give one of them or make them agree"
+                )
+        if self.mean is None and self.null_rate is None and self.types is None:
+            raise ValueError("a field baseline needs at least one of mean/std, null_rate, types")
+        return self
+
+
+class InputBaselineConfig(_Model):
+    requests: int | None = Field(None, ge=30)  # learn from the first N inspected requests
+    fields: dict[str, InputFieldBaseline] | None = None  # or give it per field
+
+    @model_validator(mode="after")
+    def _one(self) -> InputBaselineConfig:
+        if (self.requests is None) == (self.fields is None):
+            raise ValueError("baseline needs exactly one of 'requests' (learn) or 'fields' (given)")
+        return self
+
+
+class InputToleranceConfig(_Model):
+    mean: float = Field(0.25, ge=0)  # shift of a field's mean, in baseline standard deviations
+    rate: MarginValue = Margin(0.05, relative=False)  # null rate and type shares, e.g. 5pp
+
+    @field_validator("rate")
+    @classmethod
+    def _absolute(cls, v: Margin) -> Margin:
+        if v.relative:
+            raise ValueError(f"rate tolerance is in percentage points such as '5pp', got '{v}'")
+        return v
+
+
+class InputsConfig(_Model):
+    """Input health: type mix, null rate and mean of request-body JSON fields vs a baseline."""
+
+    fields: list[str] = Field(min_length=1, max_length=32)
+    baseline: InputBaselineConfig = Field(
+        default_factory=lambda: InputBaselineConfig(requests=1000)
+    )
+    alpha: float = Field(0.01, gt=0, lt=0.5)
+    tolerance: InputToleranceConfig = Field(default_factory=InputToleranceConfig)
+    on_drift: Literal["report", "hold"] = "report"
+    max_body: Size = 64 * 1024  # larger bodies are not parsed (counted as too_large)
+
+    @field_validator("fields")
+    @classmethod
+    def _paths(cls, v: list[str]) -> list[str]:
+        for path in v:
+            if not _JSON_PATH.match(path):
+                raise ValueError(f"{path!r} is not a JSON path such as 'amount' or 'features.age'")
+        dup = sorted({p for p in v if v.count(p) > 1})
+        if dup:
+            raise ValueError(f"duplicate fields {dup}")
+        return v
+
+    @model_validator(mode="after")
+    def _given(self) -> InputsConfig:
+        given = self.baseline.fields
+        if given is not None:
+            missing = [f for f in self.fields if f not in given]
+            extra = [f for f in given if f not in self.fields]
+            if missing:
+                raise ValueError(f"baseline.fields has no entry for {missing}")
+            if extra:
+                raise ValueError(f"baseline.fields names {extra}, which are not in 'fields'")
+        return self
+
+
 class RolloutConfig(_Model):
     name: str
     match: MatchConfig = Field(default_factory=MatchConfig)
@@ -381,6 +481,7 @@ class RolloutConfig(_Model):
     webhooks: list[WebhookConfig] = Field(default_factory=list)
     prediction: str | None = None
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    inputs: InputsConfig | None = None  # input health of request bodies
 
     @field_validator("name")
     @classmethod
@@ -412,6 +513,18 @@ class RolloutConfig(_Model):
                             f"metric {m.name!r} uses {m.signal!r}; add 'resources: "
                             f"{{scrape: /metrics, every: 5s}}' to {arm_name}"
                         )
+        for m in self.analysis.metrics:
+            if m.signal == "agreement":
+                if self.prediction is None:
+                    raise ValueError(
+                        f"metric {m.name!r} uses 'agreement', which compares the arms' "
+                        "predictions: set 'prediction: json:PATH' on the rollout"
+                    )
+                if not any(s.is_shadow for s in self.steps):
+                    raise ValueError(
+                        f"metric {m.name!r} uses 'agreement', which is measured in shadow "
+                        "steps only: add a '- shadow: {...}' step"
+                    )
         if set(self.production.endpoints) & set(self.candidate.endpoints):
             raise ValueError("production and candidate must not share an endpoint")
         return self

@@ -10,7 +10,7 @@ all intervals hold at once and the trade-off net value can be built from them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from canary.config import MetricConfig, RolloutConfig
 from canary.observe import ArmAccumulator, RolloutAccumulator, SignalAccumulator, parse_signal
@@ -25,6 +25,7 @@ from canary.stats import (
     error_test,
     mean_test,
     net_value,
+    paired_mean_test,
     quantile_test,
     rate_test,
     split_alpha,
@@ -34,6 +35,16 @@ from canary.stats import (
 SRM_NAME = "sample_ratio"
 NET_VALUE_NAME = "net_value"
 _RATE_SIGNALS = ("feedback", "agreement")
+
+
+def paired_key(signal_key: str, relative: bool, *, changes: bool = False) -> str:
+    """Candidate-arm accumulator key of a resource signal's per-window paired value.
+
+    ``log`` holds ``log(c / p)`` per window (relative tolerances), ``diff`` holds ``c - p``
+    (absolute ones); with ``changes`` the change of that value since the previous consecutive
+    window (its squares estimate the autocorrelation). Written by ``canary.resources``.
+    """
+    return f"paired{'_change' if changes else ''}:{'log' if relative else 'diff'}:{signal_key}"
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,8 @@ def _metric(
     margin = m.margin
     direction = Direction.INCREASE if m.higher_is_worse else Direction.DECREASE
     key = parse_signal(m.signal).key
+    if key.startswith("resource:"):
+        return _resource(m, key, cand, direction, alpha)
     p_acc, c_acc = prod.signals.get(key), cand.signals.get(key)
     if p_acc is None or c_acc is None:
         return _no_data(m, direction, alpha, p_acc, c_acc)
@@ -145,10 +158,58 @@ def _metric(
             _moments(p_acc), _moments(c_acc), value,
             relative=rel, direction=direction, alpha=alpha, burn_in=b, name=m.name,
         )  # fmt: skip
+    p_mom, c_mom = _with_shadow(p_acc, c_acc)
     return mean_test(
-        _moments(p_acc), _moments(c_acc), value,
+        p_mom, c_mom, value,
         relative=rel, direction=direction, alpha=alpha, burn_in=b, name=m.name,
     )  # fmt: skip
+
+
+def _resource(
+    m: MetricConfig, key: str, cand: ArmAccumulator, direction: Direction, alpha: float
+) -> MetricResult:
+    # Scraped per window, not per request: a one-sample test on the time-paired values, with
+    # its own burn-in in windows (the analysis burn_in counts requests).
+    rel = m.margin.relative
+    paired = cand.signals.get(paired_key(key, rel))
+    if paired is None:
+        return replace(
+            _no_data(m, direction, alpha, None, None),
+            detail=f"no resource windows yet for {key} (scraped from both arms)",
+        )
+    changes = cand.signals.get(paired_key(key, rel, changes=True))
+    return paired_mean_test(
+        _moments(paired), m.margin.value,
+        changes=_moments(changes) if changes is not None else None,
+        relative=rel, direction=direction, alpha=alpha, name=m.name,
+    )  # fmt: skip
+
+
+def _with_shadow(
+    p_acc: SignalAccumulator, c_acc: SignalAccumulator
+) -> tuple[ArmMoments, ArmMoments]:
+    """Moments for the IPW mean test, with a shadow step's samples made comparable.
+
+    In a shadow step both arms answer every request: production with propensity 1 and the
+    candidate's mirror (also recorded with 1). The IPW estimator leaves propensity-1 strata
+    out (no randomised comparison), but two complete samples of the same requests are a
+    valid two-sample comparison: entered as one stratum of propensity 1/2 the Hajek means are
+    the plain means and the variance part is exactly the unpaired two-sample one,
+    ``s_c^2/n_c + s_p^2/n_p`` (conservative: it ignores the positive pairing correlation).
+    """
+    p, c = dict(p_acc.strata), dict(c_acc.strata)
+    if 1.0 in p and 1.0 in c:
+        for strata in (p, c):
+            both = strata.pop(1.0)
+            half = strata.get(0.5)
+            if half is not None:
+                both = both.copy()
+                both.merge(half)
+            strata[0.5] = both
+    return (
+        ArmMoments.from_strata({k: (m.n, m.total, m.total_sq) for k, m in p.items()}),
+        ArmMoments.from_strata({k: (m.n, m.total, m.total_sq) for k, m in c.items()}),
+    )
 
 
 def _moments(acc: SignalAccumulator) -> ArmMoments:

@@ -9,7 +9,10 @@ Order of the rules (DESIGN.md "Decision semantics"):
 1. A paused or held rollout takes no automatic action; a finished one stays finished.
 2. Guards roll back at once: sample-ratio mismatch, then hard failure (the candidate failed
    every request for a few seconds), then any metric WORSE, then a provably negative net value.
-3. ``max_duration`` over: ``on_inconclusive`` (rollback, hold or promote).
+3. ``max_duration`` over: ``on_inconclusive`` (rollback, hold or promote; not promote while
+   held by input drift).
+3a. Input drift with ``inputs.on_drift: hold``: CONTINUE (no advance, no promotion) while the
+   drift lasts.
 4. The step's ``min_requests``, ``min_duration`` and the analysis ``burn_in`` met: ADVANCE,
    or at the last step PROMOTE once every metric (or the net value) is OK.
 5. Otherwise CONTINUE, saying what it waits for.
@@ -17,6 +20,7 @@ Order of the rules (DESIGN.md "Decision semantics"):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from canary.config import RolloutConfig
@@ -94,8 +98,19 @@ def progress(
     )
 
 
-def decide(rollout: RolloutConfig, state: RolloutState, analysis: Analysis, now: float) -> Decision:
-    """What the data calls for now (operator commands are :func:`command`)."""
+def decide(
+    rollout: RolloutConfig,
+    state: RolloutState,
+    analysis: Analysis,
+    now: float,
+    *,
+    input_drift: Sequence[str] = (),
+) -> Decision:
+    """What the data calls for now (operator commands are :func:`command`).
+
+    ``input_drift`` names the request-body fields whose input-health test flags a shift; with
+    ``inputs.on_drift: hold`` they stop automatic advances and promotions (not rollbacks).
+    """
     if state.phase is Phase.PROMOTED:
         return Decision(Action.CONTINUE, "promoted: the candidate serves 100%")
     if state.phase is Phase.ROLLED_BACK:
@@ -126,7 +141,8 @@ def decide(rollout: RolloutConfig, state: RolloutState, analysis: Analysis, now:
     if analysis.net is not None and analysis.net.verdict is Verdict.WORSE:
         return _rollback(f"the trade-off is net negative: {analysis.net.explain()}", analysis.net)
 
-    if now >= state.deadline:
+    held = _input_hold(rollout, input_drift)
+    if now >= state.deadline and not (held and rollout.analysis.on_inconclusive == "promote"):
         policy = rollout.analysis.on_inconclusive
         why = (
             f"max_duration {_dur(rollout.analysis.max_duration)} ended with no verdict "
@@ -138,6 +154,8 @@ def decide(rollout: RolloutConfig, state: RolloutState, analysis: Analysis, now:
         if policy == "promote":
             return Decision(Action.PROMOTE, why)
         return Decision(Action.HOLD, why)
+    if held:
+        return Decision(Action.CONTINUE, held)
 
     step = progress(rollout, state, analysis, now)
     if not step.met:
@@ -163,6 +181,16 @@ def decide(rollout: RolloutConfig, state: RolloutState, analysis: Analysis, now:
     return Decision(
         Action.PROMOTE,
         "every metric is within tolerance: " + "; ".join(r.explain() for r in shown),
+    )
+
+
+def _input_hold(rollout: RolloutConfig, input_drift: Sequence[str]) -> str:
+    """Why automatic steps wait for the inputs ('' when they do not)."""
+    if not input_drift or rollout.inputs is None or rollout.inputs.on_drift != "hold":
+        return ""
+    return (
+        f"holding: input drift on fields {', '.join(input_drift)} (inputs.on_drift: hold); "
+        "no advance or promotion while the inputs differ from their baseline"
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from canary.config import RolloutConfig
@@ -139,9 +139,12 @@ class RolloutState:
         version = data.get("version")
         if version != STATE_VERSION:
             raise ValueError(f"unsupported rollout state version {version!r}")
-        fields = {k: v for k, v in data.items() if k != "version"}
-        fields["phase"] = Phase(fields["phase"])
-        return cls(**fields)
+        # Keys this version does not know (a field an older canary wrote, since removed) are
+        # dropped: the state stays readable across upgrades and downgrades.
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["phase"] = Phase(values["phase"])
+        return cls(**values)
 
 
 def fingerprint(rollout: RolloutConfig) -> str:

@@ -15,6 +15,7 @@ from canary.observe.accumulators import (
 )
 from canary.observe.cost import ArmCost, Pricing, RateEstimator, cost_per_1000
 from canary.observe.histogram import LogHistogram
+from canary.observe.inputs import InputMonitor, InputReport
 from canary.observe.record import ARMS, CANDIDATE, ERROR_KINDS, PRODUCTION, Observation
 from canary.observe.signals import (
     JsonPath,
@@ -32,6 +33,8 @@ __all__ = [
     "PRODUCTION",
     "ArmAccumulator",
     "ArmCost",
+    "InputMonitor",
+    "InputReport",
     "JsonPath",
     "LogHistogram",
     "Moments",

@@ -274,6 +274,19 @@ class ArmAccumulator:
                 acc = signals[key] = SignalAccumulator(self.accuracy)
             acc.add(value, p)
 
+    def record_value(self, key: str, value: float, propensity: float = 1.0) -> None:
+        """Add one value of a signal that does not come with a request's response.
+
+        Feedback joined later, a scraped resource window, a shadow agreement: the value goes
+        into ``signals[key]`` only; routed and observed counts are untouched.
+        """
+        if not 0.0 < propensity <= 1.0:
+            raise ValueError(f"propensity must be in (0, 1], got {propensity!r}")
+        acc = self.signals.get(key)
+        if acc is None:
+            acc = self.signals[key] = SignalAccumulator(self.accuracy)
+        acc.add(value, propensity)
+
     def record_lost(self, propensity: float, n: int = 1) -> None:
         """Count ``n`` requests assigned to this arm that ended without an observation."""
         if not 0.0 < propensity <= 1.0:
@@ -439,6 +452,18 @@ class Recorder:
         if acc is None:
             acc = self._live[rollout] = RolloutAccumulator(self.accuracy)
         acc.record_lost(arm, propensity)
+
+    def record_value(
+        self, rollout: str, arm: str, key: str, value: float, propensity: float = 1.0
+    ) -> None:
+        """Record a value of an external signal (feedback, resource, agreement) for ``arm``."""
+        acc = self._live.get(rollout)
+        if acc is None:
+            acc = self._live[rollout] = RolloutAccumulator(self.accuracy)
+        arm_acc = acc.arms.get(arm)
+        if arm_acc is None:
+            raise ValueError(f"unknown arm {arm!r}; expected one of {', '.join(ARMS)}")
+        arm_acc.record_value(key, value, propensity)
 
     def live(self, rollout: str) -> RolloutAccumulator:
         """The live accumulator of ``rollout`` (read-only use: tests, local gauges)."""

@@ -21,6 +21,7 @@ from multidict import CIMultiDict
 
 from canary.config import Config, ProxyConfig, RolloutConfig
 from canary.errors import UpstreamError
+from canary.feedback import FeedbackStore, store_for
 from canary.metrics import Metrics, RolloutCounters, bump
 from canary.observe import (
     ArmCost,
@@ -31,6 +32,7 @@ from canary.observe import (
     ResponseExtractor,
     ResponseInspector,
 )
+from canary.observe.inputs import InputMonitor
 from canary.proxy.headers import downstream_headers, request_id, upstream_headers
 from canary.proxy.routing import ARMS, CANDIDATE, PRODUCTION, ArmChooser, RouteTable, Weights
 from canary.proxy.upstream import (
@@ -100,7 +102,9 @@ class RolloutRoute:
         "counters",
         "extractor",
         "failover",
+        "feedback",
         "hosts",
+        "inputs",
         "is_error_status",
         "name",
         "pools",
@@ -109,7 +113,13 @@ class RolloutRoute:
         "weights",
     )
 
-    def __init__(self, rollout: RolloutConfig, counters: RolloutCounters, weights: Weights) -> None:
+    def __init__(
+        self,
+        rollout: RolloutConfig,
+        counters: RolloutCounters,
+        weights: Weights,
+        previous: RolloutRoute | None = None,
+    ) -> None:
         self.name = rollout.name
         self.config = rollout
         self.chooser = ArmChooser(rollout)
@@ -148,6 +158,18 @@ class RolloutRoute:
         self.is_error_status = errors.__contains__  # a set lookup per request, not a parse
         self.failover = r.failover
         self.counters = counters
+        # Input health of the request bodies (per process, in memory); None without `inputs`.
+        # A reload that leaves `inputs` unchanged keeps the learned baseline and the counts.
+        self.inputs: InputMonitor | None = None
+        if rollout.inputs is not None:
+            old = previous.inputs if previous is not None else None
+            keep = old is not None and old.config == rollout.inputs
+            self.inputs = old if keep else InputMonitor(rollout.name, rollout.inputs)
+        # Predictions waiting for labels; None when the rollout cannot use feedback. A reload
+        # that keeps the arms keeps the waiting entries.
+        self.feedback: FeedbackStore | None = store_for(
+            rollout, previous.feedback if previous is not None else None
+        )
 
 
 def _error_response(status: int, message: str, rid: str, arm: str | None = None) -> web.Response:
@@ -177,6 +199,10 @@ class Proxy:
         self._clock = clock or time.perf_counter
         self._mirrors: set[asyncio.Task[None]] = set()
         self._mirror_inflight = 0
+        # Shadow agreement: (rollout, request id) -> the first of the two answers' predictions
+        # (or _PENDING). Bounded: an entry ends when the second answer (or a failure) arrives,
+        # and the oldest are dropped past _AGREEMENT_SLACK + 4 x mirror_concurrency.
+        self._agree: dict[tuple[str, str], tuple[bool, object] | None] = {}
         self.routes: dict[str, RolloutRoute] = {}
         self._table = RouteTable([])
         self._proxy_cfg: ProxyConfig = config.proxy
@@ -193,10 +219,13 @@ class Proxy:
             if w is None:
                 old = self.routes.get(r.name)
                 w = old.weights if old is not None else initial_weights(r)
-            routes[r.name] = RolloutRoute(r, self._counters.rollout(r.name), w)
+            routes[r.name] = RolloutRoute(
+                r, self._counters.rollout(r.name), w, self.routes.get(r.name)
+            )
             self._export_weights(r.name, w)
         self._proxy_cfg = config.proxy
         self.routes = routes
+        self._metrics.inputs = {n: rt.inputs for n, rt in routes.items() if rt.inputs is not None}
         self._table = RouteTable([(r.match, r.name) for r in config.rollouts])
 
     def set_weights(self, name: str, weights: Weights) -> None:
@@ -249,6 +278,11 @@ class Proxy:
         else:
             body = _BodyStream(request, cfg.max_body_size, cfg.client_timeout)
             replayable = False
+        if route.inputs is not None:
+            if isinstance(body, bytes):
+                route.inputs.observe(body)
+            else:
+                route.inputs.not_inspected()
 
         choice = route.chooser.choose(request.headers, route.weights)
         counters = self._counters
@@ -502,6 +536,10 @@ class Proxy:
         )
         if analysed:
             self._recorder.record(obs)
+            if self._agree:
+                self._agreement(route, rid, shadow, error, prediction)
+            if route.feedback is not None and error is None:  # O(1): keep it for a label
+                route.feedback.add(rid, arm, propensity, prediction, shadow)
         c = route.counters.arms[arm]
         bump(c.requests, _CODE_CLASS[status // 100] if 100 <= status < 600 else "none")
         if error is not None:
@@ -555,6 +593,31 @@ class Proxy:
 
     # -- shadow mirroring ---------------------------------------------------------------------
 
+    def _agreement(
+        self, route: RolloutRoute, rid: str, shadow: bool, error: str | None, prediction: object
+    ) -> None:
+        """Pair a mirrored request's two answers; record whether their predictions agree."""
+        key = (route.name, rid)
+        if key not in self._agree:
+            return
+        first = self._agree[key]
+        if error is not None or prediction is None:
+            del self._agree[key]  # a failed or unreadable answer has nothing to compare
+            bump(route.counters.shadow, "not_compared")
+            return
+        if not isinstance(first, tuple):  # _PENDING: this is the first of the two answers
+            self._agree[key] = (shadow, prediction)
+            return
+        seen_shadow, other = first
+        if seen_shadow == shadow:
+            return  # the same side again (a client reusing its request id)
+        del self._agree[key]
+        bump(route.counters.shadow, "compared")
+        record = self._recorder.record_value
+        record(route.name, CANDIDATE, "agreement", 1.0 if prediction == other else 0.0, 1.0)
+        # Production agrees with itself by definition: the rate test compares against 1.
+        record(route.name, PRODUCTION, "agreement", 1.0, 1.0)
+
     def _start_mirror(
         self, request: web.BaseRequest, route: RolloutRoute, body: object, rid: str
     ) -> None:
@@ -567,6 +630,11 @@ class Proxy:
             return
         assert body is None or isinstance(body, bytes)  # _NOT_REPLAYABLE was handled above
         self._mirror_inflight += 1
+        if route.config.prediction is not None:
+            agree = self._agree
+            agree[(route.name, rid)] = None  # pending: neither answer is in yet
+            if len(agree) > _AGREEMENT_SLACK + 4 * self._proxy_cfg.mirror_concurrency:
+                del agree[next(iter(agree))]  # the oldest: its production answer never came
         headers = tuple(request.headers.items())
         task = asyncio.get_running_loop().create_task(
             self._mirror(
@@ -667,6 +735,7 @@ class Proxy:
 
 
 _NOT_REPLAYABLE = object()
+_AGREEMENT_SLACK = 1024
 
 
 def initial_weights(rollout: RolloutConfig) -> Weights:

@@ -10,6 +10,7 @@ wanted: the probability that a verdict is ever wrong is at most the test's ``alp
 - :func:`error_test`: error rates from the arm labels of errors (Lindon & Malek).
 - :func:`rate_test`: bounded rates such as accuracy (beta-mixture sequences per arm).
 - :func:`srm_test`: sample-ratio mismatch from routed vs answered counts.
+- :func:`paired_mean_test`: per-window paired values of both arms (resource signals).
 - :func:`split_alpha`, :func:`rollback_verdict`, :func:`promotion_verdict`,
   :func:`net_value`: combining metrics.
 
@@ -26,6 +27,7 @@ from canary.stats._boundaries import (
 )
 from canary.stats._combine import net_value, promotion_verdict, rollback_verdict, split_alpha
 from canary.stats._means import IPWSummary, ipw_summary, mean_interval, mean_test, variance_floor
+from canary.stats._paired import paired_interval, paired_mean_test
 from canary.stats._quantiles import HistogramArrays, quantile_cs, quantile_test
 from canary.stats._rates import error_test, rate_test, srm_test
 from canary.stats._types import (
@@ -58,6 +60,8 @@ __all__ = [
     "net_value",
     "normal_mixture_radius",
     "normal_mixture_rho2",
+    "paired_interval",
+    "paired_mean_test",
     "promotion_verdict",
     "quantile_cs",
     "quantile_rank_bounds",

@@ -1,0 +1,542 @@
+"""Resource signals: scrape both arms' Prometheus endpoints in time-paired windows.
+
+A rollout that has ``resource:METRIC`` metrics gets one :class:`ResourceScraper` (a background
+task, never on the proxy's request path). Every ``every`` seconds it scrapes every endpoint of
+both arms at the same moment and turns each pair of scrapes into one window per metric:
+
+- a gauge (memory, utilisation) is the mean over the arm's endpoints: per replica;
+- a counter (``*_total``, and a histogram's or summary's ``_sum``/``_count``) is its increase
+  since the previous window summed over the endpoints (a counter that went down was reset: its
+  new value is the increase), divided by the requests the proxy sent to that arm in the window:
+  per request (CPU seconds per request). Windows with fewer than ``min_requests`` requests on an
+  arm are dropped.
+
+Each complete window records both arms' values under the signal key (``resource:NAME``) and,
+on the candidate, the paired value ``log(c / p)`` and/or ``c - p`` with its change since the
+previous window (keys from :func:`canary.decision.analysis.paired_key`); they flow to the store
+and the analysis like every other accumulator. A window where either arm's scrape failed is
+dropped and counted; a failing or hanging endpoint only costs its own (short) timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from canary.config import Config, RolloutConfig
+from canary.decision.analysis import paired_key
+from canary.errors import CanaryError, ConfigError, ConfigIssue
+from canary.metrics import Metrics
+from canary.observe import Recorder, parse_signal
+
+__all__ = [
+    "DEFAULT_MIN_REQUESTS",
+    "MAX_SCRAPE_BYTES",
+    "Reading",
+    "ResourceQuery",
+    "ResourceScraper",
+    "ResourceScrapers",
+    "counter_increase",
+    "read_exposition",
+    "resource_metrics",
+]
+
+log = logging.getLogger("canary.resources")
+
+DEFAULT_MIN_REQUESTS = 10
+"""Requests an arm must have had in a window for a per-request (counter) value."""
+MAX_SCRAPE_BYTES = 8 * 1024 * 1024
+ARMS = ("production", "candidate")
+_ACCEPT = "text/plain;version=0.0.4;q=1.0, */*;q=0.1"
+_MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*(,|$)')
+_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_UNESCAPE = re.compile(r"\\(.)")
+_COUNTER_SUFFIXES = ("_sum", "_count", "_bucket")
+
+
+@dataclass(frozen=True)
+class ResourceQuery:
+    """A parsed ``resource:NAME{label="value", ...}`` signal.
+
+    ``signal`` is the accumulator key (the signal string). Matchers are ``=``, ``!=``, ``=~``
+    and ``!~`` as in PromQL (regular expressions match the whole value). Every sample that
+    matches on an endpoint is summed: use a selector to pick one series.
+    """
+
+    signal: str
+    name: str
+    matchers: tuple[tuple[str, str, str], ...] = ()
+    _regex: tuple[re.Pattern[str] | None, ...] = field(default=(), compare=False, repr=False)
+
+    @classmethod
+    def parse(cls, signal: str) -> ResourceQuery:
+        """Parse ``resource:NAME`` or ``resource:NAME{...}``; raise CanaryError naming the fault."""
+        kind, _, arg = signal.partition(":")
+        if kind != "resource" or not arg:
+            raise CanaryError(f"{signal!r} is not a resource signal ('resource:METRIC')")
+        name, brace, rest = arg.partition("{")
+        if not _NAME.fullmatch(name):
+            raise CanaryError(f"{name!r} in {signal!r} is not a Prometheus metric name")
+        matchers: list[tuple[str, str, str]] = []
+        if brace:
+            if not rest.endswith("}"):
+                raise CanaryError(f"label selector of {signal!r} must end with '}}'")
+            body = rest[:-1]
+            pos = 0
+            while pos < len(body) and body[pos:].strip():
+                m = _MATCHER.match(body, pos)
+                if m is None or m.end() == pos:
+                    raise CanaryError(
+                        f"cannot read the label selector of {signal!r} at {body[pos:]!r}; "
+                        'expected label="value" (or !=, =~, !~), separated by commas'
+                    )
+                label, op, raw = m.group(1), m.group(2), m.group(3)
+                matchers.append((label, op, _UNESCAPE.sub(_unescape, raw)))
+                pos = m.end()
+        regex: list[re.Pattern[str] | None] = []
+        for label, op, value in matchers:
+            if op in ("=~", "!~"):
+                try:
+                    regex.append(re.compile(value))
+                except re.error as exc:
+                    raise CanaryError(
+                        f"bad regular expression {value!r} for label {label!r} in {signal!r}: {exc}"
+                    ) from exc
+            else:
+                regex.append(None)
+        return cls(signal, name, tuple(matchers), tuple(regex))
+
+    def matches_labels(self, labels: dict[str, str]) -> bool:
+        for (label, op, value), rx in zip(self.matchers, self._regex, strict=True):
+            got = labels.get(label, "")
+            if op == "=":
+                ok = got == value
+            elif op == "!=":
+                ok = got != value
+            else:
+                assert rx is not None
+                ok = (rx.fullmatch(got) is not None) == (op == "=~")
+            if not ok:
+                return False
+        return True
+
+
+def _unescape(m: re.Match[str]) -> str:
+    c = m.group(1)
+    return "\n" if c == "n" else c
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One endpoint's value of one query: the sum of the matching samples."""
+
+    value: float
+    counter: bool
+
+
+def _wanted_line(line: str, names: frozenset[str]) -> bool:
+    if line.startswith("#"):
+        parts = line.split(None, 3)
+        # "# TYPE family type": keep the types of the families our names belong to (a family
+        # name is a prefix of its samples' names); HELP and other comments are not needed.
+        return len(parts) >= 3 and parts[1] == "TYPE" and any(n.startswith(parts[2]) for n in names)
+    end = len(line)
+    for i, ch in enumerate(line):
+        if ch == "{" or ch == " " or ch == "\t":
+            end = i
+            break
+    return line[:end] in names
+
+
+def read_exposition(text: str, queries: Iterable[ResourceQuery]) -> dict[str, Reading | None]:
+    """Read each query's value from a Prometheus text exposition (None when absent).
+
+    Only the lines of the wanted metrics go through ``prometheus_client``'s parser, so the
+    cost does not grow with the size of the endpoint's /metrics. Raises ValueError when those
+    lines do not parse.
+    """
+    qs = list(queries)
+    names = frozenset(n for q in qs for n in (q.name, q.name + "_total"))
+    kept = "\n".join(line for line in text.splitlines() if _wanted_line(line.strip(), names))
+    found: dict[str, list[float]] = {q.signal: [] for q in qs}
+    counter: dict[str, bool] = {}
+    for family in text_string_to_metric_families(kept + "\n" if kept else ""):
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            is_counter = (
+                family.type == "counter"
+                or (
+                    family.type in ("histogram", "summary")
+                    and sample.name.endswith(_COUNTER_SUFFIXES)
+                )
+                or (family.type in ("untyped", "unknown") and sample.name.endswith("_total"))
+            )
+            for q in qs:
+                hit = sample.name == q.name or (
+                    is_counter and family.type == "counter" and sample.name == q.name + "_total"
+                )
+                if hit and q.matches_labels(sample.labels):
+                    found[q.signal].append(float(sample.value))
+                    counter[q.signal] = is_counter
+    return {s: Reading(math.fsum(v), counter[s]) if v else None for s, v in found.items()}
+
+
+def counter_increase(previous: float, current: float) -> float:
+    """Increase of a counter between two scrapes; a decrease means it was reset to zero."""
+    return current - previous if current >= previous else current
+
+
+@dataclass(frozen=True)
+class _Metric:
+    name: str
+    relative: bool
+
+
+@dataclass(frozen=True)
+class _Signal:
+    query: ResourceQuery
+    metrics: tuple[_Metric, ...]
+
+    @property
+    def needs_log(self) -> bool:
+        return any(m.relative for m in self.metrics)
+
+    @property
+    def needs_diff(self) -> bool:
+        return any(not m.relative for m in self.metrics)
+
+
+def resource_metrics(rollout: RolloutConfig) -> list[str]:
+    """Signals of the rollout's ``resource:`` metrics, in config order, without duplicates."""
+    out: list[str] = []
+    for m in rollout.analysis.metrics:
+        key = parse_signal(m.signal).key
+        if key.startswith("resource:") and key not in out:
+            out.append(key)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """A scrape that gave no readings: the ``result`` label and why."""
+
+    result: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ResourceScraper:
+    """Scrapes one rollout's arms every ``every`` seconds and records paired windows.
+
+    :meth:`tick` does one round (tests call it directly); :meth:`start` runs it on a fixed
+    schedule in a background task until :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        rollout: RolloutConfig,
+        recorder: Recorder,
+        metrics: Metrics,
+        *,
+        min_requests: int = DEFAULT_MIN_REQUESTS,
+        timeout: float | None = None,
+    ) -> None:
+        arms = {"production": rollout.production, "candidate": rollout.candidate}
+        missing = [a for a, cfg in arms.items() if cfg.resources is None]
+        if missing:
+            raise CanaryError(
+                f"rollout {rollout.name!r}: resource metrics need 'resources' on "
+                f"{' and '.join(missing)}"
+            )
+        if min_requests < 1:
+            raise CanaryError(f"min_requests must be at least 1, got {min_requests!r}")
+        self.name = rollout.name
+        self.every = min(cfg.resources.every for cfg in arms.values() if cfg.resources)
+        self.timeout = timeout if timeout is not None else 0.8 * min(self.every, 2.0)
+        self.min_requests = min_requests
+        self.urls = {
+            arm: tuple(e.rstrip("/") + cfg.resources.scrape for e in cfg.endpoints)
+            for arm, cfg in arms.items()
+            if cfg.resources is not None
+        }
+        by_signal: dict[str, list[_Metric]] = {}
+        for m in rollout.analysis.metrics:
+            key = parse_signal(m.signal).key
+            if key.startswith("resource:"):
+                by_signal.setdefault(key, []).append(_Metric(m.name, m.margin.relative))
+        self.signals = tuple(
+            _Signal(ResourceQuery.parse(s), tuple(ms)) for s, ms in by_signal.items()
+        )
+        self._recorder = recorder
+        self._metrics = metrics
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.ticks = 0
+        # Per arm and counter signal: per-endpoint values at the previous tick (None = no
+        # usable baseline) and the arm's request count then.
+        self._prev: dict[str, dict[str, tuple[float, ...] | None]] = {a: {} for a in ARMS}
+        self._prev_requests: dict[str, int | None] = {a: None for a in ARMS}
+        # Per paired key: (tick, value) of the last recorded window, for the changes.
+        self._last_paired: dict[str, tuple[int, float]] = {}
+        self._failing: set[str] = set()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.timeout),
+            headers={"Accept": _ACCEPT},
+            connector=aiohttp.TCPConnector(limit=32),
+        )
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"canary-resources-{self.name}"
+        )
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        await self._close_session()
+
+    async def _close_session(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not end resource windows for good
+                log.exception("rollout %s: resource scrape round failed", self.name)
+            next_at += self.every
+            now = loop.time()
+            if next_at < now:  # fell behind (a stopped event loop): skip, do not burst
+                next_at = now + self.every
+            await asyncio.sleep(next_at - now)
+
+    # -- one round ----------------------------------------------------------------------------
+
+    def _requests(self) -> dict[str, int]:
+        arms = self._metrics.counters.rollout(self.name).arms
+        return {a: sum(arms[a].requests.values()) for a in ARMS}
+
+    async def tick(self) -> None:
+        """Scrape every endpoint of both arms at once and record the window."""
+        own_session = self._session is None
+        if own_session:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout), headers={"Accept": _ACCEPT}
+            )
+        try:
+            requests = self._requests()
+            jobs = [(arm, url) for arm in ARMS for url in self.urls[arm]]
+            results = await asyncio.gather(*(self._scrape(url) for _, url in jobs))
+        finally:
+            if own_session:
+                await self._close_session()
+        self.ticks += 1
+        per_arm: dict[str, list[dict[str, Reading | None] | None]] = {a: [] for a in ARMS}
+        for (arm, url), res in zip(jobs, results, strict=True):
+            if isinstance(res, _Failed):
+                self._count(arm, res.result)
+                if url not in self._failing:
+                    self._failing.add(url)
+                    log.warning("rollout %s: scraping %s %s: %s", self.name, arm, url, res)
+                per_arm[arm].append(None)
+                continue
+            if url in self._failing:
+                self._failing.discard(url)
+                log.info("rollout %s: scraping %s %s works again", self.name, arm, url)
+            missing = [s.query.signal for s in self.signals if res.get(s.query.signal) is None]
+            self._count(arm, "missing_metric" if missing else "ok")
+            per_arm[arm].append(res)
+        for sig in self.signals:
+            self._window(sig, per_arm, requests)
+        self._prev_requests = {a: requests[a] for a in ARMS}
+
+    def _count(self, arm: str, result: str) -> None:
+        self._metrics.resource_scrapes.labels(self.name, arm, result).inc()
+
+    def _window(
+        self,
+        sig: _Signal,
+        per_arm: dict[str, list[dict[str, Reading | None] | None]],
+        requests: dict[str, int],
+    ) -> None:
+        key = sig.query.signal
+        values: dict[str, float] = {}
+        outcome = "recorded"
+        for arm in ARMS:
+            readings = [r.get(key) if r is not None else None for r in per_arm[arm]]
+            if any(r is None for r in readings):
+                self._prev[arm][key] = None
+                outcome = "scrape_failed"
+                continue
+            current = [r.value for r in readings if r is not None]
+            if not any(r.counter for r in readings if r is not None):
+                values[arm] = math.fsum(current) / len(current)
+                continue
+            prev = self._prev[arm].get(key)
+            self._prev[arm][key] = tuple(current)
+            prev_requests = self._prev_requests[arm]
+            if prev is None or prev_requests is None or len(prev) != len(current):
+                outcome = "no_baseline" if outcome == "recorded" else outcome
+                continue
+            n = requests[arm] - prev_requests
+            if n < self.min_requests:
+                outcome = "few_requests" if outcome == "recorded" else outcome
+                continue
+            increase = math.fsum(counter_increase(p, c) for p, c in zip(prev, current, strict=True))
+            values[arm] = increase / n
+        if outcome != "recorded" or len(values) != len(ARMS):
+            for m in sig.metrics:
+                self._metrics.resource_windows.labels(self.name, m.name, outcome).inc()
+            return
+        p, c = values["production"], values["candidate"]
+        rec = self._recorder
+        for arm in ARMS:
+            rec.record_value(self.name, arm, key, values[arm])
+            for m in sig.metrics:
+                self._metrics.resource_value.labels(self.name, arm, m.name).set(values[arm])
+        logged = False
+        if sig.needs_log and p > 0 and c > 0:
+            self._paired(key, True, math.log(c / p))
+            logged = True
+        if sig.needs_diff:
+            self._paired(key, False, c - p)
+        for m in sig.metrics:
+            ok = logged or not m.relative
+            result = "recorded" if ok else "not_positive"
+            self._metrics.resource_windows.labels(self.name, m.name, result).inc()
+
+    def _paired(self, key: str, relative: bool, value: float) -> None:
+        pk = paired_key(key, relative)
+        self._recorder.record_value(self.name, "candidate", pk, value)
+        last = self._last_paired.get(pk)
+        if last is not None and last[0] == self.ticks - 1:
+            change = paired_key(key, relative, changes=True)
+            self._recorder.record_value(self.name, "candidate", change, value - last[1])
+        self._last_paired[pk] = (self.ticks, value)
+
+    async def _scrape(self, url: str) -> dict[str, Reading | None] | _Failed:
+        session = self._session
+        assert session is not None
+        try:
+            async with session.get(url) as resp:
+                if resp.status != 200:
+                    return _Failed("error", f"HTTP {resp.status}")
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in resp.content.iter_chunked(1 << 16):
+                    size += len(chunk)
+                    if size > MAX_SCRAPE_BYTES:
+                        return _Failed("parse", f"more than {MAX_SCRAPE_BYTES} bytes")
+                    chunks.append(chunk)
+                charset = resp.charset or "utf-8"
+        except TimeoutError:
+            return _Failed("timeout", f"no answer within {self.timeout:.3g} s")
+        except (aiohttp.ClientError, OSError) as exc:
+            return _Failed("error", f"{type(exc).__name__}: {exc}")
+        try:
+            text = b"".join(chunks).decode(charset)
+            return read_exposition(text, (s.query for s in self.signals))
+        except (ValueError, LookupError, IndexError) as exc:
+            # UnicodeDecodeError is a ValueError; the parser raises ValueError (and at times
+            # IndexError) on malformed lines; LookupError: an unknown charset.
+            return _Failed("parse", f"not Prometheus text format: {exc}")
+
+
+def _spec(rollout: RolloutConfig) -> object:
+    """What a scraper depends on: a change of any of it restarts the scraper."""
+    return (
+        tuple(rollout.production.endpoints),
+        rollout.production.resources,
+        tuple(rollout.candidate.endpoints),
+        rollout.candidate.resources,
+        tuple(
+            (m.name, m.signal, m.margin.relative)
+            for m in rollout.analysis.metrics
+            if m.signal.startswith("resource:")
+        ),
+    )
+
+
+class ResourceScrapers:
+    """The scrapers of every rollout that has resource metrics (owned by the runtime)."""
+
+    def __init__(
+        self,
+        recorder: Recorder,
+        metrics: Metrics,
+        *,
+        factory: Callable[[RolloutConfig], ResourceScraper] | None = None,
+    ) -> None:
+        self._recorder = recorder
+        self._metrics = metrics
+        self._factory = factory or (lambda r: ResourceScraper(r, recorder, metrics))
+        self.scrapers: dict[str, ResourceScraper] = {}
+        self._specs: dict[str, object] = {}
+
+    @staticmethod
+    def check(config: Config) -> None:
+        """Raise ConfigError listing every resource signal whose selector cannot be read."""
+        issues = []
+        for i, r in enumerate(config.rollouts):
+            for j, m in enumerate(r.analysis.metrics):
+                if m.signal.startswith("resource:"):
+                    try:
+                        ResourceQuery.parse(m.signal)
+                    except CanaryError as exc:
+                        path = f"rollouts[{i}].analysis.metrics[{j}].signal"
+                        issues.append(ConfigIssue(path, str(exc)))
+        if issues:
+            raise ConfigError(issues)
+
+    async def apply(self, config: Config) -> None:
+        """Start, restart (changed endpoints, resources or metrics) and stop scrapers."""
+        wanted = {r.name: r for r in config.rollouts if resource_metrics(r)}
+        for name in list(self.scrapers):
+            r = wanted.get(name)
+            if r is None or _spec(r) != self._specs[name]:
+                await self.scrapers.pop(name).stop()
+                del self._specs[name]
+        for name, r in wanted.items():
+            if name in self.scrapers:
+                continue
+            scraper = self._factory(r)
+            await scraper.start()
+            self.scrapers[name] = scraper
+            self._specs[name] = _spec(r)
+            log.info(
+                "rollout %s: scraping resources every %gs: %s",
+                name,
+                scraper.every,
+                ", ".join(s.query.signal for s in scraper.signals),
+            )
+
+    async def close(self) -> None:
+        for scraper in self.scrapers.values():
+            await scraper.stop()
+        self.scrapers.clear()
+        self._specs.clear()
