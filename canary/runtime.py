@@ -16,7 +16,7 @@ from aiohttp import web
 from canary.admin import make_admin_app
 from canary.config import Config, load_config
 from canary.controller import Controller
-from canary.decision.worker import watch_parent
+from canary.decision.worker import init_worker
 from canary.errors import CanaryError, ConfigError
 from canary.metrics import Metrics
 from canary.observe import Recorder
@@ -56,12 +56,13 @@ class Runtime:
             on_result=lambda rollout, result: self.metrics.webhooks.labels(rollout, result).inc()
         )
         # The statistics take milliseconds per rollout: run them in a worker process so the
-        # proxy's requests never wait for them (the second core does the work).
+        # proxy's requests never wait for them (another core does the work, or, when canary
+        # has one core, the worker runs at a lower priority and yields it to the proxy).
         self._analysis_pool = (
             ProcessPoolExecutor(
                 1,
                 mp_context=multiprocessing.get_context("forkserver"),
-                initializer=watch_parent,
+                initializer=init_worker,
                 initargs=(os.getpid(),),
             )
             if run_controller

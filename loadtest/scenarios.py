@@ -68,6 +68,9 @@ latency and errors: ``memory`` at most +20%, scraped every second, rolls it back
 10-window burn-in), ``memory_same`` (its control: promote), ``accuracy_slow8`` (+1.5pp
 accuracy at +8% latency: promote on the trade-off),
 ``accuracy_slow25`` (the same accuracy at +25% latency: roll back),
+``ttft2x`` (streamed chat completions at 150 req/s; the candidate takes 80 ms instead of
+40 ms to its first token but streams the other 15 faster, so the total stays 160 ms: roll back
+on ``ttft_p50``, the reason is checked),
 ``labels_worse3`` (94% vs 97% accuracy, measured from labels posted 2-30 s late: roll back on
 accuracy), ``labels_better2`` (99% vs 97%, equal latency: promote), ``restart`` (canary as a
 process on SQLite, SIGKILLed in step 2 of 3 and started again: it must resume at that step
@@ -156,6 +159,16 @@ MEMORY = {
     "max_increase": "20%",
 }
 RESOURCES = {"scrape": "/metrics", "every": "1s"}
+# Streamed chat: time to first token next to total latency.
+TTFT_P50 = {"name": "ttft_p50", "signal": "ttft", "stat": "p50", "max_increase": "15%"}
+LLM = {"metrics": [TTFT_P50, LATENCY_P95, ERRORS]}
+# 16 tokens: 40 ms to the first, then 8 ms apart (160 ms in all), on a 20 ms-median server.
+CHAT_PRODUCTION = replace(
+    FakeModelConfig(model="production", latency_median=0.020, latency_sigma=0.3),
+    ttft=0.040,
+    inter_token=0.008,
+    completion_tokens=16,
+)
 
 # 20 ms median, sigma 0.3: p95 is about 33 ms. The servers only sleep, so this costs no CPU.
 BASE_MODEL = FakeModelConfig(model="production", latency_median=0.020, latency_sigma=0.3)
@@ -182,6 +195,8 @@ class Scenario:
     """Stop the candidate's server this many seconds after the first request (0: never up)."""
     max_down_to_decision: float | None = None
     """The terminal decision must come within this many seconds of the candidate going down."""
+    chat: bool = False
+    """Traffic is streamed OpenAI chat completions (``/v1/chat/completions``), not predicts."""
     no_user_errors: bool = False
     """Fail the scenario on any user-visible error."""
     fast: bool = False
@@ -259,6 +274,17 @@ SCENARIOS: dict[str, Scenario] = {
             "20% faster, 20% cheaper",
             "promoted",
             _candidate(latency_median=0.016, cost=0.0008),
+        ),
+        Scenario(
+            "ttft2x",
+            "2x time to first token, same total",
+            "rolled_back",
+            replace(CHAT_PRODUCTION, model="candidate", ttft=0.080, inter_token=0.080 / 15),
+            production=CHAT_PRODUCTION,
+            analysis=LLM,
+            chat=True,
+            rate=150.0,
+            expect_reason="ttft_p50 is worse than allowed",
         ),
         Scenario(
             "memory40",
@@ -408,8 +434,10 @@ class Traffic:
         seed: int,
         users: int = 0,
         on_answer: Callable[[ResponseRecord], None] | None = None,
+        chat: bool = False,
     ) -> None:
         self.first_sent: float | None = None
+        self._chat = chat
         self._on_answer = on_answer
         self.sent = 0
         self.answered: Counter[str] = Counter()
@@ -435,6 +463,14 @@ class Traffic:
         if self.first_sent is None:
             self.first_sent = time.time()
         self.sent += 1
+        if self._chat:
+            return {
+                "model": "fake",
+                "messages": [{"role": "user", "content": f"s{self._seed}-{index}: go on"}],
+                "max_tokens": 16,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
         features = [round(rng.random(), 4) for _ in range(4)]
         return {"id": f"s{self._seed}-{index}", "features": features}
 
@@ -701,7 +737,8 @@ async def _run_inprocess(
         runtime = Runtime(config)
         await runtime.start()
         stack.push_async_callback(runtime.stop)
-        proxy = f"http://127.0.0.1:{runtime.proxy_port}/predict"
+        path = "/v1/chat/completions" if sc.chat else "/predict"
+        proxy = f"http://127.0.0.1:{runtime.proxy_port}{path}"
         poster: LabelPoster | None = None
         if sc.kind == "feedback":
             poster = LabelPoster(
@@ -716,6 +753,7 @@ async def _run_inprocess(
             requests=int(rate * limit * 1.2) + 1,
             seed=seed,
             on_answer=poster.add if poster is not None else None,
+            chat=sc.chat,
         )
         stack.push_async_callback(traffic.stop)
         if poster is not None:

@@ -7,6 +7,18 @@ import threading
 import time
 
 
+WORKER_NICE = 19  # lowest priority: the proxy's requests come first on a shared core
+
+
+def init_worker(parent: int) -> None:
+    """Process-pool initializer: lower this worker's priority and watch its parent."""
+    try:
+        os.nice(WORKER_NICE)
+    except OSError:  # not allowed here (a hardened container): run at normal priority
+        pass
+    watch_parent(parent)
+
+
 def watch_parent(pid: int, every: float = 1.0) -> None:
     """Exit this worker when process ``pid`` (the canary that started it) is gone.
 

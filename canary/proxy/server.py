@@ -536,10 +536,15 @@ class Proxy:
         )
         if analysed:
             self._recorder.record(obs)
-            if self._agree:
-                self._agreement(route, rid, shadow, error, prediction)
-            if route.feedback is not None and error is None:  # O(1): keep it for a label
-                route.feedback.add(rid, arm, propensity, prediction, shadow)
+            try:
+                if self._agree:
+                    self._agreement(route, rid, shadow, error, prediction)
+                if route.feedback is not None and error is None:  # O(1): keep it for a label
+                    route.feedback.add(rid, arm, propensity, prediction, shadow)
+            except Exception:
+                # Never fail the user's request for side bookkeeping, and never let it count
+                # this request a second time as "lost" (the observation is recorded).
+                log.exception("shadow/feedback bookkeeping failed for request %s", rid)
         c = route.counters.arms[arm]
         bump(c.requests, _CODE_CLASS[status // 100] if 100 <= status < 600 else "none")
         if error is not None:
