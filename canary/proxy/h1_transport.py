@@ -332,7 +332,7 @@ class _Conn(asyncio.Protocol):
         if now + 0.001 < due:  # bytes arrived since: the read deadline moved on
             self._timer = self.loop.call_at(due, self._on_timer)
             return
-        what = "total" if now >= r.deadline else "read"
+        what = "total" if now + 0.001 >= r.deadline else "read"  # timers may fire 1 ms early
         r._fail(UpstreamTimeout(f"upstream {what} timeout"))
         self.abort()
 
