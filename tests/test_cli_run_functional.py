@@ -112,31 +112,28 @@ def test_run_with_invalid_file_exits_1(tmp_path: Path) -> None:
     assert "extra: unknown key" in proc.stderr and "(line 2)" in proc.stderr
 
 
+def _run_once(tmp_path: Path, **top: object) -> subprocess.CompletedProcess[str]:
+    """`canary run` on a one-rollout file with ``top`` keys, in ``tmp_path``; it must exit."""
+    path = tmp_path / "r.yaml"
+    rollout = {
+        "name": "m",
+        "production": {"endpoints": ["http://127.0.0.1:1"]},
+        "candidate": {"endpoints": ["http://127.0.0.1:2"]},
+        "steps": [{"weight": 0}],
+    }
+    path.write_text(yaml.safe_dump({**top, "rollouts": [rollout]}))
+    return subprocess.run(
+        [sys.executable, "-m", "canary", "run", "-c", str(path)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+
+
 def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        path = tmp_path / "r.yaml"
-        path.write_text(
-            yaml.safe_dump(
-                {
-                    "proxy": {"listen": f"127.0.0.1:{port}"},
-                    "rollouts": [
-                        {
-                            "name": "m",
-                            "production": {"endpoints": ["http://127.0.0.1:1"]},
-                            "candidate": {"endpoints": ["http://127.0.0.1:2"]},
-                            "steps": [{"weight": 0}],
-                        }
-                    ],
-                }
-            )
-        )
-        proc = subprocess.run(
-            [sys.executable, "-m", "canary", "run", "-c", str(path)],
-            capture_output=True, text=True, timeout=60, cwd=tmp_path,
-        )  # fmt: skip
+        proc = _run_once(tmp_path, proxy={"listen": f"127.0.0.1:{port}"})
     assert proc.returncode == 1
     assert "cannot start" in proc.stderr
 
@@ -151,28 +148,12 @@ def test_unreadable_state_is_a_clear_error(tmp_path: Path) -> None:
         await store.close()
 
     asyncio.run(corrupt())
-    path = tmp_path / "r.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "proxy": {"listen": "127.0.0.1:0"},
-                "admin": {"listen": "127.0.0.1:0"},
-                "state": {"backend": "sqlite", "path": str(tmp_path / "state.db")},
-                "rollouts": [
-                    {
-                        "name": "m",
-                        "production": {"endpoints": ["http://127.0.0.1:1"]},
-                        "candidate": {"endpoints": ["http://127.0.0.1:2"]},
-                        "steps": [{"weight": 0}],
-                    }
-                ],
-            }
-        )
+    proc = _run_once(
+        tmp_path,
+        proxy={"listen": "127.0.0.1:0"},
+        admin={"listen": "127.0.0.1:0"},
+        state={"backend": "sqlite", "path": str(tmp_path / "state.db")},
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "canary", "run", "-c", str(path)],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
-    )  # fmt: skip
     assert proc.returncode == 1
     assert "state of rollout 'm' is unreadable" in proc.stderr
     assert "Traceback" not in proc.stderr
