@@ -139,6 +139,7 @@ class Controller:
         self._rollouts: dict[str, _Rollout] = {}
         self._lock = asyncio.Lock()  # control path only: evaluation vs operator commands
         self._task: asyncio.Task[None] | None = None
+        self._eval_task: asyncio.Task[None] | None = None
         self.store_ok = True
         self.store_error = ""
         metrics.store_up.set(1)
@@ -160,11 +161,12 @@ class Controller:
 
     async def stop(self) -> None:
         """Stop the loop and write the last samples (a clean stop loses nothing)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._eval_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._eval_task = None
         await self.flush()
 
     async def _run(self) -> None:
@@ -172,7 +174,7 @@ class Controller:
             started = self._monotonic()
             try:
                 await self.flush()
-                await self.evaluate()
+                self._start_evaluation()
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug here must not stop the controller for good
@@ -218,6 +220,25 @@ class Controller:
 
     # -- decisions ------------------------------------------------------------------------
 
+    def _start_evaluation(self) -> None:
+        """Run the due analyses in their own task, unless the last round is still running.
+
+        An analysis takes as long as the worker process needs (longer when the proxy keeps
+        the CPU busy); flushes and operator commands go on meanwhile.
+        """
+        if self._eval_task is None or self._eval_task.done():
+            self._eval_task = asyncio.get_running_loop().create_task(
+                self._evaluate_logged(), name="controller-analysis"
+            )
+
+    async def _evaluate_logged(self) -> None:
+        try:
+            await self.evaluate()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug here must not stop the controller for good
+            log.exception("controller analysis failed")
+
     async def evaluate(self, *, force: bool = False) -> None:
         """Analyze and decide every rollout whose interval has come (all with ``force``)."""
         mono = self._monotonic()
@@ -225,8 +246,7 @@ class Controller:
             if not force and mono < ro.next_eval:
                 continue
             ro.next_eval = mono + ro.config.analysis.interval
-            async with self._lock:
-                await self._evaluate(ro)
+            await self._evaluate(ro)
 
     async def _evaluate(self, ro: _Rollout) -> None:
         cfg, name = ro.config, ro.config.name
@@ -236,11 +256,20 @@ class Controller:
         run = functools.partial(
             analyze,
             cfg,
-            ro.totals,
+            # A copy: flushes go on while the worker's feeder thread pickles it.
+            ro.totals.snapshot(),
             failing_for=0.0 if ro.failing_since is None else now - ro.failing_since,
             failing_requests=ro.failing_requests,
         )
         analysis = await self._run_analysis(run)
+        async with self._lock:  # the state may not change between decide and apply
+            if self._rollouts.get(name) is not ro or ro.config is not cfg:
+                return  # reloaded meanwhile: the next interval analyses the new config
+            await self._decide(ro, analysis, t0)
+
+    async def _decide(self, ro: _Rollout, analysis: Analysis, t0: float) -> None:
+        cfg, name = ro.config, ro.config.name
+        now = self._clock()
         ro.analysis = analysis
         self._export_analysis(name, analysis)
         if not self.store_ok and not ro.state.phase.terminal:
@@ -255,8 +284,6 @@ class Controller:
             await self._apply(ro, decision, new, now)
 
     async def _run_analysis(self, run: Callable[[], Analysis]) -> Analysis:
-        # ro.totals is only changed by flush(), which runs in this same task: it cannot change
-        # while the executor pickles it.
         if self._executor is not None:
             try:
                 return await asyncio.get_running_loop().run_in_executor(self._executor, run)

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -254,3 +257,64 @@ async def test_store_outage_holds_decisions_and_recovers_without_losing_samples(
     await ctl.evaluate(force=True)
     assert ctl.state("m").phase is Phase.ROLLED_BACK
     assert (await store.get_state("m") or {})["phase"] == "rolled_back"
+
+
+class _GatedExecutor(concurrent.futures.Executor):
+    """Runs each analysis in a thread once ``gate`` opens: an analysis that takes its time."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1)
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        def gated() -> Any:
+            self.gate.wait(10.0)
+            return fn(*args, **kwargs)
+
+        return self._pool.submit(gated)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.gate.set()
+        self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+async def test_flushes_and_commands_do_not_wait_for_a_running_analysis() -> None:
+    store = MemoryStore()
+    await store.open()
+    rec, metrics, executor = Recorder(), Metrics(), _GatedExecutor()
+    ctl = Controller(_config(), store, rec, metrics, Sink(), notifier=Hooks(), executor=executor)
+    await ctl.load()
+    _feed(rec, 800, 10, slow=3.0, seed=1)  # a candidate the analysis would roll back
+    await ctl.flush()
+    analysis = asyncio.get_running_loop().create_task(ctl.evaluate(force=True))
+    await asyncio.sleep(0.05)
+    assert not analysis.done()
+    _feed(rec, 100, 10, seed=2)
+    await asyncio.wait_for(ctl.flush(), 1.0)  # samples keep moving to the store
+    assert ctl.totals("m").production.observed + ctl.totals("m").candidate.observed == 900
+    await asyncio.wait_for(ctl.command("m", "pause", "looking"), 1.0)
+    executor.gate.set()
+    await asyncio.wait_for(analysis, 5.0)
+    executor.shutdown()
+    # The analysis finished after the pause: a paused rollout takes no automatic action.
+    assert ctl.state("m").phase is Phase.PAUSED
+    assert ctl.detail("m")["metrics"][0]["verdict"] == "WORSE"
+
+
+async def test_an_analysis_of_a_config_replaced_meanwhile_is_dropped() -> None:
+    store = MemoryStore()
+    await store.open()
+    rec, metrics, executor = Recorder(), Metrics(), _GatedExecutor()
+    ctl = Controller(_config(), store, rec, metrics, Sink(), notifier=Hooks(), executor=executor)
+    await ctl.load()
+    _feed(rec, 800, 10, slow=3.0, seed=1)
+    await ctl.flush()
+    analysis = asyncio.get_running_loop().create_task(ctl.evaluate(force=True))
+    await asyncio.sleep(0.05)
+    await ctl.apply_config(_config())  # e.g. a reload with new thresholds
+    executor.gate.set()
+    await asyncio.wait_for(analysis, 5.0)
+    executor.shutdown()
+    assert ctl.state("m").phase is Phase.RUNNING  # not rolled back on the stale config
+    await ctl.evaluate(force=True)  # the next round decides on the new one
+    assert ctl.state("m").phase is Phase.ROLLED_BACK
