@@ -158,9 +158,8 @@ def _metric(
             _moments(p_acc), _moments(c_acc), value,
             relative=rel, direction=direction, alpha=alpha, burn_in=b, name=m.name,
         )  # fmt: skip
-    p_mom, c_mom = _with_shadow(p_acc, c_acc)
     return mean_test(
-        p_mom, c_mom, value,
+        _moments(p_acc), _moments(c_acc), value,
         relative=rel, direction=direction, alpha=alpha, burn_in=b, name=m.name,
     )  # fmt: skip
 
@@ -183,33 +182,6 @@ def _resource(
         changes=_moments(changes) if changes is not None else None,
         relative=rel, direction=direction, alpha=alpha, name=m.name,
     )  # fmt: skip
-
-
-def _with_shadow(
-    p_acc: SignalAccumulator, c_acc: SignalAccumulator
-) -> tuple[ArmMoments, ArmMoments]:
-    """Moments for the IPW mean test, with a shadow step's samples made comparable.
-
-    In a shadow step both arms answer every request: production with propensity 1 and the
-    candidate's mirror (also recorded with 1). The IPW estimator leaves propensity-1 strata
-    out (no randomised comparison), but two complete samples of the same requests are a
-    valid two-sample comparison: entered as one stratum of propensity 1/2 the Hajek means are
-    the plain means and the variance part is exactly the unpaired two-sample one,
-    ``s_c^2/n_c + s_p^2/n_p`` (conservative: it ignores the positive pairing correlation).
-    """
-    p, c = dict(p_acc.strata), dict(c_acc.strata)
-    if 1.0 in p and 1.0 in c:
-        for strata in (p, c):
-            both = strata.pop(1.0)
-            half = strata.get(0.5)
-            if half is not None:
-                both = both.copy()
-                both.merge(half)
-            strata[0.5] = both
-    return (
-        ArmMoments.from_strata({k: (m.n, m.total, m.total_sq) for k, m in p.items()}),
-        ArmMoments.from_strata({k: (m.n, m.total, m.total_sq) for k, m in c.items()}),
-    )
 
 
 def _moments(acc: SignalAccumulator) -> ArmMoments:
