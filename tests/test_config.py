@@ -216,3 +216,23 @@ def test_validate_console_script_runs() -> None:
         timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_validate_checks_resource_selectors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    arms = "production: {endpoints: [http://127.0.0.1:8001]}"
+    text = (
+        MINIMAL.replace(arms, arms.replace("]}", "], resources: {every: 1s}}"))
+        .replace("candidate: {endpoints: [http://127.0.0.1:8002]}",
+                 "candidate: {endpoints: [http://127.0.0.1:8002], resources: {every: 1s}}")
+        + "    analysis: {metrics: [{name: mem, signal: 'resource:rss{job=\"x\"', "
+        "max_increase: 20%}]}\n"
+    )  # fmt: skip
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    assert main(["validate", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "rollouts[0].analysis.metrics[0].signal: label selector" in out, out
+    path.write_text(text.replace('"x"', '"x"}'))
+    assert main(["validate", str(path)]) == 0
