@@ -306,11 +306,13 @@ class FeedbackStore:
 
     def add(
         self, request_id: str, arm: str, propensity: float, prediction: object, shadow: bool
-    ) -> None:
+    ) -> _Answer | None:
         """Keep one answer (O(1) amortised; called by the proxy per analysed response).
 
         A shadow mirror's answer joins the entry of the same request id; a second answer for
-        a slot that is already filled means the id was reused, and replaces the entry.
+        a slot that is already filled means the id was reused, and replaces the entry. When
+        this answer completes a pair (the user's and the mirror's), the other one is returned:
+        the proxy compares their predictions (shadow agreement).
         """
         now = self._clock()
         self._expire(now)
@@ -321,10 +323,10 @@ class FeedbackStore:
             if shadow and entry.mirror is None:
                 if not entry.joined:  # a mirror slower than the user's feedback is not scored
                     entry.mirror = answer
-                return
+                return entry.seen
             if not shadow and entry.seen is None and not entry.joined:
                 entry.seen = answer
-                return
+                return entry.mirror
             del entries[request_id]  # a reused id: the newer request replaces the entry
         elif len(entries) >= self.max_entries:
             self._drop_oldest()
@@ -335,6 +337,7 @@ class FeedbackStore:
         else:
             entry.seen = answer
         entries[request_id] = entry
+        return None
 
     def join(self, item: FeedbackItem) -> tuple[str, list[tuple[str, float, float]]]:
         """Score ``item`` against its entry; return the result and ``(arm, value, propensity)``

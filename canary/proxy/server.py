@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 
 from canary.config import Config, ProxyConfig, RolloutConfig
 from canary.errors import UpstreamError
-from canary.feedback import FeedbackStore, store_for
+from canary.feedback import FeedbackStore, same_json, store_for
 from canary.metrics import Metrics, RolloutCounters, bump
 from canary.observe import (
     ArmCost,
@@ -199,10 +199,6 @@ class Proxy:
         self._clock = clock or time.perf_counter
         self._mirrors: set[asyncio.Task[None]] = set()
         self._mirror_inflight = 0
-        # Shadow agreement: (rollout, request id) -> the first of the two answers' predictions
-        # (or _PENDING). Bounded: an entry ends when the second answer (or a failure) arrives,
-        # and the oldest are dropped past _AGREEMENT_SLACK + 4 x mirror_concurrency.
-        self._agree: dict[tuple[str, str], tuple[bool, object] | None] = {}
         self.routes: dict[str, RolloutRoute] = {}
         self._table = RouteTable([])
         self._proxy_cfg: ProxyConfig = config.proxy
@@ -537,10 +533,13 @@ class Proxy:
         if analysed:
             self._recorder.record(obs)
             try:
-                if self._agree:
-                    self._agreement(route, rid, shadow, error, prediction)
-                if route.feedback is not None and error is None:  # O(1): keep it for a label
-                    route.feedback.add(rid, arm, propensity, prediction, shadow)
+                if route.feedback is not None:  # O(1): keep the answer for a label
+                    if error is None:
+                        pair = route.feedback.add(rid, arm, propensity, prediction, shadow)
+                        if pair is not None and route.config.prediction is not None:
+                            self._agreement(route, prediction, pair[2])
+                    elif shadow and route.config.prediction is not None:
+                        bump(route.counters.shadow, "not_compared")  # a failed mirror
             except Exception:
                 # Never fail the user's request for side bookkeeping, and never let it count
                 # this request a second time as "lost" (the observation is recorded).
@@ -598,28 +597,16 @@ class Proxy:
 
     # -- shadow mirroring ---------------------------------------------------------------------
 
-    def _agreement(
-        self, route: RolloutRoute, rid: str, shadow: bool, error: str | None, prediction: object
-    ) -> None:
-        """Pair a mirrored request's two answers; record whether their predictions agree."""
-        key = (route.name, rid)
-        if key not in self._agree:
+    def _agreement(self, route: RolloutRoute, prediction: object, other: object) -> None:
+        """Record whether a mirrored request's two answers (paired by the feedback store,
+        which keeps both by request id) predicted the same."""
+        if prediction is None or other is None:
+            bump(route.counters.shadow, "not_compared")  # an answer without a prediction
             return
-        first = self._agree[key]
-        if error is not None or prediction is None:
-            del self._agree[key]  # a failed or unreadable answer has nothing to compare
-            bump(route.counters.shadow, "not_compared")
-            return
-        if not isinstance(first, tuple):  # _PENDING: this is the first of the two answers
-            self._agree[key] = (shadow, prediction)
-            return
-        seen_shadow, other = first
-        if seen_shadow == shadow:
-            return  # the same side again (a client reusing its request id)
-        del self._agree[key]
         bump(route.counters.shadow, "compared")
         record = self._recorder.record_value
-        record(route.name, CANDIDATE, "agreement", 1.0 if prediction == other else 0.0, 1.0)
+        same = same_json(prediction, other)  # the equality labels are judged by
+        record(route.name, CANDIDATE, "agreement", 1.0 if same else 0.0, 1.0)
         # Production agrees with itself by definition: the rate test compares against 1.
         record(route.name, PRODUCTION, "agreement", 1.0, 1.0)
 
@@ -635,11 +622,6 @@ class Proxy:
             return
         assert body is None or isinstance(body, bytes)  # _NOT_REPLAYABLE was handled above
         self._mirror_inflight += 1
-        if route.config.prediction is not None:
-            agree = self._agree
-            agree[(route.name, rid)] = None  # pending: neither answer is in yet
-            if len(agree) > _AGREEMENT_SLACK + 4 * self._proxy_cfg.mirror_concurrency:
-                del agree[next(iter(agree))]  # the oldest: its production answer never came
         headers = tuple(request.headers.items())
         task = asyncio.get_running_loop().create_task(
             self._mirror(
@@ -740,7 +722,6 @@ class Proxy:
 
 
 _NOT_REPLAYABLE = object()
-_AGREEMENT_SLACK = 1024
 
 
 def initial_weights(rollout: RolloutConfig) -> Weights:
