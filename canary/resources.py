@@ -23,16 +23,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from canary.config import Config, RolloutConfig
+from canary.config import Config, ResourceQuery, RolloutConfig
 from canary.decision.analysis import paired_key
-from canary.errors import CanaryError, ConfigError, ConfigIssue
+from canary.errors import CanaryError
 from canary.metrics import Metrics
 from canary.observe import Recorder, parse_signal
 
@@ -55,82 +54,7 @@ DEFAULT_MIN_REQUESTS = 10
 MAX_SCRAPE_BYTES = 8 * 1024 * 1024
 ARMS = ("production", "candidate")
 _ACCEPT = "text/plain;version=0.0.4;q=1.0, */*;q=0.1"
-_MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*(,|$)')
-_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
-_UNESCAPE = re.compile(r"\\(.)")
 _COUNTER_SUFFIXES = ("_sum", "_count", "_bucket")
-
-
-@dataclass(frozen=True)
-class ResourceQuery:
-    """A parsed ``resource:NAME{label="value", ...}`` signal.
-
-    ``signal`` is the accumulator key (the signal string). Matchers are ``=``, ``!=``, ``=~``
-    and ``!~`` as in PromQL (regular expressions match the whole value). Every sample that
-    matches on an endpoint is summed: use a selector to pick one series.
-    """
-
-    signal: str
-    name: str
-    matchers: tuple[tuple[str, str, str], ...] = ()
-    _regex: tuple[re.Pattern[str] | None, ...] = field(default=(), compare=False, repr=False)
-
-    @classmethod
-    def parse(cls, signal: str) -> ResourceQuery:
-        """Parse ``resource:NAME`` or ``resource:NAME{...}``; raise CanaryError naming the fault."""
-        kind, _, arg = signal.partition(":")
-        if kind != "resource" or not arg:
-            raise CanaryError(f"{signal!r} is not a resource signal ('resource:METRIC')")
-        name, brace, rest = arg.partition("{")
-        if not _NAME.fullmatch(name):
-            raise CanaryError(f"{name!r} in {signal!r} is not a Prometheus metric name")
-        matchers: list[tuple[str, str, str]] = []
-        if brace:
-            if not rest.endswith("}"):
-                raise CanaryError(f"label selector of {signal!r} must end with '}}'")
-            body = rest[:-1]
-            pos = 0
-            while pos < len(body) and body[pos:].strip():
-                m = _MATCHER.match(body, pos)
-                if m is None or m.end() == pos:
-                    raise CanaryError(
-                        f"cannot read the label selector of {signal!r} at {body[pos:]!r}; "
-                        'expected label="value" (or !=, =~, !~), separated by commas'
-                    )
-                label, op, raw = m.group(1), m.group(2), m.group(3)
-                matchers.append((label, op, _UNESCAPE.sub(_unescape, raw)))
-                pos = m.end()
-        regex: list[re.Pattern[str] | None] = []
-        for label, op, value in matchers:
-            if op in ("=~", "!~"):
-                try:
-                    regex.append(re.compile(value))
-                except re.error as exc:
-                    raise CanaryError(
-                        f"bad regular expression {value!r} for label {label!r} in {signal!r}: {exc}"
-                    ) from exc
-            else:
-                regex.append(None)
-        return cls(signal, name, tuple(matchers), tuple(regex))
-
-    def matches_labels(self, labels: dict[str, str]) -> bool:
-        for (label, op, value), rx in zip(self.matchers, self._regex, strict=True):
-            got = labels.get(label, "")
-            if op == "=":
-                ok = got == value
-            elif op == "!=":
-                ok = got != value
-            else:
-                assert rx is not None
-                ok = (rx.fullmatch(got) is not None) == (op == "=~")
-            if not ok:
-                return False
-        return True
-
-
-def _unescape(m: re.Match[str]) -> str:
-    c = m.group(1)
-    return "\n" if c == "n" else c
 
 
 @dataclass(frozen=True, slots=True)
@@ -497,21 +421,6 @@ class ResourceScrapers:
         self._factory = factory or (lambda r: ResourceScraper(r, recorder, metrics))
         self.scrapers: dict[str, ResourceScraper] = {}
         self._specs: dict[str, object] = {}
-
-    @staticmethod
-    def check(config: Config) -> None:
-        """Raise ConfigError listing every resource signal whose selector cannot be read."""
-        issues = []
-        for i, r in enumerate(config.rollouts):
-            for j, m in enumerate(r.analysis.metrics):
-                if m.signal.startswith("resource:"):
-                    try:
-                        ResourceQuery.parse(m.signal)
-                    except CanaryError as exc:
-                        path = f"rollouts[{i}].analysis.metrics[{j}].signal"
-                        issues.append(ConfigIssue(path, str(exc)))
-        if issues:
-            raise ConfigError(issues)
 
     async def apply(self, config: Config) -> None:
         """Start, restart (changed endpoints, resources or metrics) and stop scrapers."""

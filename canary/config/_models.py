@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from canary.config._resource_query import ResourceQuery
 from canary.config._units import (
     Margin,
     parse_duration,
@@ -57,6 +58,8 @@ def check_signal(value: str) -> str:
         raise ValueError(f"{arg!r} is not a JSON path such as 'usage.total_tokens'")
     if kind == "header":
         return f"header:{arg.lower()}"
+    if kind == "resource":
+        ResourceQuery.parse(value)  # the label selector: ResourceQueryError is a ValueError
     return value
 
 
