@@ -205,7 +205,7 @@ class ProxyCollector(Collector):
         rejected = CounterMetricFamily(
             "canary_proxy_rejected",
             "Requests the proxy answered itself, by reason "
-            "(no_route, body_too_large, client_timeout).",
+            "(no_route, body_too_large, client_timeout, bad_request, head_too_large).",
             labels=["reason"],
         )
         for reason, n in c.rejected.items():

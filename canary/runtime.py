@@ -21,6 +21,7 @@ from canary.errors import CanaryError, ConfigError
 from canary.metrics import Metrics
 from canary.observe import Recorder
 from canary.proxy import H1Transport, Proxy, Weights
+from canary.proxy.h1_server import HttpServer, ServerLimits
 from canary.resources import ResourceScrapers
 from canary.store import Store, open_store
 from canary.webhooks import WebhookSender
@@ -81,6 +82,7 @@ class Runtime:
         # Background scrapers of rollouts with resource: metrics (never on the request path).
         self.resources = ResourceScrapers(self.recorder, self.metrics)
         self._runners: list[web.BaseRunner] = []
+        self._proxy_server: HttpServer | None = None
         self._ready = False
         self._started: list[str] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -139,21 +141,12 @@ class Runtime:
         await self.webhooks.start()
         self._started.append("webhooks")
         pcfg = self.config.proxy
-        server = web.Server(
-            self.proxy.handle,
-            max_line_size=pcfg.max_header_size,
-            max_field_size=pcfg.max_header_size,
-            auto_decompress=False,  # request bodies pass through as the client encoded them
-            keepalive_timeout=75.0,
-            access_log=None,
+        limits = ServerLimits(
+            max_header_size=pcfg.max_header_size, client_timeout=pcfg.client_timeout
         )
-        proxy_runner = web.ServerRunner(server, handle_signals=False)
-        await proxy_runner.setup()
-        self._runners.append(proxy_runner)
+        self._proxy_server = HttpServer(self.proxy.handle, limits, self._rejected)
         host, port = pcfg.listen
-        proxy_site = web.TCPSite(proxy_runner, host, port, backlog=2048, reuse_address=True)
-        await proxy_site.start()
-        self.proxy_port = _bound_port(proxy_runner)
+        self.proxy_port = await self._proxy_server.listen(host, port)
 
         admin_app = make_admin_app(
             self.proxy,
@@ -187,6 +180,12 @@ class Runtime:
                 ahost,
                 self.admin_port,
             )
+
+    def _rejected(self, status: int) -> None:
+        """A request the proxy port could not parse (400), with too big a head (431) or one
+        whose head did not arrive in time (408)."""
+        reason = {408: "client_timeout", 431: "head_too_large"}.get(status, "bad_request")
+        self.metrics.counters.reject(reason)
 
     async def reload_async(self) -> list[str]:
         """Re-read the config file and apply it; raise ConfigError and keep the running one."""
@@ -230,6 +229,9 @@ class Runtime:
         await self.resources.close()  # before the controller's last flush: keep its windows
         if "controller" in self._started:
             await self.controller.stop()  # the last samples reach the store
+        if self._proxy_server is not None:
+            await self._proxy_server.close()  # in-flight requests finish
+            self._proxy_server = None
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()

@@ -20,7 +20,7 @@ FAST = {"latency": "fixed", "latency_median": 0.0005}
 
 # Modules whose async tests also run on uvloop, the loop `canary run` uses: its transports
 # are not asyncio's classes and behave differently at the edges (the upstream client found it).
-_ALSO_ON_UVLOOP = ("test_h1_transport.py", "test_proxy_functional.py")
+_ALSO_ON_UVLOOP = ("test_h1_server.py", "test_h1_transport.py", "test_proxy_functional.py")
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[[], Any]]:

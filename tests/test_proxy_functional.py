@@ -483,10 +483,10 @@ async def test_fuzzed_requests_never_crash_the_proxy() -> None:
 
 
 def test_json_error_body_shape() -> None:
-    from canary.proxy.server import _error_response
+    from canary.proxy.h1_server import error_body
 
-    r = _error_response(502, "upstream production failed: connect", "rid-1", "production")
-    assert json.loads(r.text or "") == {
+    body = error_body(502, "upstream production failed: connect", "rid-1")
+    assert json.loads(body) == {
         "error": "upstream production failed: connect",
         "status": 502,
         "request_id": "rid-1",

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
+from typing import Protocol
 
 from canary.config import MatchConfig, RolloutConfig
 
@@ -76,6 +77,12 @@ def cookie_value(cookie_header: str | None, name: str) -> str | None:
     return morsel.value if morsel is not None else None
 
 
+class HeaderLookup(Protocol):
+    """Request headers by name, case-insensitively (a dict with the exact names also does)."""
+
+    def get(self, name: str, /) -> str | None: ...
+
+
 class ArmChooser:
     """Choose an arm for a request of one rollout from its headers and the current weights."""
 
@@ -89,7 +96,7 @@ class ArmChooser:
         self._override = rollout.routing.override_header
         self._random = rand
 
-    def choose(self, headers: Mapping[str, str], weights: Weights) -> Choice:
+    def choose(self, headers: HeaderLookup, weights: Weights) -> Choice:
         if self._override is not None:
             forced = headers.get(self._override)
             if forced is not None:

@@ -8,16 +8,11 @@ The controller changes a rollout's split by replacing its immutable :class:`Weig
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit
-
-from aiohttp import web
-from aiohttp.client_exceptions import ClientConnectionResetError
-from multidict import CIMultiDict
 
 from canary.config import Config, ProxyConfig, RolloutConfig
 from canary.errors import UpstreamError
@@ -33,6 +28,7 @@ from canary.observe import (
     ResponseInspector,
 )
 from canary.observe.inputs import InputMonitor
+from canary.proxy.h1_server import BadRequestBody, HttpRequest
 from canary.proxy.headers import downstream_headers, request_id, upstream_headers
 from canary.proxy.routing import ARMS, CANDIDATE, PRODUCTION, ArmChooser, RouteTable, Weights
 from canary.proxy.upstream import (
@@ -58,17 +54,23 @@ class _ClientStalled(UpstreamError):
     kind = "client_timeout"
 
 
+class _ClientBodyFailed(UpstreamError):
+    """The client's body broke off (it disconnected, or its chunked framing was malformed)."""
+
+    kind = "client_body"
+
+
 class _BodyStream:
     """A request body streamed upstream as it arrives, with the size and stall limits enforced.
 
-    aiohttp wraps errors raised while it sends a body, so the reason is also kept in
+    The transport wraps errors raised while it sends a body, so the reason is also kept in
     ``failure`` for the proxy to answer 413 or 408 instead of 502.
     """
 
-    __slots__ = ("_content", "_limit", "_timeout", "failure")
+    __slots__ = ("_limit", "_request", "_timeout", "failure")
 
-    def __init__(self, request: web.BaseRequest, limit: int, timeout: float) -> None:
-        self._content = request.content
+    def __init__(self, request: HttpRequest, limit: int, timeout: float) -> None:
+        self._request = request
         self._limit = limit
         self._timeout = timeout
         self.failure: UpstreamError | None = None
@@ -78,9 +80,12 @@ class _BodyStream:
         while True:
             try:
                 async with asyncio.timeout(self._timeout):
-                    chunk = await self._content.readany()
+                    chunk = await self._request.read_chunk()
             except TimeoutError:
                 self.failure = _ClientStalled("client stalled while sending the request body")
+                raise self.failure from None
+            except (ConnectionError, BadRequestBody) as exc:
+                self.failure = _ClientBodyFailed(f"bad request body: {exc}")
                 raise self.failure from None
             if not chunk:
                 return
@@ -172,14 +177,6 @@ class RolloutRoute:
         )
 
 
-def _error_response(status: int, message: str, rid: str, arm: str | None = None) -> web.Response:
-    headers = {"X-Request-Id": rid}
-    if arm is not None:
-        headers["X-Canary-Arm"] = arm
-    body = json.dumps({"error": message, "status": status, "request_id": rid})
-    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
-
-
 class Proxy:
     """The proxy port's request handler and the state it reads."""
 
@@ -241,36 +238,38 @@ class Proxy:
 
     # -- the hot path -------------------------------------------------------------------------
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: HttpRequest) -> None:
+        """Answer one request of the proxy port (:mod:`canary.proxy.h1_server` calls this)."""
         rid = request_id(request.headers.get("X-Request-Id"))
         route_name = self._table.lookup(request.host, request.path)
         if route_name is None:
             self._counters.reject("no_route")
-            return _error_response(404, "no rollout matches this request", rid)
+            return request.respond_error(404, "no rollout matches this request", rid)
         route = self.routes[route_name]
         cfg = self._proxy_cfg
 
         length = request.content_length
         if length is not None and length > cfg.max_body_size:
             self._counters.reject("body_too_large")
-            return _error_response(413, f"request body exceeds {cfg.max_body_size} bytes", rid)
+            msg = f"request body exceeds {cfg.max_body_size} bytes"
+            return request.respond_error(413, msg, rid)
         body: bytes | _BodyStream | None
         replayable = True
         if not request.body_exists:
             body = None
         elif length is not None and length <= cfg.replay_buffer:
-            content = request.content
             try:
-                if content.is_eof():  # the whole body came with the headers: no timer needed
-                    body = content.read_nowait(-1)
-                    if len(body) != length:
-                        raise asyncio.IncompleteReadError(body, length)
+                if request.body_complete():  # it came with the head: no timer needed
+                    body = request.take_body()
                 else:
                     async with asyncio.timeout(cfg.client_timeout):
-                        body = await content.readexactly(length)
-            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                        body = await request.read_body()
+            except (TimeoutError, ConnectionError):
                 self._counters.reject("client_timeout")
-                return _error_response(408, "request body was not received in time", rid)
+                return request.respond_error(408, "request body was not received in time", rid)
+            except BadRequestBody as exc:
+                self._counters.reject("bad_request")
+                return request.respond_error(400, f"bad request body: {exc}", rid)
         else:
             body = _BodyStream(request, cfg.max_body_size, cfg.client_timeout)
             replayable = False
@@ -284,7 +283,7 @@ class Proxy:
         counters = self._counters
         counters.inflight += 1
         try:
-            return await self._forward(
+            await self._forward(
                 request,
                 route,
                 choice.arm,
@@ -300,7 +299,7 @@ class Proxy:
 
     async def _forward(
         self,
-        request: web.BaseRequest,
+        request: HttpRequest,
         route: RolloutRoute,
         arm: str,
         propensity: float,
@@ -309,7 +308,7 @@ class Proxy:
         body: bytes | _BodyStream | None,
         replayable: bool,
         rid: str,
-    ) -> web.StreamResponse:
+    ) -> None:
         clock = self._clock
         analysed = not forced
         if forced:
@@ -344,15 +343,17 @@ class Proxy:
                 kind = err.kind if err is not None else "protocol"
                 if isinstance(err, RequestBodyTooLarge):
                     self._counters.reject("body_too_large")
-                    return _error_response(413, str(err), rid, arm)
+                    return request.respond_error(413, str(err), rid, arm)
                 if isinstance(err, _ClientStalled):
                     self._counters.reject("client_timeout")
-                    return _error_response(408, str(err), rid, arm)
+                    return request.respond_error(408, str(err), rid, arm)
+                if isinstance(err, _ClientBodyFailed):
+                    self._counters.reject("bad_request")
+                    return request.respond_error(400, str(err), rid, arm)
                 self._record_failure(route, arm, propensity, rid, 0, kind, started, body, analysed)
-                return _error_response(
-                    _STATUS_FOR_ERROR.get(kind, 502), f"upstream {arm} failed: {kind}", rid, arm
-                )
-            return await self._stream_back(
+                status = _STATUS_FOR_ERROR.get(kind, 502)
+                return request.respond_error(status, f"upstream {arm} failed: {kind}", rid, arm)
+            await self._stream_back(
                 request, route, arm, propensity, resp, started, body, rid, analysed
             )
         except BaseException:
@@ -365,7 +366,7 @@ class Proxy:
 
     async def _send(
         self,
-        request: web.BaseRequest,
+        request: HttpRequest,
         route: RolloutRoute,
         arm: str,
         body: bytes | _BodyStream | None,
@@ -374,7 +375,7 @@ class Proxy:
         pool = route.pools[arm]
         attempts = len(pool.endpoints) if isinstance(body, bytes | None) else 1
         err: UpstreamError | None = None
-        client_headers = tuple(request.headers.items())
+        client_headers = request.headers.items()
         for _ in range(min(attempts, 2)):
             i = pool.pick()
             headers = upstream_headers(
@@ -404,7 +405,7 @@ class Proxy:
 
     async def _stream_back(
         self,
-        request: web.BaseRequest,
+        request: HttpRequest,
         route: RolloutRoute,
         arm: str,
         propensity: float,
@@ -413,7 +414,7 @@ class Proxy:
         body: bytes | _BodyStream | None,
         rid: str,
         analysed: bool,
-    ) -> web.StreamResponse:
+    ) -> None:
         clock = self._clock
         headers, length = downstream_headers(tuple(resp.headers.items()), rid=rid, arm=arm)
         inspector = route.extractor.start(
@@ -436,7 +437,8 @@ class Proxy:
                     route, arm, propensity, rid, resp.status, exc.kind, started, body, analysed
                 )
                 status = _STATUS_FOR_ERROR.get(exc.kind, 502)
-                return _error_response(status, f"upstream {arm} failed: {exc.kind}", rid, arm)
+                msg = f"upstream {arm} failed: {exc.kind}"
+                return request.respond_error(status, msg, rid, arm)
             resp.close()
             latency = clock() - started
             inspector.feed(data)
@@ -444,33 +446,25 @@ class Proxy:
             self._finish(route, arm, inspector, resp.headers, latency, latency, failed)
             self._record(route, arm, propensity, False, rid, resp.status, failed, latency,
                          latency, len(data), body, inspector, analysed)  # fmt: skip
-            return web.Response(
-                status=resp.status, reason=resp.reason, headers=CIMultiDict(headers), body=data
-            )
-        out = web.StreamResponse(
-            status=resp.status, reason=resp.reason, headers=CIMultiDict(headers)
-        )
-        if length is not None:
-            out.content_length = length
+            return request.respond(resp.status, resp.reason, headers, data)
         ttft: float | None = None
         received = 0
         error: str | None = None
         try:
-            await out.prepare(request)
+            await request.start(resp.status, resp.reason, headers, length)
             if request.method != "HEAD" and resp.status not in _NO_BODY_STATUSES:
                 async for chunk in resp.chunks():
                     if ttft is None:
                         ttft = clock() - started
                     received += len(chunk)
                     inspector.feed(chunk)
-                    await out.write(chunk)
-            await out.write_eof()
+                    await request.write(chunk)
+            await request.finish()
         except UpstreamError as exc:
             # Headers are out: the only honest signal left is to cut the client's connection.
             error = exc.kind
-            if request.transport is not None:
-                request.transport.close()
-        except (ClientConnectionResetError, ConnectionError, asyncio.CancelledError):
+            request.abort()
+        except (ConnectionError, asyncio.CancelledError):
             route.counters.client_disconnects += 1
             raise
         finally:
@@ -494,7 +488,6 @@ class Proxy:
             inspector,
             analysed,
         )
-        return out
 
     def _record(
         self,
@@ -611,7 +604,7 @@ class Proxy:
         record(route.name, PRODUCTION, "agreement", 1.0, 1.0)
 
     def _start_mirror(
-        self, request: web.BaseRequest, route: RolloutRoute, body: object, rid: str
+        self, request: HttpRequest, route: RolloutRoute, body: object, rid: str
     ) -> None:
         shadow = route.counters.shadow
         if body is _NOT_REPLAYABLE:

@@ -1,0 +1,805 @@
+"""The proxy port's HTTP/1.1 server: an asyncio Protocol on httptools' parser.
+
+The other half of :mod:`canary.proxy.h1_transport` (DESIGN.md "Data plane notes"): aiohttp's
+server builds a request object, a stream reader, a response object and a payload writer per
+request, and was a quarter of the proxy's CPU per request. This server keeps one
+:class:`HttpRequest` per request (it is also the response writer), answers a small body with
+one write, and still does what the proxy port needs:
+
+* keep-alive and pipelining (requests on one connection are answered in order);
+* request bodies buffered or streamed, with back-pressure (reading pauses while a body waits
+  for its consumer), ``Expect: 100-continue``;
+* responses with a Content-Length, chunked, or delimited by close (HTTP/1.0 clients), HEAD;
+* limits: the request head (line and headers) is bounded by ``max_header_size`` (431), a head
+  that takes longer than ``client_timeout`` gets 408, idle keep-alive connections close after
+  ``keepalive_timeout``; malformed requests get 400 and the connection is closed;
+* a graceful stop: no new connections, idle ones closed, in-flight requests finish.
+
+Nothing here knows about rollouts: the handler (``Proxy.handle``) gets the request and must
+answer it through :meth:`HttpRequest.respond` or :meth:`HttpRequest.start` /
+:meth:`HttpRequest.write` / :meth:`HttpRequest.finish`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import cast
+from urllib.parse import unquote
+
+import httptools
+
+log = logging.getLogger("canary.proxy.server")
+
+_BODY_HIGH_WATER = 256 * 1024  # buffered request body bytes before reading pauses
+_NO_BODY_STATUSES = frozenset({204, 304})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LINGER = 2.0  # seconds an unread request body is read and dropped after the answer
+_MAX_PIPELINED = 16  # requests waiting behind the one being answered before reading pauses
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+def _head(status: int, reason: str, headers: Iterable[tuple[str, str]], extra: bytes) -> bytes:
+    lines = [f"HTTP/1.1 {status} {reason or _reason(status)}"]
+    lines.extend(f"{k}: {v}" for k, v in headers)
+    return "\r\n".join(lines).encode("latin-1", "replace") + b"\r\n" + extra + b"\r\n"
+
+
+def error_body(status: int, message: str, rid: str) -> bytes:
+    """The small JSON body of every answer the proxy gives itself."""
+    return json.dumps({"error": message, "status": status, "request_id": rid}).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    max_header_size: int = 16 * 1024  # request line plus header lines
+    client_timeout: float = 60.0  # to receive a request's head
+    keepalive_timeout: float = 75.0  # an idle keep-alive connection is closed after this
+
+
+class RequestHeaders:
+    """A request's headers in arrival order, with a case-insensitive :meth:`get`."""
+
+    __slots__ = ("_first", "_items")
+
+    def __init__(self, items: list[tuple[str, str]], first: dict[str, str]) -> None:
+        self._items = items
+        self._first = first
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return self._first.get(name.lower(), default)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._first
+
+    def items(self) -> list[tuple[str, str]]:
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class HttpRequest:
+    """One request on a connection, and the writer of its response.
+
+    The body is buffered by the connection as it arrives; the handler takes it whole
+    (:meth:`body_complete` / :meth:`take_body` / :meth:`read_body`) or in pieces
+    (:meth:`read_chunk`).
+    """
+
+    __slots__ = (
+        "_body",
+        "_body_done",
+        "_body_size",
+        "_chunked",
+        "_conn",
+        "_continue",
+        "_discard",
+        "_error",
+        "_length",
+        "_no_body",
+        "_waiter",
+        "_written",
+        "body_exists",
+        "content_length",
+        "headers",
+        "host",
+        "keep_alive",
+        "method",
+        "raw_path",
+        "remote",
+        "response_state",
+        "scheme",
+        "version",
+    )
+
+    def __init__(
+        self,
+        conn: HttpServerProtocol,
+        method: str,
+        raw_path: str,
+        version: str,
+        headers: RequestHeaders,
+        keep_alive: bool,
+        content_length: int | None,
+        chunked: bool,
+    ) -> None:
+        self._conn = conn
+        self.method = method
+        self.raw_path = raw_path
+        self.version = version
+        self.headers = headers
+        self.host = headers.get("host") or ""
+        self.remote = conn.remote
+        self.scheme = "http"
+        self.keep_alive = keep_alive
+        self.content_length = content_length
+        self.body_exists = chunked or bool(content_length)
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._body_done = not self.body_exists
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: Exception | None = None  # why the rest of the body will never come
+        expect = headers.get("expect")
+        self._continue = (
+            expect is not None and expect.lower() == "100-continue" and version != "1.0"
+        )
+        self._discard = False  # answered already: the rest of the body is dropped
+        self._chunked = False  # the response's framing
+        self._no_body = False
+        self._length: int | None = None  # the streamed response's Content-Length
+        self._written = 0
+        self.response_state = 0  # 0 not started, 1 head sent, 2 done
+
+    @property
+    def path(self) -> str:
+        """The path without the query, percent-decoded and with dot segments resolved (what
+        routing matches; the upstream gets :attr:`raw_path` untouched)."""
+        path = self.raw_path.partition("?")[0]
+        if "%" in path or "/." in path:
+            path = _normalise(unquote(path))
+        return path
+
+    # -- the request body ---------------------------------------------------------------
+
+    def body_complete(self) -> bool:
+        return self._body_done
+
+    def take_body(self) -> bytes:
+        """Everything buffered so far (the whole body once :meth:`body_complete`)."""
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        self._body.clear()
+        self._consumed()
+        return body
+
+    async def read_body(self) -> bytes:
+        """The whole body; ConnectionError if the client goes away first."""
+        while not self._body_done:
+            await self._wait()
+        return self.take_body()
+
+    async def read_chunk(self) -> bytes:
+        """The next piece of the body; b"" at its end; ConnectionError if the client goes."""
+        while not self._body and not self._body_done:
+            await self._wait()
+        if not self._body:
+            return b""
+        return self.take_body()
+
+    async def _wait(self) -> None:
+        conn = self._conn
+        if self._error is not None:
+            raise self._error
+        if conn.lost or conn.eof:
+            raise ConnectionResetError("client disconnected while sending the request body")
+        if self._continue and self.response_state == 0:
+            self._continue = False
+            conn.write(_CONTINUE)
+        conn.resume_body()
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _consumed(self) -> None:
+        self._body_size = sum(len(b) for b in self._body)
+        if self._body_size < _BODY_HIGH_WATER:
+            self._conn.resume_body()
+
+    def _feed(self, data: bytes) -> None:
+        if self._discard:
+            return
+        self._body.append(data)
+        self._body_size += len(data)
+        if self._body_size >= _BODY_HIGH_WATER:
+            self._conn.pause_body()
+        self._wake()
+
+    def _done(self) -> None:
+        self._body_done = True
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _lost(self) -> None:
+        self._fail(ConnectionResetError("client disconnected while sending the request body"))
+
+    def _fail(self, error: Exception) -> None:
+        if self._body_done or self._error is not None:
+            return
+        self._error = error
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_exception(error)
+
+    # -- the response -------------------------------------------------------------------
+
+    def respond(
+        self, status: int, reason: str, headers: Iterable[tuple[str, str]], body: bytes
+    ) -> None:
+        """The whole response in one write (Content-Length added)."""
+        if self.response_state != 0:
+            raise RuntimeError("response already started")
+        self.response_state = 2
+        conn = self._conn
+        if conn.lost:
+            return  # nobody to answer; the caller has recorded what it needed
+        if status in _NO_BODY_STATUSES or status < 200:
+            conn.write(_head(status, reason, headers, self._connection_header()))
+        elif self.method == "HEAD":
+            extra = b"Content-Length: %d\r\n" % len(body) + self._connection_header()
+            conn.write(_head(status, reason, headers, extra))
+        else:
+            extra = b"Content-Length: %d\r\n" % len(body) + self._connection_header()
+            conn.write(_head(status, reason, headers, extra) + body)
+
+    def respond_error(self, status: int, message: str, rid: str, arm: str | None = None) -> None:
+        """One of the proxy's own answers: a small JSON body with the request id."""
+        headers = [("Content-Type", "application/json"), ("X-Request-Id", rid)]
+        if arm is not None:
+            headers.append(("X-Canary-Arm", arm))
+        self.respond(status, "", headers, error_body(status, message, rid))
+
+    async def start(
+        self, status: int, reason: str, headers: Iterable[tuple[str, str]], length: int | None
+    ) -> None:
+        """Send the head of a streamed response; the body follows with :meth:`write`.
+
+        ``length`` is the body's size when known; otherwise the body is sent chunked, or
+        delimited by closing the connection for an HTTP/1.0 client.
+        """
+        if self.response_state != 0:
+            raise RuntimeError("response already started")
+        conn = self._conn
+        if conn.lost:
+            raise ConnectionResetError("client disconnected")
+        self.response_state = 1
+        no_body = self.method == "HEAD" or status in _NO_BODY_STATUSES or status < 200
+        self._no_body = no_body
+        self._length = None if no_body else length
+        if length is not None and status != 204 and status >= 200:
+            extra = b"Content-Length: %d\r\n" % length
+        elif no_body:
+            extra = b""
+        elif self.version == "1.1":
+            extra = b"Transfer-Encoding: chunked\r\n"
+            self._chunked = True
+        else:
+            extra = b""
+            self.keep_alive = False  # the end of the body is the end of the connection
+        conn.write(_head(status, reason, headers, extra + self._connection_header()))
+        await conn.drain()
+
+    async def write(self, data: bytes) -> None:
+        if not data or self._no_body:
+            return  # HEAD, 204, 304: whatever the upstream sent, the client gets no body
+        conn = self._conn
+        if conn.lost:
+            raise ConnectionResetError("client disconnected")
+        self._written += len(data)
+        if self._chunked:
+            conn.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            conn.write(data)
+        await conn.drain()
+
+    async def finish(self) -> None:
+        if self.response_state != 1:
+            raise RuntimeError("response not started or already finished")
+        self.response_state = 2
+        conn = self._conn
+        if self._length is not None and self._written != self._length:
+            # fewer (or more) bytes than the Content-Length said: the connection is out of step
+            self.abort()
+            return
+        if self._chunked and not conn.lost:
+            conn.write(b"0\r\n\r\n")
+        await conn.drain()
+
+    def abort(self) -> None:
+        """Cut the connection: the only signal left once the head is out and the body fails."""
+        self.keep_alive = False
+        self.response_state = 2
+        self._conn.abort()
+
+    def _connection_header(self) -> bytes:
+        if not self.keep_alive or not self._body_done or self._conn.last_answer():
+            # An unread body would be read as the next request: close after this answer.
+            self.keep_alive = False
+            return b"Connection: close\r\n"
+        if self.version == "1.0":
+            return b"Connection: keep-alive\r\n"
+        return b""
+
+
+def _origin_form(target: str) -> tuple[str, str]:
+    """``http://host/p?q`` -> (``/p?q``, ``host``); a server must accept absolute-form."""
+    scheme, sep, rest = target.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        raise httptools.HttpParserError("the request target must be a path or an http URL")
+    slash = rest.find("/")
+    query = rest.find("?")
+    cut = min(i for i in (slash, query, len(rest)) if i >= 0)
+    path = rest[cut:]
+    if not path.startswith("/"):
+        path = "/" + path
+    return path, rest[:cut]
+
+
+def _normalise(path: str) -> str:
+    """Resolve ``.`` and ``..`` segments (RFC 3986 section 5.2.4) for route matching."""
+    out: list[str] = []
+    for seg in path.split("/")[1:]:
+        if seg == "..":
+            if out:
+                out.pop()
+        elif seg != ".":
+            out.append(seg)
+    tail = "/" if out and path.endswith(("/.", "/..")) else ""
+    return "/" + "/".join(out) + tail
+
+
+Handler = Callable[[HttpRequest], Awaitable[None]]
+
+
+class HttpServerProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self._server = server
+        self._handler = server.handler
+        self._limits = server.limits
+        self._loop = server.loop
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self.remote: str | None = None
+        self.lost = False
+        self.eof = False  # the client has sent all it will send
+        self.closing = False  # answer what is in flight, then close
+        self._read_paused = False
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        # the request whose head/body is being parsed, the one being answered, and the
+        # complete ones waiting behind it (pipelining)
+        self._parsing: HttpRequest | None = None
+        self._current: HttpRequest | None = None
+        self._queue: deque[HttpRequest] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._start_pending = False
+        # the head being parsed
+        self._url: list[bytes] = []
+        self._header_items: list[tuple[str, str]] = []
+        self._header_first: dict[str, str] = {}
+        self._head_size = 0
+        self._in_head = False
+        self._began = False  # a head began during the current read
+        self._head_chunks = 0  # bytes of reads that fell wholly inside the current head
+        # one lazy timer per connection: the head deadline, or the idle deadline
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._lingering = False
+        self._period = min(self._limits.client_timeout, self._limits.keepalive_timeout)
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        self.remote = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        self._server.connections.add(self)
+        self._set_deadline(self._limits.keepalive_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._server.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for req in (self._parsing, self._current, *self._queue):
+            if req is not None:
+                req._lost()
+        self._queue.clear()
+        d = self._drain
+        if d is not None and not d.done():
+            d.set_exception(ConnectionResetError("client disconnected"))
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing and self._current is None:
+            return
+        self._began = False
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # An Upgrade (WebSocket, h2c) or CONNECT: answered as a plain request, without
+            # the upgrade (hop-by-hop), and nothing after it is read.
+            self.closing = True
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else exc
+            if isinstance(cause, _HeadTooLarge):
+                self._reject(431, f"request head exceeds {self._limits.max_header_size} bytes")
+            else:
+                self._reject(400, f"malformed request: {cause}")
+            # a request whose head was complete is still answered (its body has failed)
+        if self._in_head and not self._began and not self.closing:
+            # the whole read belongs to a head still incomplete (httptools buffers it)
+            self._head_chunks += len(data)
+            if self._head_chunks > self._limits.max_header_size:
+                self._reject(431, f"request head exceeds {self._limits.max_header_size} bytes")
+        if self._start_pending:
+            self._start_pending = False
+            self._start_next()
+
+    def eof_received(self) -> bool:
+        # The client will send nothing more; keep the connection to answer what it asked.
+        self.eof = True
+        if self._current is None and self._parsing is None:
+            return False
+        if self._parsing is not None and not self._parsing._body_done:
+            self._parsing._lost()
+        self.closing = True
+        return True
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        d = self._drain
+        if d is not None and not d.done():
+            d.set_result(None)
+
+    # -- httptools callbacks ------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._began = True
+        self._in_head = True
+        self._head_chunks = 0
+        self._url = []
+        self._header_items = []
+        self._header_first = {}
+        self._head_size = 0
+        self._set_deadline(self._limits.client_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url.append(url)
+        self._head_size += len(url)
+        if self._head_size > self._limits.max_header_size:
+            raise _HeadTooLarge
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self._limits.max_header_size:
+            raise _HeadTooLarge
+        if not self._in_head:
+            return  # a chunked body's trailer: never a request header (it comes after routing)
+        k = name.decode("latin-1")
+        v = value.decode("latin-1")
+        self._header_items.append((k, v))
+        lk = k.lower()
+        if lk not in self._header_first:
+            self._header_first[lk] = v
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._deadline = None  # the handler bounds the body; the response ends the request
+        parser = self._parser
+        first = self._header_first
+        raw = b"".join(self._url).decode("latin-1")
+        authority = None
+        if not raw.startswith("/"):
+            raw, authority = _origin_form(raw)
+        length: int | None = None
+        cl = first.get("content-length")
+        if cl is not None:
+            length = int(cl)  # llhttp has checked it is a number
+        # Any Transfer-Encoding (llhttp frames the body by it): read the body as a stream.
+        chunked = "transfer-encoding" in first
+        if parser.should_upgrade() and (chunked or length):
+            # httptools stops at an upgrade's head: its body would be lost
+            raise httptools.HttpParserError("a request body with Upgrade is not supported")
+        req = HttpRequest(
+            self,
+            parser.get_method().decode("ascii"),
+            raw,
+            parser.get_http_version(),
+            RequestHeaders(self._header_items, first),
+            parser.should_keep_alive(),
+            None if chunked else length,
+            chunked,
+        )
+        if authority is not None:
+            req.host = authority  # RFC 9112 section 3.2.2: the target's authority wins
+        if self.closing:
+            return  # after a "Connection: close" or while stopping, nothing more is served
+        self._parsing = req
+        if self._current is None:
+            self._current = req
+            self._start_pending = True
+        else:
+            self._queue.append(req)
+            if len(self._queue) >= _MAX_PIPELINED:
+                self.pause_body()  # read no more until the client takes its answers
+
+    def on_body(self, body: bytes) -> None:
+        req = self._parsing
+        if req is not None:
+            req._feed(body)
+
+    def on_message_complete(self) -> None:
+        req = self._parsing
+        self._parsing = None
+        if req is None:
+            return
+        req._done()
+        if self._lingering:
+            self.close()  # the unread body has been dropped: the answer is out
+            return
+        if not req.keep_alive:
+            self.closing = True  # a request that asked for close is the last one read
+            self.pause_body()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _start_next(self) -> None:
+        req = self._current
+        if req is None or self._task is not None:
+            return
+        self._task = self._loop.create_task(self._serve(req))
+
+    async def _serve(self, req: HttpRequest) -> None:
+        try:
+            await self._handler(req)
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+        except ConnectionError:
+            self.abort()
+        except Exception:
+            log.exception("request handler failed for %s %s", req.method, req.raw_path[:200])
+            if req.response_state == 0 and not self.lost:
+                rid = os.urandom(16).hex()
+                req.keep_alive = False
+                req.respond_error(500, "internal error in the proxy", rid)
+            else:
+                self.abort()
+        finally:
+            self._task = None
+        if self._write_paused and not self.lost:
+            with contextlib.suppress(ConnectionError):
+                await self.drain()  # the client takes this answer before the next is made
+        if req.response_state != 2:
+            log.error("request handler left the response unfinished: closing the connection")
+            self.abort()
+            return
+        self._finished(req)
+
+    def _finished(self, req: HttpRequest) -> None:
+        if self.lost:
+            return
+        if not req._body_done:
+            if self.eof or isinstance(req._error, BadRequestBody):
+                self.close()  # nothing more can usefully be read
+            else:
+                self._linger(req)
+            return
+        if not req.keep_alive:
+            self.close()
+            return
+        self._current = self._queue.popleft() if self._queue else None
+        if self._current is not None:
+            self._start_next()  # accepted before any close: still answered, in order
+            if len(self._queue) < _MAX_PIPELINED:
+                self.resume_body()
+        elif self.closing:
+            self.close()
+        else:
+            self.resume_body()
+            if not self._in_head:  # a head already begun keeps its own deadline
+                self._set_deadline(self._limits.keepalive_timeout)
+
+    def _linger(self, req: HttpRequest) -> None:
+        """Answered before the body was read (413, say): read and drop the rest of it for a
+        moment before closing, so the client sees the answer rather than a reset."""
+        self.closing = True
+        self._lingering = True
+        req._discard = True
+        req._body.clear()
+        self._queue.clear()
+        self.resume_body(force=True)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._set_deadline(_LINGER)
+
+    def _reject(self, status: int, message: str) -> None:
+        """Answer a request that cannot be parsed, and close. A request being answered keeps
+        its answer; the bad one behind it only closes the connection."""
+        self.closing = True
+        if self._parsing is not None:
+            self._parsing._fail(BadRequestBody(message))
+        self._parsing = None
+        self._queue.clear()
+        if self._current is None and not self.lost:
+            rid = os.urandom(16).hex()
+            self._server.rejected(status)
+            body = error_body(status, message, rid)
+            headers = [("Content-Type", "application/json"), ("X-Request-Id", rid)]
+            extra = b"Content-Length: %d\r\nConnection: close\r\n" % len(body)
+            self.write(_head(status, "", headers, extra) + body)
+            self.close()
+        self.pause_body()
+
+    # -- transport helpers ----------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        t = self._transport
+        if t is not None and not self.lost:
+            t.write(data)
+
+    def writelines(self, data: Iterable[bytes]) -> None:
+        t = self._transport
+        if t is not None and not self.lost:
+            t.writelines(data)
+
+    async def drain(self) -> None:
+        if self.lost:
+            raise ConnectionResetError("client disconnected")
+        if not self._write_paused:
+            return
+        self._drain = self._loop.create_future()
+        try:
+            await self._drain
+        finally:
+            self._drain = None
+
+    def pause_body(self) -> None:
+        if not self._read_paused and self._transport is not None and not self.lost:
+            self._read_paused = True
+            self._transport.pause_reading()
+
+    def resume_body(self, force: bool = False) -> None:
+        if self._read_paused and self._transport is not None and not self.lost:
+            if self.closing and not force and self._parsing is None:
+                return  # nothing more will be read on this connection
+            self._read_paused = False
+            self._transport.resume_reading()
+
+    def close(self) -> None:
+        self.closing = True
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        self.closing = True
+        if self._transport is not None:
+            self._transport.abort()
+
+    def idle(self) -> bool:
+        return self._current is None and self._parsing is None
+
+    def last_answer(self) -> bool:
+        """No request is read after the one being answered (the connection is closing and
+        nothing waits behind it)."""
+        return self.closing and not self._queue and self._parsing in (None, self._current)
+
+    # -- the connection's one timer ---------------------------------------------------------
+
+    # Setting a deadline is a float store per request; the timer fires at least every
+    # min(client_timeout, keepalive_timeout), so a deadline set after it was armed is never
+    # more than that away from a firing that re-arms for it: each deadline is kept exactly.
+
+    def _set_deadline(self, after: float) -> None:
+        self._deadline = self._loop.time() + after
+        if self._timer is None and not self.lost:
+            self._arm()
+
+    def _arm(self) -> None:
+        assert self._deadline is not None
+        due = min(self._deadline, self._loop.time() + self._period)
+        self._timer = self._loop.call_at(due, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None or self.lost:
+            return
+        if self._loop.time() < deadline:
+            self._arm()
+            return
+        if self._lingering:
+            self.close()
+        elif self._in_head:
+            self._reject(408, "the request head was not received in time")
+        elif self.idle():
+            self.close()  # idle keep-alive connection
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+class BadRequestBody(ValueError):
+    """The request body could not be parsed (bad chunked framing, say): the request is void."""
+
+
+class HttpServer:
+    """The listening socket and its connections."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        limits: ServerLimits,
+        on_reject: Callable[[int], None] | None = None,
+    ) -> None:
+        self.handler = handler
+        self.limits = limits
+        self._on_reject = on_reject
+        self.connections: set[HttpServerProtocol] = set()
+        self._server: asyncio.Server | None = None
+        self.loop = asyncio.get_running_loop()
+
+    async def listen(self, host: str, port: int, backlog: int = 2048) -> int:
+        self._server = await self.loop.create_server(
+            lambda: HttpServerProtocol(self), host, port, backlog=backlog, reuse_address=True
+        )
+        sock = self._server.sockets[0]
+        return int(sock.getsockname()[1])
+
+    def rejected(self, status: int) -> None:
+        if self._on_reject is not None:
+            self._on_reject(status)
+
+    async def close(self, grace: float = 30.0) -> None:
+        """Stop accepting; close idle connections; give in-flight requests ``grace`` seconds."""
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.closing = True
+            if conn.idle():
+                conn.close()  # after what is buffered for it has been sent
+        deadline = self.loop.time() + grace
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)  # busy ones close after their answers
+        for conn in list(self.connections):
+            conn.abort()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+            self._server = None
