@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from canary.config import Config, RolloutConfig, WebhookConfig
@@ -42,7 +42,9 @@ from canary.decision import (
     fingerprint,
     progress,
     transition,
+    worker,
 )
+from canary.decision.channel import AnalysisChannel, AnalysisFailed, ChannelBroken
 from canary.errors import StoreError
 from canary.metrics import Metrics
 from canary.observe import Recorder, RolloutAccumulator
@@ -100,6 +102,16 @@ class _Rollout:
     last_eval_wall: float = 0.0
     failing_since: float | None = None
     failing_requests: int = 0
+    version: int = 0  # counts the deltas merged into totals
+    analysed: tuple[int, RolloutConfig] | None = None  # (version, config) of ``analysis``
+    shipped: tuple[RolloutConfig, bytes, frozenset[str]] | None = None  # see shipping()
+
+    def shipping(self) -> tuple[bytes, frozenset[str]]:
+        """The pickled config and the signal keys its analysis reads, once per config."""
+        cfg = self.config
+        if self.shipped is None or self.shipped[0] is not cfg:
+            self.shipped = (cfg, worker.pack_config(cfg), worker.analysed_keys(cfg))
+        return self.shipped[1], self.shipped[2]
 
 
 class Controller:
@@ -138,8 +150,13 @@ class Controller:
         self.flush_interval = flush_interval
         self._rollouts: dict[str, _Rollout] = {}
         self._lock = asyncio.Lock()  # control path only: evaluation vs operator commands
+        self._flush_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._eval_task: asyncio.Task[None] | None = None
+        self._warming: asyncio.Future[None] | None = None
+        self._channel: AnalysisChannel | None = None  # from start() to stop()
+        # Gauge children by (rollout, result name): ``labels()`` costs a lock and a lookup.
+        self._gauges: dict[tuple[str, str], tuple[Any, ...]] = {}
         self.store_ok = True
         self.store_error = ""
         metrics.store_up.set(1)
@@ -147,9 +164,22 @@ class Controller:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def load(self) -> dict[str, tuple[float, bool]]:
-        """Restore (or start) every configured rollout; return the weights to serve."""
+        """Restore (or start) every configured rollout; return the weights to serve.
+
+        Also starts the analysis process: the pool starts it at its first job, which takes tens
+        of milliseconds on the event loop, and the worker then spends most of a CPU-second
+        importing the statistics; better before the proxy serves than at the first analysis.
+        """
         for r in self.config.rollouts:
             self._rollouts[r.name] = await self._adopt(r)
+        if self._executor is not None and self._warming is None:
+            try:
+                self._warming = asyncio.get_running_loop().run_in_executor(
+                    self._executor, worker.warm
+                )
+                self._warming.add_done_callback(_ignore_failure)  # the first analysis says it
+            except Exception:  # e.g. a pool already shut down: the first analysis falls back
+                log.exception("could not start the analysis process")
         return self.weights()
 
     def weights(self) -> dict[str, tuple[float, bool]]:
@@ -157,7 +187,22 @@ class Controller:
 
     async def start(self) -> None:
         if self._task is None:
+            await self._open_channel()
             self._task = asyncio.get_running_loop().create_task(self._run(), name="controller")
+
+    async def _open_channel(self) -> None:
+        """Serve analyses over a socket to the pool's worker (see :mod:`canary.decision.channel`).
+
+        Opened here, not in :meth:`load`: the job holds the worker until :meth:`stop` closes
+        the channel, and only a started controller is sure to be stopped before the pool is
+        shut down (which waits for its jobs).
+        """
+        if self._executor is None or self._channel is not None:
+            return
+        try:
+            self._channel = await AnalysisChannel.open(self._executor)
+        except Exception:  # analyses go through the executor itself
+            log.exception("could not open the analysis channel")
 
     async def stop(self) -> None:
         """Stop the loop and write the last samples (a clean stop loses nothing)."""
@@ -167,6 +212,9 @@ class Controller:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._task = self._eval_task = None
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
         await self.flush()
 
     async def _run(self) -> None:
@@ -185,23 +233,39 @@ class Controller:
     # -- samples --------------------------------------------------------------------------
 
     async def flush(self) -> None:
-        """Move the proxy's deltas into the totals and the store; retry unsaved writes."""
+        """Move the proxy's deltas into the totals and the store; retry unsaved writes.
+
+        The merges into the totals and the store's write are separate turns of the event loop
+        (each a fraction of a millisecond that requests arriving meanwhile wait for); a lock
+        keeps a second flush from writing the same pending samples meanwhile.
+        """
+        async with self._flush_lock:
+            self._merge_deltas()
+            for name, ro in list(self._rollouts.items()):
+                try:
+                    await self._save_decisions(ro)
+                    if not ro.pending.empty:
+                        await asyncio.sleep(0)
+                        if self._rollouts.get(name) is not ro:
+                            continue  # restarted by a reload meanwhile: old arms' samples
+                        await self._store.add_samples(name, ro.pending)
+                        ro.pending = RolloutAccumulator(ro.totals.accuracy)
+                except StoreError as exc:
+                    self._store_failed("flush", exc)
+                    return
+            self._store_recovered()
+
+    def _merge_deltas(self) -> None:
         for name, delta in self._recorder.swap().items():
             ro = self._rollouts.get(name)
             if ro is None or delta.empty:
                 continue
             ro.totals.merge(delta)
-            ro.pending.merge(delta)
-        for name, ro in self._rollouts.items():
-            try:
-                await self._save_decisions(ro)
-                if not ro.pending.empty:
-                    await self._store.add_samples(name, ro.pending)
-                    ro.pending = RolloutAccumulator(ro.totals.accuracy)
-            except StoreError as exc:
-                self._store_failed("flush", exc)
-                return
-        self._store_recovered()
+            ro.version += 1
+            if ro.pending.empty:
+                ro.pending = delta  # the recorder gave it away: no copy needed
+            else:  # the store failed last time: these wait too
+                ro.pending.merge(delta)
 
     def _store_failed(self, operation: str, exc: StoreError) -> None:
         self._metrics.store_errors.labels(operation).inc()
@@ -253,25 +317,32 @@ class Controller:
         now = self._clock()
         t0 = time.perf_counter()
         self._track_failures(ro, now)
-        run = functools.partial(
-            analyze,
-            cfg,
-            # A copy: flushes go on while the worker's feeder thread pickles it.
-            ro.totals.snapshot(),
-            failing_for=0.0 if ro.failing_since is None else now - ro.failing_since,
-            failing_requests=ro.failing_requests,
-        )
-        analysis = await self._run_analysis(run)
+        failing_for = 0.0 if ro.failing_since is None else now - ro.failing_since
+        fresh = True
+        if ro.analysis is not None and ro.analysed == (ro.version, cfg):
+            # No sample since the last analysis of this config: the tests would say the same
+            # (they are functions of the totals); only the hard-failure clock moves on.
+            analysis = replace(
+                ro.analysis, failing_for=failing_for, failing_requests=ro.failing_requests
+            )
+            version, fresh = ro.version, False
+        else:
+            version, analysis = await self._run_analysis(ro, failing_for)
         async with self._lock:  # the state may not change between decide and apply
             if self._rollouts.get(name) is not ro or ro.config is not cfg:
                 return  # reloaded meanwhile: the next interval analyses the new config
-            await self._decide(ro, analysis, t0)
+            ro.analysed = (version, cfg)
+            await self._decide(ro, analysis, t0, export=fresh)
 
-    async def _decide(self, ro: _Rollout, analysis: Analysis, t0: float) -> None:
+    async def _decide(
+        self, ro: _Rollout, analysis: Analysis, t0: float, *, export: bool = True
+    ) -> None:
         cfg, name = ro.config, ro.config.name
         now = self._clock()
         ro.analysis = analysis
-        self._export_analysis(name, analysis)
+        if export:
+            self._export_analysis(name, analysis)
+            await asyncio.sleep(0)  # the gauges and the decision: two short turns of the loop
         if not self.store_ok and not ro.state.phase.terminal:
             ro.status = f"holding: the state store is unavailable ({self.store_error})"
             return
@@ -283,21 +354,65 @@ class Controller:
         if new is not ro.state:
             await self._apply(ro, decision, new, now)
 
-    async def _run_analysis(self, run: Callable[[], Analysis]) -> Analysis:
-        if self._executor is not None:
-            try:
-                return await asyncio.get_running_loop().run_in_executor(self._executor, run)
-            except asyncio.CancelledError:
-                raise
-            except BrokenProcessPool:
-                log.error("the analysis process died; analysing in the event loop from now on")
-                self._executor = None
-            except Exception:
-                # e.g. a program embedding canary without an `if __name__ == "__main__"` guard,
-                # which a forkserver worker cannot import: analyse here rather than never.
-                log.exception("the analysis process failed; analysing in the event loop")
-                self._executor = None
-        return run()
+    async def _run_analysis(self, ro: _Rollout, failing_for: float) -> tuple[int, Analysis]:
+        """Analyse ``ro``'s totals as they are now; return their version and the analysis.
+
+        In the worker process when there is one (through the channel once started, else as an
+        executor job), else here; a worker that fails once is not asked again.
+        """
+        if self._channel is not None or self._executor is not None:
+            config, keys = ro.shipping()
+            version, inputs = ro.version, worker.pack_inputs(ro.totals, keys)  # bytes: a snapshot
+            job = (config, inputs, failing_for, ro.failing_requests)
+            analysis = await (self._in_channel(*job) if self._channel else self._in_executor(*job))
+            if analysis is not None:
+                return version, analysis
+        # Synchronous: no flush can change the totals meanwhile, so no copy is needed.
+        analysis = analyze(
+            ro.config,
+            ro.totals,
+            failing_for=failing_for,
+            failing_requests=ro.failing_requests,
+        )
+        return ro.version, analysis
+
+    async def _in_channel(
+        self, config: bytes, inputs: bytes, failing_for: float, failing_requests: int
+    ) -> Analysis | None:
+        assert self._channel is not None
+        try:
+            return await self._channel.analyze(config, inputs, failing_for, failing_requests)
+        except ChannelBroken as exc:
+            log.error("the analysis process died (%s); analysing in the event loop", exc)
+        except AnalysisFailed as exc:
+            log.error("the analysis process failed; analysing in the event loop:\n%s", exc)
+        await self._channel.close()
+        self._channel = self._executor = None
+        return None
+
+    async def _in_executor(
+        self, config: bytes, inputs: bytes, failing_for: float, failing_requests: int
+    ) -> Analysis | None:
+        assert self._executor is not None
+        run = functools.partial(
+            worker.analyze_packed,
+            config,
+            inputs,
+            failing_for=failing_for,
+            failing_requests=failing_requests,
+        )
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        except asyncio.CancelledError:
+            raise
+        except BrokenProcessPool:
+            log.error("the analysis process died; analysing in the event loop from now on")
+        except Exception:
+            # e.g. a program embedding canary without an `if __name__ == "__main__"` guard,
+            # which a forkserver worker cannot import: analyse here rather than never.
+            log.exception("the analysis process failed; analysing in the event loop")
+        self._executor = None
+        return None
 
     def _track_failures(self, ro: _Rollout, now: float) -> None:
         cand = ro.totals.candidate
@@ -542,15 +657,39 @@ class Controller:
         self._metrics.step.labels(name).set(min(ro.state.step, len(ro.config.steps) - 1) + 1)
 
     def _export_analysis(self, name: str, analysis: Analysis) -> None:
-        m = self._metrics
         for r in analysis.all_results():
-            m.metric_estimate.labels(name, r.name).set(r.estimate)
-            m.metric_lower.labels(name, r.name).set(r.lower)
-            m.metric_upper.labels(name, r.name).set(r.upper)
-            m.metric_tolerance.labels(name, r.name).set(r.tolerance)
-            m.metric_verdict.labels(name, r.name).set(_VERDICT_VALUE[r.verdict])
-            m.metric_samples.labels(name, r.name, "production").set(r.n_production)
-            m.metric_samples.labels(name, r.name, "candidate").set(r.n_candidate)
+            estimate, lower, upper, tolerance, verdict, n_prod, n_cand = self._result_gauges(
+                name, r.name
+            )
+            estimate.set(r.estimate)
+            lower.set(r.lower)
+            upper.set(r.upper)
+            tolerance.set(r.tolerance)
+            verdict.set(_VERDICT_VALUE[r.verdict])
+            n_prod.set(r.n_production)
+            n_cand.set(r.n_candidate)
+
+    def _result_gauges(self, name: str, result: str) -> tuple[Any, ...]:
+        """The gauges of one result, looked up once (the label sets never change)."""
+        key = (name, result)
+        gauges = self._gauges.get(key)
+        if gauges is None:
+            m = self._metrics
+            gauges = self._gauges[key] = (
+                m.metric_estimate.labels(name, result),
+                m.metric_lower.labels(name, result),
+                m.metric_upper.labels(name, result),
+                m.metric_tolerance.labels(name, result),
+                m.metric_verdict.labels(name, result),
+                m.metric_samples.labels(name, result, "production"),
+                m.metric_samples.labels(name, result, "candidate"),
+            )
+        return gauges
+
+
+def _ignore_failure(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: a failed warm-up is not an error worth a log line
 
 
 def _retime(state: RolloutState, old: RolloutConfig, new: RolloutConfig) -> RolloutState:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections import deque
 from typing import Any
@@ -73,10 +74,15 @@ class MemoryStore:
         if mine is None:
             self._samples[rollout] = delta.snapshot()
             return
-        try:
-            mine.merge(delta)  # copies what it takes from delta
-        except ValueError as exc:  # accuracy mismatch; merge checks before changing anything
-            raise StoreError(f"cannot add samples to rollout {rollout!r}: {exc}") from exc
+        if delta.accuracy != mine.accuracy:
+            raise StoreError(
+                f"cannot add samples to rollout {rollout!r}: cannot merge accumulators of"
+                f" accuracy {delta.accuracy} into {mine.accuracy}"
+            )
+        # One arm per turn of the event loop: each merge blocks it (copies what it takes).
+        mine.production.merge(delta.production)
+        await asyncio.sleep(0)
+        mine.candidate.merge(delta.candidate)
 
     async def get_samples(self, rollout: str) -> RolloutAccumulator | None:
         self._check()
