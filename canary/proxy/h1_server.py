@@ -10,7 +10,8 @@ one write, and still does what the proxy port needs:
 * request bodies buffered or streamed, with back-pressure (reading pauses while a body waits
   for its consumer), ``Expect: 100-continue``;
 * responses with a Content-Length, chunked, or delimited by close (HTTP/1.0 clients), HEAD;
-* limits: the request head (line and headers) is bounded by ``max_header_size`` (431), a head
+* limits: the request line and each header field are bounded by ``max_header_size``, the
+  whole head by four times that (431, as nginx's default four large header buffers), a head
   that takes longer than ``client_timeout`` gets 408, idle keep-alive connections close after
   ``keepalive_timeout``; malformed requests get 400 and the connection is closed;
 * a graceful stop: no new connections, idle ones closed, in-flight requests finish.
@@ -65,7 +66,7 @@ def error_body(status: int, message: str, rid: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class ServerLimits:
-    max_header_size: int = 16 * 1024  # request line plus header lines
+    max_header_size: int = 16 * 1024  # the request line, each header field; the head: 4x
     client_timeout: float = 60.0  # to receive a request's head
     keepalive_timeout: float = 75.0  # an idle keep-alive connection is closed after this
 
@@ -415,6 +416,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._lingering = False
+        self._head_limit = 4 * self._limits.max_header_size
         self._period = min(self._limits.client_timeout, self._limits.keepalive_timeout)
 
     # -- asyncio.Protocol ---------------------------------------------------------------
@@ -453,15 +455,15 @@ class HttpServerProtocol(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else exc
             if isinstance(cause, _HeadTooLarge):
-                self._reject(431, f"request head exceeds {self._limits.max_header_size} bytes")
+                self._reject(431, self._too_large())
             else:
                 self._reject(400, f"malformed request: {cause}")
             # a request whose head was complete is still answered (its body has failed)
         if self._in_head and not self._began and not self.closing:
             # the whole read belongs to a head still incomplete (httptools buffers it)
             self._head_chunks += len(data)
-            if self._head_chunks > self._limits.max_header_size:
-                self._reject(431, f"request head exceeds {self._limits.max_header_size} bytes")
+            if self._head_chunks > self._head_limit:
+                self._reject(431, self._too_large())
         if self._start_pending:
             self._start_pending = False
             self._start_next()
@@ -500,12 +502,17 @@ class HttpServerProtocol(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self._url.append(url)
         self._head_size += len(url)
-        if self._head_size > self._limits.max_header_size:
+        if self._head_size > self._limits.max_header_size:  # so far only the request line
             raise _HeadTooLarge
 
+    def _too_large(self) -> str:
+        n = self._limits.max_header_size
+        return f"request line or a header field exceeds {n} bytes, or the head {4 * n}"
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_size += len(name) + len(value) + 4
-        if self._head_size > self._limits.max_header_size:
+        field = len(name) + len(value) + 4
+        self._head_size += field
+        if field > self._limits.max_header_size or self._head_size > self._head_limit:
             raise _HeadTooLarge
         if not self._in_head:
             return  # a chunked body's trailer: never a request header (it comes after routing)

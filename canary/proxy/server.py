@@ -417,9 +417,8 @@ class Proxy:
     ) -> None:
         clock = self._clock
         headers, length = downstream_headers(tuple(resp.headers.items()), rid=rid, arm=arm)
-        inspector = route.extractor.start(
-            resp.headers.get("Content-Type", ""), resp.headers.get("Content-Encoding", "")
-        )
+        content_type = resp.headers.get("Content-Type", "")
+        encoding = resp.headers.get("Content-Encoding", "")
         if (
             length is not None
             and length <= _SMALL_BODY
@@ -441,12 +440,16 @@ class Proxy:
                 return request.respond_error(status, msg, rid, arm)
             resp.close()
             latency = clock() - started
+            # The answer first: the client does not wait for the bookkeeping below.
+            request.respond(resp.status, resp.reason, headers, data)
+            inspector = route.extractor.start(content_type, encoding)
             inspector.feed(data)
             failed = "status" if route.is_error_status(resp.status) else None
             self._finish(route, arm, inspector, resp.headers, latency, latency, failed)
             self._record(route, arm, propensity, False, rid, resp.status, failed, latency,
                          latency, len(data), body, inspector, analysed)  # fmt: skip
-            return request.respond(resp.status, resp.reason, headers, data)
+            return
+        inspector = route.extractor.start(content_type, encoding)
         ttft: float | None = None
         received = 0
         error: str | None = None
