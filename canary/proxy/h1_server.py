@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -37,10 +36,12 @@ from urllib.parse import unquote
 
 import httptools
 
+from canary.proxy.headers import request_id
+
 log = logging.getLogger("canary.proxy.server")
 
 _BODY_HIGH_WATER = 256 * 1024  # buffered request body bytes before reading pauses
-_NO_BODY_STATUSES = frozenset({204, 304})
+NO_BODY_STATUSES = frozenset({204, 304})  # never a body (RFC 9110 sections 15.3.5, 15.4.5)
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LINGER = 2.0  # seconds an unread request body is read and dropped after the answer
 _MAX_PIPELINED = 16  # requests waiting behind the one being answered before reading pauses
@@ -62,6 +63,13 @@ def _head(status: int, reason: str, headers: Iterable[tuple[str, str]], extra: b
 def error_body(status: int, message: str, rid: str) -> bytes:
     """The small JSON body of every answer the proxy gives itself."""
     return json.dumps({"error": message, "status": status, "request_id": rid}).encode()
+
+
+def _error_headers(rid: str, arm: str | None = None) -> list[tuple[str, str]]:
+    headers = [("Content-Type", "application/json"), ("X-Request-Id", rid)]
+    if arm is not None:
+        headers.append(("X-Canary-Arm", arm))
+    return headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,9 +131,10 @@ class HttpRequest:
         "raw_path",
         "remote",
         "response_state",
-        "scheme",
         "version",
     )
+
+    scheme = "http"  # the proxy port does not terminate TLS
 
     def __init__(
         self,
@@ -145,7 +154,6 @@ class HttpRequest:
         self.headers = headers
         self.host = headers.get("host") or ""
         self.remote = conn.remote
-        self.scheme = "http"
         self.keep_alive = keep_alive
         self.content_length = content_length
         self.body_exists = chunked or bool(content_length)
@@ -217,9 +225,8 @@ class HttpRequest:
             self._waiter = None
 
     def _consumed(self) -> None:
-        self._body_size = sum(len(b) for b in self._body)
-        if self._body_size < _BODY_HIGH_WATER:
-            self._conn.resume_body()
+        self._body_size = 0  # everything buffered was taken
+        self._conn.resume_body()
 
     def _feed(self, data: bytes) -> None:
         if self._discard:
@@ -262,21 +269,16 @@ class HttpRequest:
         conn = self._conn
         if conn.lost:
             return  # nobody to answer; the caller has recorded what it needed
-        if status in _NO_BODY_STATUSES or status < 200:
+        if status in NO_BODY_STATUSES or status < 200:
             conn.write(_head(status, reason, headers, self._connection_header()))
-        elif self.method == "HEAD":
-            extra = b"Content-Length: %d\r\n" % len(body) + self._connection_header()
-            conn.write(_head(status, reason, headers, extra))
-        else:
-            extra = b"Content-Length: %d\r\n" % len(body) + self._connection_header()
-            conn.write(_head(status, reason, headers, extra) + body)
+            return
+        extra = b"Content-Length: %d\r\n" % len(body) + self._connection_header()
+        head = _head(status, reason, headers, extra)
+        conn.write(head if self.method == "HEAD" else head + body)
 
     def respond_error(self, status: int, message: str, rid: str, arm: str | None = None) -> None:
         """One of the proxy's own answers: a small JSON body with the request id."""
-        headers = [("Content-Type", "application/json"), ("X-Request-Id", rid)]
-        if arm is not None:
-            headers.append(("X-Canary-Arm", arm))
-        self.respond(status, "", headers, error_body(status, message, rid))
+        self.respond(status, "", _error_headers(rid, arm), error_body(status, message, rid))
 
     async def start(
         self, status: int, reason: str, headers: Iterable[tuple[str, str]], length: int | None
@@ -292,7 +294,7 @@ class HttpRequest:
         if conn.lost:
             raise ConnectionResetError("client disconnected")
         self.response_state = 1
-        no_body = self.method == "HEAD" or status in _NO_BODY_STATUSES or status < 200
+        no_body = self.method == "HEAD" or status in NO_BODY_STATUSES or status < 200
         self._no_body = no_body
         self._length = None if no_body else length
         if length is not None and status != 204 and status >= 200:
@@ -601,8 +603,8 @@ class HttpServerProtocol(asyncio.Protocol):
         except Exception:
             log.exception("request handler failed for %s %s", req.method, req.raw_path[:200])
             if req.response_state == 0 and not self.lost:
-                rid = os.urandom(16).hex()
                 req.keep_alive = False
+                rid = request_id(req.headers.get("X-Request-Id"))
                 req.respond_error(500, "internal error in the proxy", rid)
             else:
                 self.abort()
@@ -664,12 +666,11 @@ class HttpServerProtocol(asyncio.Protocol):
         self._parsing = None
         self._queue.clear()
         if self._current is None and not self.lost:
-            rid = os.urandom(16).hex()
+            rid = request_id(None)  # the head could not be read: no client id to trust
             self._server.rejected(status)
             body = error_body(status, message, rid)
-            headers = [("Content-Type", "application/json"), ("X-Request-Id", rid)]
             extra = b"Content-Length: %d\r\nConnection: close\r\n" % len(body)
-            self.write(_head(status, "", headers, extra) + body)
+            self.write(_head(status, "", _error_headers(rid), extra) + body)
             self.close()
         self.pause_body()
 

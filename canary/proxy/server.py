@@ -28,7 +28,7 @@ from canary.observe import (
     ResponseInspector,
 )
 from canary.observe.inputs import InputMonitor
-from canary.proxy.h1_server import BadRequestBody, HttpRequest
+from canary.proxy.h1_server import NO_BODY_STATUSES, BadRequestBody, HttpRequest
 from canary.proxy.headers import downstream_headers, request_id, upstream_headers
 from canary.proxy.routing import ARMS, CANDIDATE, PRODUCTION, ArmChooser, RouteTable, Weights
 from canary.proxy.upstream import (
@@ -42,7 +42,6 @@ from canary.proxy.upstream import (
 
 log = logging.getLogger("canary.proxy")
 
-_NO_BODY_STATUSES = frozenset({204, 304})
 _SMALL_BODY = 64 * 1024  # bodies up to this, of known length, are sent back in one write
 _CODE_CLASS = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
 _STATUS_FOR_ERROR = {"timeout": 504, "connect": 502, "reset": 502, "protocol": 502}
@@ -423,7 +422,7 @@ class Proxy:
             length is not None
             and length <= _SMALL_BODY
             and request.method != "HEAD"
-            and resp.status not in _NO_BODY_STATUSES
+            and resp.status not in NO_BODY_STATUSES
         ):
             # A small body of known length arrives in one piece: answer with one write
             # instead of prepare/write/write_eof. Nothing has reached the client yet, so an
@@ -455,7 +454,7 @@ class Proxy:
         error: str | None = None
         try:
             await request.start(resp.status, resp.reason, headers, length)
-            if request.method != "HEAD" and resp.status not in _NO_BODY_STATUSES:
+            if request.method != "HEAD" and resp.status not in NO_BODY_STATUSES:
                 async for chunk in resp.chunks():
                     if ttft is None:
                         ttft = clock() - started
