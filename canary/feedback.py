@@ -35,6 +35,7 @@ from typing import Any, Literal, Protocol
 
 from canary.config import FeedbackConfig, RolloutConfig
 from canary.errors import CanaryError
+from canary.observe.record import NO_CLUSTER
 
 __all__ = [
     "FEEDBACK_SIGNAL",
@@ -212,7 +213,8 @@ def same_json(a: object, b: object) -> bool:
 
 # -- the store ------------------------------------------------------------------------------
 
-_Answer = tuple[str, float, object]  # arm, propensity, prediction (None: none extracted)
+# arm, propensity, prediction (None: none extracted), sticky cluster (the unit of analysis)
+_Answer = tuple[str, float, object, int]
 
 
 class _Entry:
@@ -305,7 +307,13 @@ class FeedbackStore:
             self.expired += 1
 
     def add(
-        self, request_id: str, arm: str, propensity: float, prediction: object, shadow: bool
+        self,
+        request_id: str,
+        arm: str,
+        propensity: float,
+        prediction: object,
+        shadow: bool,
+        cluster: int = NO_CLUSTER,
     ) -> _Answer | None:
         """Keep one answer (O(1) amortised; called by the proxy per analysed response).
 
@@ -318,7 +326,7 @@ class FeedbackStore:
         self._expire(now)
         entries = self._entries
         entry = entries.get(request_id)
-        answer: _Answer = (arm, propensity, prediction)
+        answer: _Answer = (arm, propensity, prediction, cluster)
         if entry is not None:
             if shadow and entry.mirror is None:
                 if not entry.joined:  # a mirror slower than the user's feedback is not scored
@@ -339,9 +347,9 @@ class FeedbackStore:
         entries[request_id] = entry
         return None
 
-    def join(self, item: FeedbackItem) -> tuple[str, list[tuple[str, float, float]]]:
-        """Score ``item`` against its entry; return the result and ``(arm, value, propensity)``
-        for each value to record.
+    def join(self, item: FeedbackItem) -> tuple[str, list[tuple[str, float, float, int]]]:
+        """Score ``item`` against its entry; return the result and ``(arm, value, propensity,
+        cluster)`` for each value to record.
 
         The result is ``unknown`` when this store has no trace of the id (or, for
         ``correct``/``reward``, holds only a shadow answer: what the user saw was not kept).
@@ -355,25 +363,25 @@ class FeedbackStore:
             return (DUPLICATE if stone else EXPIRED), []
         if entry.joined:
             return DUPLICATE, []
-        values: list[tuple[str, float, float]] = []
+        values: list[tuple[str, float, float, int]] = []
         if item.kind == "label":
             for answer in (entry.seen, entry.mirror):
                 if answer is not None and answer[2] is not None:
-                    arm, propensity, prediction = answer
+                    arm, propensity, prediction, cluster = answer
                     try:
                         hit = same_json(prediction, item.value)
                     except RecursionError:
                         hit = False  # only absurdly nested values get here
-                    values.append((arm, 1.0 if hit else 0.0, propensity))
+                    values.append((arm, 1.0 if hit else 0.0, propensity, cluster))
             if not values:
                 return NO_PREDICTION, []
         else:
             if entry.seen is None:
                 return UNKNOWN, []
-            arm, propensity, _ = entry.seen
+            arm, propensity, _, cluster = entry.seen
             value = item.value
             assert isinstance(value, bool | float)  # parse_item guarantees it
-            values.append((arm, float(value), propensity))
+            values.append((arm, float(value), propensity, cluster))
         entry.joined = True
         entry.seen = entry.mirror = None  # the marker is all a joined entry needs
         return ACCEPTED, values
@@ -410,7 +418,13 @@ class ValueRecorder(Protocol):
     """Where joined values go (:class:`canary.observe.Recorder` in canary)."""
 
     def record_value(
-        self, rollout: str, arm: str, key: str, value: float, propensity: float = 1.0
+        self,
+        rollout: str,
+        arm: str,
+        key: str,
+        value: float,
+        propensity: float = 1.0,
+        cluster: int = NO_CLUSTER,
     ) -> None: ...
 
 
@@ -459,8 +473,10 @@ def join_feedback(
             if r == UNKNOWN:
                 continue
             result, rollout = r, store.rollout
-            for arm, value, propensity in values:
-                recorder.record_value(store.rollout, arm, FEEDBACK_SIGNAL, value, propensity)
+            for arm, value, propensity, cluster in values:
+                recorder.record_value(
+                    store.rollout, arm, FEEDBACK_SIGNAL, value, propensity, cluster
+                )
             break
         report.count(rollout, result)
     return report

@@ -144,11 +144,14 @@ def test_label_scores_the_served_answer_and_the_shadow_mirror() -> None:
     assert len(store) == 1  # one entry per id, holding both answers
     result, values = store.join(label("r1", 1))
     assert result == "accepted"
-    assert values == [("production", 1.0, 1.0), ("candidate", 0.0, 1.0)]
+    assert values == [("production", 1.0, 1.0, -1), ("candidate", 0.0, 1.0, -1)]
     # the mirror may finish before the answer the user got
     store.add("r2", "candidate", 1.0, "b", shadow=True)
     store.add("r2", "production", 1.0, "a", shadow=False)
-    assert store.join(label("r2", "b"))[1] == [("production", 0.0, 1.0), ("candidate", 1.0, 1.0)]
+    assert store.join(label("r2", "b"))[1] == [
+        ("production", 0.0, 1.0, -1),
+        ("candidate", 1.0, 1.0, -1),
+    ]
 
 
 def test_correct_and_reward_score_only_what_the_user_saw() -> None:
@@ -157,17 +160,17 @@ def test_correct_and_reward_score_only_what_the_user_saw() -> None:
     store.add("r1", "candidate", 1.0, 0, shadow=True)
     assert store.join(FeedbackItem("r1", "correct", False)) == (
         "accepted",
-        [("production", 0.0, 1.0)],
+        [("production", 0.0, 1.0, -1)],
     )
     store.add("r2", "candidate", 0.1, None, shadow=False)
     assert store.join(FeedbackItem("r2", "reward", 0.25)) == (
         "accepted",
-        [("candidate", 0.25, 0.1)],
+        [("candidate", 0.25, 0.1, -1)],
     )
     # only a shadow answer is stored (the user's answer failed): nothing to credit
     store.add("r3", "candidate", 1.0, 1, shadow=True)
     assert store.join(FeedbackItem("r3", "correct", True)) == ("unknown", [])
-    assert store.join(label("r3", 1)) == ("accepted", [("candidate", 1.0, 1.0)])
+    assert store.join(label("r3", 1)) == ("accepted", [("candidate", 1.0, 1.0, -1)])
 
 
 def test_duplicate_unknown_and_no_prediction() -> None:
@@ -196,7 +199,7 @@ def test_a_reused_id_replaces_the_entry() -> None:
     store.add("r1", "production", 0.9, "old", shadow=False)
     store.add("r1", "candidate", 0.1, "new", shadow=False)
     assert len(store) == 1
-    assert store.join(label("r1", "new")) == ("accepted", [("candidate", 1.0, 0.1)])
+    assert store.join(label("r1", "new")) == ("accepted", [("candidate", 1.0, 0.1, -1)])
     store.add("r1", "production", 0.9, "again", shadow=False)  # after a join: a new request
     assert store.join(label("r1", "again"))[0] == "accepted"
 

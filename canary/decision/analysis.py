@@ -1,8 +1,11 @@
 """Run a rollout's configured tests on a snapshot of its accumulators (pure, no I/O).
 
-Maps each ``analysis.metrics`` entry to the statistics engine: ``error`` to the
-conditional-binomial error test, ``pNN`` to the quantile test on the log histograms, ``rate``
-on bounded signals to the rate test, ``mean`` to the IPW mean test. Every test runs at
+Maps each ``analysis.metrics`` entry to the statistics engine: ``error`` and ``rate`` signals
+(feedback) to the two-sample proportion test, ``pNN`` to the quantile test on the per-stratum
+log histograms (both post-stratified by split, so the arms are compared over the same
+periods), ``agreement`` to the rate test, ``mean`` to the IPW mean test. With
+``routing.sticky`` every one of them counts users' clusters, not requests, as the independent
+units (the per-cluster sums the accumulators keep). Every test runs at
 ``alpha / m`` where m counts the metrics plus the sample-ratio guard (Bonferroni), so that
 all intervals hold at once and the trade-off net value can be built from them.
 """
@@ -12,29 +15,42 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from canary.config import MetricConfig, RolloutConfig
-from canary.observe import ArmAccumulator, RolloutAccumulator, SignalAccumulator, parse_signal
+from canary.observe import (
+    CLUSTERS,
+    ArmAccumulator,
+    RolloutAccumulator,
+    SignalAccumulator,
+    coarse_upper,
+    parse_signal,
+)
 from canary.stats import (
+    ArmClusters,
     ArmMoments,
     ArmRouting,
+    ClusterHistogram,
     Direction,
     HistogramArrays,
     MetricKind,
     MetricResult,
+    StratifiedHistogram,
     Verdict,
-    error_test,
     mean_test,
     net_value,
     paired_mean_test,
-    quantile_test,
+    proportion_test,
     rate_test,
     split_alpha,
     srm_test,
+    stratified_quantile_test,
 )
 
 SRM_NAME = "sample_ratio"
 NET_VALUE_NAME = "net_value"
 _RATE_SIGNALS = ("feedback", "agreement")
+_PAIRED_ONLY = "agreement"  # shadow-only, production identically 1: the one-sample form
 
 
 def paired_key(signal_key: str, relative: bool, *, changes: bool = False) -> str:
@@ -99,8 +115,9 @@ def analyze(
     """Evaluate every configured test on ``acc`` (cumulative since the rollout started)."""
     cfg = rollout.analysis
     alpha = metric_alpha(rollout)
+    sticky = rollout.routing.sticky is not None
     results = tuple(
-        _metric(m, acc.production, acc.candidate, alpha, cfg.burn_in) for m in cfg.metrics
+        _metric(m, acc.production, acc.candidate, alpha, cfg.burn_in, sticky) for m in cfg.metrics
     )
     srm = srm_test(
         _routing(acc.production),
@@ -131,7 +148,12 @@ def analyze(
 
 
 def _metric(
-    m: MetricConfig, prod: ArmAccumulator, cand: ArmAccumulator, alpha: float, burn_in: int
+    m: MetricConfig,
+    prod: ArmAccumulator,
+    cand: ArmAccumulator,
+    alpha: float,
+    burn_in: int,
+    sticky: bool = False,
 ) -> MetricResult:
     margin = m.margin
     direction = Direction.INCREASE if m.higher_is_worse else Direction.DECREASE
@@ -142,25 +164,33 @@ def _metric(
     if p_acc is None or c_acc is None:
         return _no_data(m, direction, alpha, p_acc, c_acc)
     rel, value, b = margin.relative, margin.value, burn_in
-    if key == "error":
-        return error_test(
-            _moments(p_acc), _moments(c_acc), value,
-            relative=rel, direction=direction, alpha=alpha, burn_in=b, name=m.name,
-        )  # fmt: skip
+    # Only sticky rollouts record clusters; values recorded without one (a request with no
+    # sticky key) leave the request-level variance as the floor.
+    clustered = sticky and bool(p_acc.clusters or c_acc.clusters)
     q = m.quantile
     if q is not None:
-        return quantile_test(
-            _hist(p_acc), _hist(c_acc), q, value,
-            relative=rel, direction=direction, alpha=alpha, burn_in=b, name=m.name,
+        return stratified_quantile_test(
+            _strata_hist(p_acc), _strata_hist(c_acc), q, value,
+            relative=rel, direction=direction, alpha=alpha, burn_in=b,
+            clusters=(_cluster_hist(p_acc), _cluster_hist(c_acc)) if clustered else None,
+            name=m.name,
         )  # fmt: skip
-    if m.stat == "rate" or key in _RATE_SIGNALS:
+    cl = (_clusters(p_acc), _clusters(c_acc)) if clustered else None
+    if key == _PAIRED_ONLY:
         return rate_test(
             _moments(p_acc), _moments(c_acc), value,
             relative=rel, direction=direction, alpha=alpha, burn_in=b, name=m.name,
         )  # fmt: skip
+    if key == "error" or m.stat == "rate" or key in _RATE_SIGNALS:
+        kind = MetricKind.ERROR_RATE if key == "error" else MetricKind.RATE
+        return proportion_test(
+            _moments(p_acc), _moments(c_acc), value,
+            relative=rel, direction=direction, alpha=alpha, burn_in=b, clusters=cl,
+            kind=kind, name=m.name,
+        )  # fmt: skip
     return mean_test(
         _moments(p_acc), _moments(c_acc), value,
-        relative=rel, direction=direction, alpha=alpha, burn_in=b, name=m.name,
+        relative=rel, direction=direction, alpha=alpha, burn_in=b, clusters=cl, name=m.name,
     )  # fmt: skip
 
 
@@ -190,7 +220,29 @@ def _moments(acc: SignalAccumulator) -> ArmMoments:
 
 def _hist(acc: SignalAccumulator) -> HistogramArrays:
     values, counts = acc.hist.to_arrays()
-    return HistogramArrays(values, counts, acc.hist.accuracy)
+    return HistogramArrays(values, counts, acc.accuracy)
+
+
+def _strata_hist(acc: SignalAccumulator) -> StratifiedHistogram:
+    strata = {p: h.to_arrays() for p, h in acc.hists.items() if h.count}
+    return StratifiedHistogram.from_strata(strata, acc.accuracy)
+
+
+def _clusters(acc: SignalAccumulator) -> ArmClusters:
+    return ArmClusters.from_strata({p: (c.n, c.total) for p, c in acc.clusters.items()})
+
+
+def _cluster_hist(acc: SignalAccumulator) -> ClusterHistogram:
+    keys = sorted(acc.clusters)
+    coarse = sorted({k // CLUSTERS for p in keys for k in acc.clusters[p].hist})
+    index = {c: i for i, c in enumerate(coarse)}
+    counts = np.zeros((len(keys), len(coarse), CLUSTERS))
+    for s, p in enumerate(keys):
+        for key, n in acc.clusters[p].hist.items():
+            c, g = divmod(key, CLUSTERS)
+            counts[s, index[c], g] += n
+    upper = np.array([coarse_upper(c, acc.accuracy) for c in coarse], dtype=float)
+    return ClusterHistogram(np.array(keys, dtype=float), upper, counts)
 
 
 def _routing(arm: ArmAccumulator) -> ArmRouting:

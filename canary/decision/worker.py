@@ -19,6 +19,8 @@ from canary.config import RolloutConfig
 from canary.decision.analysis import Analysis, analyze, paired_key
 from canary.observe import (
     ArmAccumulator,
+    ClusterCells,
+    LogHistogram,
     Moments,
     RolloutAccumulator,
     SignalAccumulator,
@@ -29,10 +31,16 @@ WORKER_NICE = 19  # lowest priority: the proxy's requests come first on a shared
 _CONFIGS_KEPT = 8  # configs unpickled in the worker, by their bytes (one per reload at most)
 _configs: dict[bytes, RolloutConfig] = {}
 
-# One signal as shipped: strata {propensity: (n, total, total_sq)}, the histogram's positive
-# and negative buckets, its zero and total counts, and the signal's min and max.
+# One histogram as shipped: positive and negative buckets, zero and total counts.
+_PackedHist = tuple[dict[int, int], dict[int, int], int, int]
+# One signal as shipped: strata {propensity: (n, total, total_sq)}, a histogram per stratum,
+# cluster cells per stratum {propensity: (n, total, coarse hist)}, and the min and max.
 _PackedSignal = tuple[
-    dict[float, tuple[int, float, float]], dict[int, int], dict[int, int], int, int, float, float
+    dict[float, tuple[int, float, float]],
+    dict[float, _PackedHist],
+    dict[float, tuple[list[int], list[float], dict[int, int]]],
+    float,
+    float,
 ]
 # One arm: routing {propensity: [routed, observed]}, observed, and the analysed signals.
 _PackedArm = tuple[dict[float, list[int]], int, dict[str, _PackedSignal]]
@@ -113,9 +121,10 @@ def _pack_arm(arm: ArmAccumulator, keys: frozenset[str]) -> _PackedArm:
 
 
 def _pack_signal(s: SignalAccumulator) -> _PackedSignal:
-    h = s.hist
     strata = {p: (m.n, m.total, m.total_sq) for p, m in s.strata.items()}
-    return (strata, h.pos, h.neg, h.zero, h.count, s.min, s.max)
+    hists = {p: (h.pos, h.neg, h.zero, h.count) for p, h in s.hists.items()}
+    clusters = {p: (c.n, c.total, c.hist) for p, c in s.clusters.items()}
+    return (strata, hists, clusters, s.min, s.max)
 
 
 def unpack_inputs(data: bytes) -> RolloutAccumulator:
@@ -131,10 +140,15 @@ def _unpack_arm(arm: ArmAccumulator, packed: _PackedArm) -> None:
     routing, observed, signals = packed
     arm.routing = routing
     arm.observed = observed
-    for key, (strata, pos, neg, zero, count, lo, hi) in signals.items():
+    for key, (strata, hists, clusters, lo, hi) in signals.items():
         s = SignalAccumulator(arm.accuracy)
         s.strata = {p: Moments(*m) for p, m in strata.items()}
-        s.hist.pos, s.hist.neg, s.hist.zero, s.hist.count = pos, neg, zero, count
+        for p, (pos, neg, zero, count) in hists.items():
+            h = s.hists[p] = LogHistogram(arm.accuracy)
+            h.pos, h.neg, h.zero, h.count = pos, neg, zero, count
+        for p, (n, total, chist) in clusters.items():
+            c = s.clusters[p] = ClusterCells()
+            c.n, c.total, c.hist = n, total, chist
         s.min, s.max = lo, hi
         arm.signals[key] = s
 

@@ -7,16 +7,28 @@ reads merged :class:`RolloutAccumulator` snapshots.
 """
 
 from canary.observe.accumulators import (
+    COARSE_SHIFT,
     ArmAccumulator,
+    ClusterCells,
     Moments,
     Recorder,
     RolloutAccumulator,
     SignalAccumulator,
+    coarse_bucket,
+    coarse_upper,
 )
 from canary.observe.cost import ArmCost, Pricing, RateEstimator, cost_per_1000
 from canary.observe.histogram import LogHistogram
 from canary.observe.inputs import InputMonitor, InputReport
-from canary.observe.record import ARMS, CANDIDATE, ERROR_KINDS, PRODUCTION, Observation
+from canary.observe.record import (
+    ARMS,
+    CANDIDATE,
+    CLUSTERS,
+    ERROR_KINDS,
+    NO_CLUSTER,
+    PRODUCTION,
+    Observation,
+)
 from canary.observe.signals import (
     JsonPath,
     ResponseExtractor,
@@ -29,10 +41,14 @@ from canary.observe.signals import (
 __all__ = [
     "ARMS",
     "CANDIDATE",
+    "CLUSTERS",
+    "COARSE_SHIFT",
     "ERROR_KINDS",
+    "NO_CLUSTER",
     "PRODUCTION",
     "ArmAccumulator",
     "ArmCost",
+    "ClusterCells",
     "InputMonitor",
     "InputReport",
     "JsonPath",
@@ -47,6 +63,8 @@ __all__ = [
     "RolloutAccumulator",
     "Signal",
     "SignalAccumulator",
+    "coarse_bucket",
+    "coarse_upper",
     "cost_per_1000",
     "parse_server_timing",
     "parse_signal",

@@ -15,9 +15,21 @@ import math
 from typing import Any
 
 from canary.observe.histogram import DEFAULT_RELATIVE_ACCURACY, MIN_POSITIVE, LogHistogram
-from canary.observe.record import ARMS, CANDIDATE, ERROR_STATUS, PRODUCTION, Observation
+from canary.observe.record import (
+    ARMS,
+    CANDIDATE,
+    CLUSTERS,
+    ERROR_STATUS,
+    NO_CLUSTER,
+    PRODUCTION,
+    Observation,
+)
 
-FORMAT_VERSION = 2  # 2: per-propensity routing counts
+FORMAT_VERSION = 3  # 2: per-propensity routing counts; 3: histograms per stratum, clusters
+_READABLE_VERSIONS = (2, 3)
+COARSE_SHIFT = 4  # a coarse cluster bucket spans 2**4 histogram buckets
+_COARSE_ZERO = -(1 << 40)  # below every positive value's coarse bucket
+_COARSE_NEG = -(1 << 41)  # minus the bucket of |value|: below zero, ascending with the value
 _INF = math.inf
 _log = math.log
 _ceil = math.ceil
@@ -75,49 +87,137 @@ class Moments:
         return f"Moments(n={self.n}, total={self.total!r}, total_sq={self.total_sq!r})"
 
 
-class SignalAccumulator:
-    """One signal of one arm: moments per propensity stratum, a histogram, min and max.
+class ClusterCells:
+    """Per-cluster sums of one signal in one propensity stratum (sticky routing only).
 
-    ``strata`` is keyed by the arm's assignment probability when the value was observed, so
-    the analysis can weight by inverse propensity; it has one entry per distinct weight used.
+    ``n[g]`` and ``total[g]`` are the count and sum of the values of cluster ``g``; ``hist``
+    counts them per (coarse bucket, cluster) under the key ``coarse * CLUSTERS + g``, where a
+    coarse bucket spans ``2**COARSE_SHIFT`` histogram buckets (about 17% of a value at the
+    default accuracy): enough to estimate how strongly a user's requests agree about being
+    below a quantile, at a small, bounded size (the quantile itself comes from the fine
+    histogram). Values at or below zero have coarse buckets below every positive one.
+    """
+
+    __slots__ = ("hist", "n", "total")
+
+    def __init__(self) -> None:
+        self.n = [0] * CLUSTERS
+        self.total = [0.0] * CLUSTERS
+        self.hist: dict[int, int] = {}
+
+    def merge(self, other: ClusterCells) -> None:
+        n, total, hist = self.n, self.total, self.hist
+        for g in range(CLUSTERS):
+            n[g] += other.n[g]
+            total[g] += other.total[g]
+        for k, c in other.hist.items():
+            hist[k] = hist.get(k, 0) + c
+
+    def copy(self) -> ClusterCells:
+        out = ClusterCells()
+        out.merge(self)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n": list(self.n),
+            "total": list(self.total),
+            "hist": {str(k): c for k, c in self.hist.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClusterCells:
+        out = cls()
+        n, total = data["n"], data["total"]
+        if len(n) != CLUSTERS or len(total) != CLUSTERS:
+            raise ValueError(f"cluster cells must have {CLUSTERS} entries, got {len(n)}")
+        out.n = [int(x) for x in n]
+        out.total = [float(x) for x in total]
+        out.hist = {int(k): int(c) for k, c in data["hist"].items()}
+        return out
+
+
+def coarse_bucket(value: float, inv_log_gamma: float) -> int:
+    """Coarse bucket of ``value`` in :attr:`ClusterCells.hist` (ascending with the value)."""
+    if value > MIN_POSITIVE:
+        return _ceil(_log(value) * inv_log_gamma) >> COARSE_SHIFT
+    if value < -MIN_POSITIVE:
+        return _COARSE_NEG - (_ceil(_log(-value) * inv_log_gamma) >> COARSE_SHIFT)
+    return _COARSE_ZERO
+
+
+def coarse_upper(coarse: int, accuracy: float) -> float:
+    """The largest value coarse bucket ``coarse`` (of :func:`coarse_bucket`) holds."""
+    gamma = (1.0 + accuracy) / (1.0 - accuracy)
+    if coarse == _COARSE_ZERO:
+        return MIN_POSITIVE
+    if coarse < _COARSE_ZERO:  # negative values: |v| in fine buckets 16c' .. 16c' + 15
+        return -float(gamma ** (((_COARSE_NEG - coarse) << COARSE_SHIFT) - 1))
+    return float(gamma ** (((coarse + 1) << COARSE_SHIFT) - 1))
+
+
+class SignalAccumulator:
+    """One signal of one arm: moments and a histogram per propensity stratum, min and max.
+
+    ``strata`` and ``hists`` are keyed by the arm's assignment probability when the value was
+    observed, so the analysis can weight by inverse propensity and compare the arms within
+    the periods that had the same split; there is one entry per distinct weight used.
+    ``clusters`` (same keys) holds per-cluster sums when values came with a sticky cluster.
     Non-finite values are ignored (they would poison every sum).
     """
 
-    __slots__ = ("hist", "max", "min", "strata")
+    __slots__ = ("_inv_log_gamma", "accuracy", "clusters", "hists", "max", "min", "strata")
 
     def __init__(self, accuracy: float = DEFAULT_RELATIVE_ACCURACY) -> None:
+        self.accuracy = accuracy
+        self._inv_log_gamma = LogHistogram(accuracy)._inv_log_gamma
         self.strata: dict[float, Moments] = {}
-        self.hist = LogHistogram(accuracy)
+        self.hists: dict[float, LogHistogram] = {}
+        self.clusters: dict[float, ClusterCells] = {}
         self.min = _INF
         self.max = -_INF
 
-    def add(self, value: float, propensity: float = 1.0) -> None:
+    def add(self, value: float, propensity: float = 1.0, cluster: int = NO_CLUSTER) -> None:
         if not -_INF < value < _INF:  # also false for nan
             return
-        m = self.strata.get(propensity)
+        p = propensity
+        m = self.strata.get(p)
         if m is None:
-            m = self.strata[propensity] = Moments()
+            m = self.strata[p] = Moments()
+            self.hists[p] = LogHistogram(self.accuracy)
         m.n += 1
         m.total += value
         m.total_sq += value * value
         # LogHistogram.add inlined (it is most of the cost of a record); the equivalence is
         # pinned by a test.
-        h = self.hist
+        h = self.hists[p]
         h.count += 1
         if value > MIN_POSITIVE:
             i = _ceil(_log(value) * h._inv_log_gamma)
             pos = h.pos
             pos[i] = pos.get(i, 0) + 1
+            coarse = i >> COARSE_SHIFT
         elif value < -MIN_POSITIVE:
             i = _ceil(_log(-value) * h._inv_log_gamma)
             neg = h.neg
             neg[i] = neg.get(i, 0) + 1
+            coarse = _COARSE_NEG - (i >> COARSE_SHIFT)
         else:
             h.zero += 1
+            coarse = _COARSE_ZERO
         if value < self.min:
             self.min = value
         if value > self.max:
             self.max = value
+        if cluster >= 0:
+            cells = self.clusters.get(p)
+            if cells is None:
+                cells = self.clusters[p] = ClusterCells()
+            cells.n[cluster] += 1
+            cells.total[cluster] += value
+            key = coarse * CLUSTERS + cluster
+            ch = cells.hist
+            ch[key] = ch.get(key, 0) + 1
 
     def merge(self, other: SignalAccumulator) -> None:
         for p, m in other.strata.items():
@@ -126,11 +226,30 @@ class SignalAccumulator:
                 self.strata[p] = m.copy()
             else:
                 mine.merge(m)
-        self.hist.merge(other.hist)
+        for p, h in other.hists.items():
+            mine_h = self.hists.get(p)
+            if mine_h is None:
+                self.hists[p] = h.copy()
+            else:
+                mine_h.merge(h)
+        for p, cells in other.clusters.items():
+            mine_c = self.clusters.get(p)
+            if mine_c is None:
+                self.clusters[p] = cells.copy()
+            else:
+                mine_c.merge(cells)
         if other.min < self.min:
             self.min = other.min
         if other.max > self.max:
             self.max = other.max
+
+    @property
+    def hist(self) -> LogHistogram:
+        """All strata's histograms merged (a new object: read-only use)."""
+        out = LogHistogram(self.accuracy)
+        for h in self.hists.values():
+            out.merge(h)
+        return out
 
     @property
     def n(self) -> int:
@@ -147,7 +266,7 @@ class SignalAccumulator:
         return self.total / n if n else math.nan
 
     def copy(self) -> SignalAccumulator:
-        out = SignalAccumulator(self.hist.accuracy)
+        out = SignalAccumulator(self.accuracy)
         out.merge(self)
         return out
 
@@ -156,19 +275,37 @@ class SignalAccumulator:
         return {
             # repr() of a float round-trips exactly, so merged strata keys stay identical.
             "strata": {repr(p): [m.n, m.total, m.total_sq] for p, m in self.strata.items()},
-            "hist": self.hist.to_dict(),
+            "hists": {repr(p): h.to_dict() for p, h in self.hists.items()},
+            "clusters": {repr(p): c.to_dict() for p, c in self.clusters.items()},
+            "accuracy": self.accuracy,
             "min": None if empty else self.min,
             "max": None if empty else self.max,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SignalAccumulator:
-        out = cls.__new__(cls)
-        out.strata = {
+        strata = {
             float(p): Moments(int(n), float(t), float(t2))
             for p, (n, t, t2) in data["strata"].items()
         }
-        out.hist = LogHistogram.from_dict(data["hist"])
+        if "hists" in data:
+            hists = {float(p): LogHistogram.from_dict(h) for p, h in data["hists"].items()}
+            accuracy = float(data["accuracy"])
+        else:
+            # Format 2 kept one histogram for all strata: give it to the largest stratum (the
+            # quantile test then compares those periods as one, as it did before).
+            pooled = LogHistogram.from_dict(data["hist"])
+            accuracy = pooled.accuracy
+            hists = {}
+            if strata:
+                hists[max(strata, key=lambda p: strata[p].n)] = pooled
+        out = cls(accuracy)
+        out.strata = strata
+        for p in strata:
+            out.hists[p] = hists.get(p) or LogHistogram(accuracy)
+        out.clusters = {
+            float(p): ClusterCells.from_dict(c) for p, c in data.get("clusters", {}).items()
+        }
         out.min = _INF if data["min"] is None else float(data["min"])
         out.max = -_INF if data["max"] is None else float(data["max"])
         return out
@@ -249,21 +386,22 @@ class ArmAccumulator:
             label = _STATUS_CLASS[status // 100] if 100 <= status < 600 else "other"
             self.status_classes[label] = self.status_classes.get(label, 0) + 1
         error = obs.error
+        g = obs.cluster
         if error is None:
-            self._error.add(0.0, p)
-            self._latency.add(obs.latency, p)
+            self._error.add(0.0, p, g)
+            self._latency.add(obs.latency, p, g)
         else:
             self.errors += 1
             self.error_kinds[error] = self.error_kinds.get(error, 0) + 1
-            self._error.add(1.0, p)
+            self._error.add(1.0, p, g)
             if error == ERROR_STATUS:
-                self._latency.add(obs.latency, p)
+                self._latency.add(obs.latency, p, g)
         signals = self.signals
         if obs.ttft is not None:
             acc = signals.get("ttft")
             if acc is None:
                 acc = signals["ttft"] = SignalAccumulator(self.accuracy)
-            acc.add(obs.ttft, p)
+            acc.add(obs.ttft, p, g)
         self.bytes_in += obs.bytes_in
         self.bytes_out += obs.bytes_out
         if obs.shadow:
@@ -272,9 +410,11 @@ class ArmAccumulator:
             acc = signals.get(key)
             if acc is None:
                 acc = signals[key] = SignalAccumulator(self.accuracy)
-            acc.add(value, p)
+            acc.add(value, p, g)
 
-    def record_value(self, key: str, value: float, propensity: float = 1.0) -> None:
+    def record_value(
+        self, key: str, value: float, propensity: float = 1.0, cluster: int = NO_CLUSTER
+    ) -> None:
         """Add one value of a signal that does not come with a request's response.
 
         Feedback joined later, a scraped resource window, a shadow agreement: the value goes
@@ -285,7 +425,7 @@ class ArmAccumulator:
         acc = self.signals.get(key)
         if acc is None:
             acc = self.signals[key] = SignalAccumulator(self.accuracy)
-        acc.add(value, propensity)
+        acc.add(value, propensity, cluster)
 
     def record_lost(self, propensity: float, n: int = 1) -> None:
         """Count ``n`` requests assigned to this arm that ended without an observation."""
@@ -411,7 +551,7 @@ class RolloutAccumulator:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RolloutAccumulator:
         version = data.get("version")
-        if version != FORMAT_VERSION:
+        if version not in _READABLE_VERSIONS:
             raise ValueError(f"unsupported accumulator format version {version!r}")
         out = cls(float(data["accuracy"]))
         out.production = ArmAccumulator.from_dict(data["production"], out.accuracy)
@@ -454,7 +594,13 @@ class Recorder:
         acc.record_lost(arm, propensity)
 
     def record_value(
-        self, rollout: str, arm: str, key: str, value: float, propensity: float = 1.0
+        self,
+        rollout: str,
+        arm: str,
+        key: str,
+        value: float,
+        propensity: float = 1.0,
+        cluster: int = NO_CLUSTER,
     ) -> None:
         """Record a value of an external signal (feedback, resource, agreement) for ``arm``."""
         acc = self._live.get(rollout)
@@ -463,7 +609,7 @@ class Recorder:
         arm_acc = acc.arms.get(arm)
         if arm_acc is None:
             raise ValueError(f"unknown arm {arm!r}; expected one of {', '.join(ARMS)}")
-        arm_acc.record_value(key, value, propensity)
+        arm_acc.record_value(key, value, propensity, cluster)
 
     def live(self, rollout: str) -> RolloutAccumulator:
         """The live accumulator of ``rollout`` (read-only use: tests, local gauges)."""

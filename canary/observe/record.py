@@ -22,6 +22,13 @@ ERROR_STATUS = "status"  # a complete response whose status is in the configured
 ERROR_PROTOCOL = "protocol"  # the upstream spoke invalid HTTP
 ERROR_KINDS = (ERROR_CONNECT, ERROR_TIMEOUT, ERROR_RESET, ERROR_STATUS, ERROR_PROTOCOL)
 
+# With sticky routing the randomised unit is the user, not the request: every observation
+# carries the user's cluster, a hash bucket of the sticky key independent of the arm choice,
+# and the accumulators keep per-cluster sums so the tests can treat clusters (not requests)
+# as the independent units. Bounded: the state is O(CLUSTERS), never O(users).
+CLUSTERS = 64
+NO_CLUSTER = -1  # randomised per request
+
 
 @dataclass(slots=True)
 class Observation:
@@ -60,6 +67,10 @@ class Observation:
         ``latency``, ``ttft`` or ``error``: those come from the fields above.
     prediction
         The value at the rollout's ``prediction: json:PATH``, kept for feedback joins.
+    cluster
+        With sticky routing, the user's cluster in ``0 .. CLUSTERS - 1`` (a hash of the sticky
+        key independent of the arm choice); :data:`NO_CLUSTER` when the request was randomised
+        on its own (or had no sticky key).
     """
 
     rollout: str
@@ -75,3 +86,4 @@ class Observation:
     bytes_in: int = 0
     signals: dict[str, float] = field(default_factory=dict)
     prediction: object | None = None
+    cluster: int = NO_CLUSTER

@@ -14,6 +14,7 @@ from http.cookies import CookieError, SimpleCookie
 from typing import Protocol
 
 from canary.config import MatchConfig, RolloutConfig
+from canary.observe.record import CLUSTERS, NO_CLUSTER
 
 PRODUCTION = "production"
 CANDIDATE = "candidate"
@@ -51,6 +52,7 @@ class Choice:
     propensity: float  # probability this arm had for this request; 1.0 when forced
     forced: bool  # chosen by the override header: measured, but kept out of the analysis
     mirror: bool  # also send a copy to the candidate (shadow step)
+    cluster: int = NO_CLUSTER  # the sticky key's cluster (the unit the analysis counts)
 
 
 def sticky_point(rollout: str, key: str) -> float:
@@ -60,8 +62,18 @@ def sticky_point(rollout: str, key: str) -> float:
     moves users from production to the candidate, never back. blake2b, not ``hash()``: the
     point must be the same in every worker and replica and across restarts.
     """
-    digest = hashlib.blake2b(f"{rollout}\x00{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 * 100.0
+    return sticky_hash(rollout, key)[0]
+
+
+def sticky_hash(rollout: str, key: str) -> tuple[float, int]:
+    """The sticky key's point (see :func:`sticky_point`) and its cluster in 0..CLUSTERS-1.
+
+    The cluster is the digest's lowest bits, while the arm is decided by its highest ones, so
+    the two are independent: every cluster holds users of both arms, and clusters are
+    independent groups of users that the statistics can count as their units.
+    """
+    h = int.from_bytes(hashlib.blake2b(f"{rollout}\x00{key}".encode(), digest_size=8).digest())
+    return h / 2**64 * 100.0, h % CLUSTERS
 
 
 def cookie_value(cookie_header: str | None, name: str) -> str | None:
@@ -103,22 +115,28 @@ class ArmChooser:
                 forced = forced.strip().lower()
                 if forced in ARMS:
                     return Choice(forced, 1.0, True, False)
-        if weights.shadow:
-            return Choice(PRODUCTION, 1.0, False, True)
         share = weights.candidate
-        if share <= 0.0:
-            return Choice(PRODUCTION, 1.0, False, False)
-        if share >= 100.0:
-            return Choice(CANDIDATE, 1.0, False, False)
+        if not weights.shadow:
+            if share <= 0.0:
+                return Choice(PRODUCTION, 1.0, False, False)
+            if share >= 100.0:
+                return Choice(CANDIDATE, 1.0, False, False)
         key = None
         if self._sticky_header is not None:
             key = headers.get(self._sticky_header)
         elif self._sticky_cookie is not None:
             key = cookie_value(headers.get("Cookie"), self._sticky_cookie)
-        point = sticky_point(self._name, key) if key else self._random() * 100.0
+        if key:
+            point, cluster = sticky_hash(self._name, key)
+        else:
+            point, cluster = -1.0, NO_CLUSTER
+        if weights.shadow:  # both arms answer every request: the cluster still matters
+            return Choice(PRODUCTION, 1.0, False, True, cluster)
+        if point < 0.0:
+            point = self._random() * 100.0
         if point < share:
-            return Choice(CANDIDATE, share / 100.0, False, False)
-        return Choice(PRODUCTION, 1.0 - share / 100.0, False, False)
+            return Choice(CANDIDATE, share / 100.0, False, False, cluster)
+        return Choice(PRODUCTION, 1.0 - share / 100.0, False, False, cluster)
 
 
 def _hostname(host: str) -> str:

@@ -19,6 +19,7 @@ from canary.errors import UpstreamError
 from canary.feedback import FeedbackStore, same_json, store_for
 from canary.metrics import Metrics, RolloutCounters, bump
 from canary.observe import (
+    NO_CLUSTER,
     ArmCost,
     Observation,
     Pricing,
@@ -292,6 +293,7 @@ class Proxy:
                 body,
                 replayable,
                 rid,
+                choice.cluster,
             )
         finally:
             counters.inflight -= 1
@@ -307,6 +309,7 @@ class Proxy:
         body: bytes | _BodyStream | None,
         replayable: bool,
         rid: str,
+        cluster: int = NO_CLUSTER,
     ) -> None:
         clock = self._clock
         analysed = not forced
@@ -314,7 +317,8 @@ class Proxy:
             route.counters.arms[arm].forced += 1
         try:
             if mirror:
-                self._start_mirror(request, route, body if replayable else _NOT_REPLAYABLE, rid)
+                mirrored = body if replayable else _NOT_REPLAYABLE
+                self._start_mirror(request, route, mirrored, rid, cluster)
             started = clock()
             if route.costs:  # only the amortised per-hour price needs the request rate
                 route.rate.tick(started)
@@ -331,7 +335,7 @@ class Proxy:
                     resp.close()
                 kind = err.kind if err is not None else "status"
                 self._record_failure(
-                    route, arm, propensity, rid, status, kind, started, body, analysed
+                    route, arm, propensity, rid, status, kind, started, body, analysed, cluster
                 )
                 route.counters.failovers += 1
                 arm, analysed = PRODUCTION, False  # a failover is not a randomised assignment
@@ -349,11 +353,13 @@ class Proxy:
                 if isinstance(err, _ClientBodyFailed):
                     self._counters.reject("bad_request")
                     return request.respond_error(400, str(err), rid, arm)
-                self._record_failure(route, arm, propensity, rid, 0, kind, started, body, analysed)
+                self._record_failure(
+                    route, arm, propensity, rid, 0, kind, started, body, analysed, cluster
+                )
                 status = _STATUS_FOR_ERROR.get(kind, 502)
                 return request.respond_error(status, f"upstream {arm} failed: {kind}", rid, arm)
             await self._stream_back(
-                request, route, arm, propensity, resp, started, body, rid, analysed
+                request, route, arm, propensity, resp, started, body, rid, analysed, cluster
             )
         except BaseException:
             # Cancelled, or the client went away, before the randomised arm's observation was
@@ -413,6 +419,7 @@ class Proxy:
         body: bytes | _BodyStream | None,
         rid: str,
         analysed: bool,
+        cluster: int = NO_CLUSTER,
     ) -> None:
         clock = self._clock
         headers, length = downstream_headers(tuple(resp.headers.items()), rid=rid, arm=arm)
@@ -432,8 +439,9 @@ class Proxy:
             except UpstreamError as exc:
                 resp.close()
                 self._record_failure(
-                    route, arm, propensity, rid, resp.status, exc.kind, started, body, analysed
-                )
+                    route, arm, propensity, rid, resp.status, exc.kind, started, body, analysed,
+                    cluster,
+                )  # fmt: skip
                 status = _STATUS_FOR_ERROR.get(exc.kind, 502)
                 msg = f"upstream {arm} failed: {exc.kind}"
                 return request.respond_error(status, msg, rid, arm)
@@ -446,7 +454,7 @@ class Proxy:
             failed = "status" if route.is_error_status(resp.status) else None
             self._finish(route, arm, inspector, resp.headers, latency, latency, failed)
             self._record(route, arm, propensity, False, rid, resp.status, failed, latency,
-                         latency, len(data), body, inspector, analysed)  # fmt: skip
+                         latency, len(data), body, inspector, analysed, cluster)  # fmt: skip
             return
         inspector = route.extractor.start(content_type, encoding)
         ttft: float | None = None
@@ -489,6 +497,7 @@ class Proxy:
             body,
             inspector,
             analysed,
+            cluster,
         )
 
     def _record(
@@ -506,6 +515,7 @@ class Proxy:
         body: object,
         inspector: Any,
         analysed: bool,
+        cluster: int = NO_CLUSTER,
     ) -> None:
         sent = len(body) if isinstance(body, bytes) else 0
         signals: dict[str, float] = inspector.signals if inspector is not None else {}
@@ -524,15 +534,16 @@ class Proxy:
             bytes_in=received,
             signals=signals,
             prediction=prediction,
+            cluster=cluster,
         )
         if analysed:
             self._recorder.record(obs)
             try:
                 if route.feedback is not None:  # O(1): keep the answer for a label
                     if error is None:
-                        pair = route.feedback.add(rid, arm, propensity, prediction, shadow)
+                        pair = route.feedback.add(rid, arm, propensity, prediction, shadow, cluster)
                         if pair is not None and route.config.prediction is not None:
-                            self._agreement(route, prediction, pair[2])
+                            self._agreement(route, prediction, pair[2], cluster)
                     elif shadow and route.config.prediction is not None:
                         bump(route.counters.shadow, "not_compared")  # a failed mirror
             except Exception:
@@ -560,10 +571,11 @@ class Proxy:
         started: float,
         body: object,
         analysed: bool,
+        cluster: int = NO_CLUSTER,
     ) -> None:
         """Record an upstream attempt that produced no usable response body."""
         self._record(route, arm, propensity, False, rid, status, kind, self._clock() - started,
-                     None, 0, body, None, analysed)  # fmt: skip
+                     None, 0, body, None, analysed, cluster)  # fmt: skip
 
     def _finish(
         self,
@@ -592,7 +604,9 @@ class Proxy:
 
     # -- shadow mirroring ---------------------------------------------------------------------
 
-    def _agreement(self, route: RolloutRoute, prediction: object, other: object) -> None:
+    def _agreement(
+        self, route: RolloutRoute, prediction: object, other: object, cluster: int
+    ) -> None:
         """Record whether a mirrored request's two answers (paired by the feedback store,
         which keeps both by request id) predicted the same."""
         if prediction is None or other is None:
@@ -601,12 +615,12 @@ class Proxy:
         bump(route.counters.shadow, "compared")
         record = self._recorder.record_value
         same = same_json(prediction, other)  # the equality labels are judged by
-        record(route.name, CANDIDATE, "agreement", 1.0 if same else 0.0, 1.0)
+        record(route.name, CANDIDATE, "agreement", 1.0 if same else 0.0, 1.0, cluster)
         # Production agrees with itself by definition: the rate test compares against 1.
-        record(route.name, PRODUCTION, "agreement", 1.0, 1.0)
+        record(route.name, PRODUCTION, "agreement", 1.0, 1.0, cluster)
 
     def _start_mirror(
-        self, request: HttpRequest, route: RolloutRoute, body: object, rid: str
+        self, request: HttpRequest, route: RolloutRoute, body: object, rid: str, cluster: int
     ) -> None:
         shadow = route.counters.shadow
         if body is _NOT_REPLAYABLE:
@@ -628,6 +642,7 @@ class Proxy:
                 request.scheme,
                 body,
                 rid,
+                cluster,
             )
         )
         self._mirrors.add(task)
@@ -649,6 +664,7 @@ class Proxy:
         scheme: str,
         body: bytes | None,
         rid: str,
+        cluster: int,
     ) -> None:
         clock = self._clock
         pool = route.pools[CANDIDATE]
@@ -713,6 +729,7 @@ class Proxy:
             body,
             inspector,
             True,
+            cluster,
         )
 
 

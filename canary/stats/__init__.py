@@ -6,9 +6,11 @@ wanted: the probability that a verdict is ever wrong is at most the test's ``alp
 
 - :func:`mean_test`: difference/ratio of means (latency, cost, any number), asymptotic
   confidence sequence on IPW pseudo-outcomes, valid when the allocation changes.
-- :func:`quantile_test`: p50/p95/p99 from log-bucket histograms (Howard & Ramdas).
-- :func:`error_test`: error rates from the arm labels of errors (Lindon & Malek).
-- :func:`rate_test`: bounded rates such as accuracy (beta-mixture sequences per arm).
+- :func:`stratified_quantile_test`: p50/p95/p99 per split stratum, clustered by user (what
+  the analysis runs); :func:`quantile_test`: the i.i.d. per-arm form (Howard & Ramdas).
+- :func:`proportion_test`: errors, accuracy, any rate in [0, 1]: one two-sample sequence,
+  post-stratified, clustered by user (what the analysis runs); :func:`error_test` (Lindon &
+  Malek) and :func:`rate_test` (per-arm beta mixtures) are the i.i.d. forms.
 - :func:`srm_test`: sample-ratio mismatch from routed vs answered counts.
 - :func:`paired_mean_test`: per-window paired values of both arms (resource signals).
 - :func:`split_alpha`, :func:`rollback_verdict`, :func:`promotion_verdict`,
@@ -26,6 +28,18 @@ from canary.stats._boundaries import (
     rate_ratio_cs,
 )
 from canary.stats._combine import net_value, promotion_verdict, rollback_verdict, split_alpha
+from canary.stats._design import (
+    ArmClusters,
+    ClusterHistogram,
+    DesignSummary,
+    design_summary,
+    few_clusters_factor,
+)
+from canary.stats._design_tests import (
+    StratifiedHistogram,
+    proportion_test,
+    stratified_quantile_test,
+)
 from canary.stats._means import IPWSummary, ipw_summary, mean_interval, mean_test, variance_floor
 from canary.stats._paired import paired_interval, paired_mean_test
 from canary.stats._quantiles import HistogramArrays, quantile_cs, quantile_test
@@ -42,18 +56,24 @@ from canary.stats._types import (
 )
 
 __all__ = [
+    "ArmClusters",
     "ArmMoments",
     "ArmRouting",
+    "ClusterHistogram",
+    "DesignSummary",
     "Direction",
     "HistogramArrays",
     "IPWSummary",
     "MetricKind",
     "MetricResult",
+    "StratifiedHistogram",
     "Verdict",
     "allocation_log_evidence",
     "bernoulli_cs",
     "classify",
+    "design_summary",
     "error_test",
+    "few_clusters_factor",
     "ipw_summary",
     "mean_interval",
     "mean_test",
@@ -63,6 +83,7 @@ __all__ = [
     "paired_interval",
     "paired_mean_test",
     "promotion_verdict",
+    "proportion_test",
     "quantile_cs",
     "quantile_rank_bounds",
     "quantile_test",
@@ -71,6 +92,7 @@ __all__ = [
     "rollback_verdict",
     "split_alpha",
     "srm_test",
+    "stratified_quantile_test",
     "variance_floor",
     "verdict_codes",
 ]

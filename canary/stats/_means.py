@@ -9,6 +9,7 @@ from numpy.typing import ArrayLike
 
 from canary.stats._boundaries import normal_mixture_radius, normal_mixture_rho2
 from canary.stats._checks import check_alpha, check_burn_in, check_margin, check_positive
+from canary.stats._design import ArmClusters, align_clusters, cluster_sumsq, few_clusters_factor
 from canary.stats._strata import pair_strata
 from canary.stats._types import (
     ArmMoments,
@@ -90,6 +91,48 @@ def ipw_summary(production: ArmMoments, candidate: ArmMoments) -> IPWSummary:
         w2_p = float((n_p / (1.0 - pi) ** 2).sum() / t)
     return IPWSummary(
         mean_c, mean_p, var_c, var_p, s2_c, s2_p, w2_c, w2_p, t, int(n_c.sum()), int(n_p.sum())
+    )
+
+
+def cluster_ipw_variance(
+    production: ArmMoments,
+    candidate: ArmMoments,
+    clusters: tuple[ArmClusters, ArmClusters],
+    mean_c: float,
+    mean_p: float,
+    t: float,
+    alpha: float,
+) -> tuple[float, float, int, int]:
+    r"""Cluster-robust variance parts of the IPW contrast (the scale of :class:`IPWSummary`).
+
+    Returns ``(var_c, var_p, clusters_c, clusters_p)``.
+
+    Notes
+    -----
+    The pseudo-outcome sums of cluster g, :math:`X_g = \sum_s (S_{c,s,g} - m_c n_{c,s,g})
+    /\pi_s` and :math:`Y_g = \sum_s (S_{p,s,g} - m_p n_{p,s,g})/(1 - \pi_s)`, replace the
+    per-request terms: :math:`v_c = \kappa_c \sum_g X_g^2 / t` with the few-clusters factor
+    :math:`\kappa` of :func:`~canary.stats._design.few_clusters_factor` (and likewise
+    :math:`v_p`). Clusters hold different users on the two arms, so their cross term is
+    left out. Strata at 0 or 1 are left out, as in :func:`ipw_summary`.
+    """
+    cells = pair_strata(production, candidate)
+    keep = (cells.pi > 0) & (cells.pi < 1)
+    pi = cells.pi[keep]
+    if pi.size == 0 or not (np.isfinite(mean_c) and np.isfinite(mean_p)) or t <= 0:
+        return float("nan"), float("nan"), 0, 0
+    prod, cand = clusters
+    cn, cs = align_clusters(cand, pi, "candidate")
+    pn, ps = align_clusters(prod, pi, "production")
+    g_c = int(np.count_nonzero(cn.sum(axis=0)))
+    g_p = int(np.count_nonzero(pn.sum(axis=0)))
+    v_c = cluster_sumsq(cn, cs, 1.0 / pi, np.full(pi.size, mean_c)) / t
+    v_p = cluster_sumsq(pn, ps, 1.0 / (1.0 - pi), np.full(pi.size, mean_p)) / t
+    return (
+        v_c * few_clusters_factor(g_c, alpha) if cn.sum() else 0.0,
+        v_p * few_clusters_factor(g_p, alpha) if pn.sum() else 0.0,
+        g_c,
+        g_p,
     )
 
 
@@ -209,6 +252,7 @@ def mean_test(
     alpha: float = 0.05,
     burn_in: int = 100,
     t_opt: float = DEFAULT_T_OPT,
+    clusters: tuple[ArmClusters, ArmClusters] | None = None,
     name: str = "mean",
 ) -> MetricResult:
     """Compare the means of a numeric signal (latency, cost, any per-request number).
@@ -232,6 +276,10 @@ def mean_test(
         Verdict is UNKNOWN until both arms have this many observations.
     t_opt : float
         Number of requests (both arms) at which the sequence is tightest.
+    clusters : (ArmClusters, ArmClusters), optional
+        Production's and the candidate's per-cluster sums (sticky routing): each arm's
+        variance part becomes cluster-robust (:func:`cluster_ipw_variance`), never below the
+        request-level one.
     name : str
         Metric name used in the result and its explanation.
 
@@ -286,6 +334,13 @@ def mean_test(
         summary.w2_p,
         relative,
     )
+    detail = ""
+    if clusters is not None:
+        cr_c, cr_p, g_c, g_p = cluster_ipw_variance(
+            production, candidate, clusters, summary.mean_c, summary.mean_p, summary.t, alpha
+        )
+        var_c, var_p = np.maximum(var_c, cr_c), np.maximum(var_p, cr_p)
+        detail = f"clusters {g_p}/{g_c}"
     est, lo, hi = mean_interval(summary.mean_c, summary.mean_p, var_c, var_p, radius, relative)
     tol = tolerance_of(margin, relative, d)
     low, up = float(lo), float(hi)
@@ -307,4 +362,5 @@ def mean_test(
         n_production=summary.n_p,
         n_candidate=summary.n_c,
         alpha=alpha,
+        detail=detail,
     )

@@ -1,0 +1,446 @@
+"""Two-sample tests of rates and quantiles, post-stratified by split and clustered by user.
+
+See :mod:`canary.stats._design` for why (time variation with changing weights, sticky users)
+and for the estimator; these are the tests the analysis runs for ``rate`` (errors, accuracy,
+any 0..1 signal) and ``pNN`` metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from canary.stats._boundaries import normal_mixture_radius, normal_mixture_rho2
+from canary.stats._checks import (
+    check_alpha,
+    check_burn_in,
+    check_margin,
+    check_positive,
+    check_probability_open,
+)
+from canary.stats._design import (
+    SHADOW,
+    ArmClusters,
+    ClusterHistogram,
+    DesignSummary,
+    design_strata,
+    design_summary,
+    few_clusters_factor,
+    stratum_key,
+)
+from canary.stats._means import mean_interval
+from canary.stats._quantiles import ratio_interval, widen
+from canary.stats._types import (
+    ArmMoments,
+    Direction,
+    FloatArray,
+    MetricKind,
+    MetricResult,
+    classify,
+    tolerance_of,
+)
+
+DEFAULT_DESIGN_T_OPT = 10_000.0  # requests (both arms) at which the sequences are tightest
+
+
+def _keys(arm: ArmMoments | StratifiedHistogram, name: str) -> FloatArray:
+    return np.array([stratum_key(float(p), name) for p in arm.propensity], dtype=float)
+
+
+def _check_unit(arm: ArmMoments, name: str) -> None:
+    if np.any(arm.sum < -1e-9 * np.maximum(arm.n, 1)) or np.any(arm.sum > arm.n * (1 + 1e-9)):
+        raise ValueError(
+            f"{name} must hold a signal in [0, 1] (0 <= sum <= n), got n={arm.n.tolist()!r} "
+            f"sum={arm.sum.tolist()!r}"
+        )
+
+
+def _bernoulli_floor(s: DesignSummary, events_c: float, events_p: float) -> tuple[float, float]:
+    """Variance parts raised to a Bernoulli variance at shrunk rates, and to the other arm's.
+
+    With no or few events the sample variance of a 0/1 signal is 0 or tiny exactly when the
+    rate is most uncertain; :math:`\\tilde p = (x + 1)/(n + 2)` keeps the interval honest
+    (about ``log(1/alpha) / n`` wide with no events, as an exact bound would be). The other
+    arm's per-observation variance is the second floor, as for means.
+    """
+    pc = (events_c + 1.0) / (s.n_c + 2.0)
+    pp = (events_p + 1.0) / (s.n_p + 2.0)
+    fc = max(pc * (1.0 - pc), s.s2_p if math.isfinite(s.s2_p) else 0.0)
+    fp = max(pp * (1.0 - pp), s.s2_c if math.isfinite(s.s2_c) else 0.0)
+    return max(s.var_c, s.w2_c * fc), max(s.var_p, s.w2_p * fp)
+
+
+def _detail(s: DesignSummary, extra: str = "") -> str:
+    parts = [f"{int(s.t)} requests in compared strata"]
+    if s.clusters_c or s.clusters_p:
+        parts.append(f"clusters {s.clusters_p}/{s.clusters_c}")
+    if extra:
+        parts.append(extra)
+    return "; ".join(parts)
+
+
+def proportion_test(
+    production: ArmMoments,
+    candidate: ArmMoments,
+    margin: float,
+    *,
+    relative: bool = False,
+    direction: Direction | str = Direction.INCREASE,
+    alpha: float = 0.05,
+    burn_in: int = 100,
+    t_opt: float = DEFAULT_DESIGN_T_OPT,
+    clusters: tuple[ArmClusters, ArmClusters] | None = None,
+    kind: MetricKind = MetricKind.RATE,
+    name: str = "rate",
+) -> MetricResult:
+    """Compare a rate (errors, accuracy, any signal in [0, 1]) of the two arms.
+
+    Parameters
+    ----------
+    production, candidate : ArmMoments
+        Stratified moments of the signal on each arm (values in [0, 1]).
+    margin : float
+        Tolerance, >= 0: absolute (``0.01`` = 1 pp) or relative (``0.5`` = 1.5x).
+    relative : bool
+        Ratio of rates (True) or difference (False).
+    direction : Direction or {"increase", "decrease"}
+        ``INCREASE`` when a higher rate is worse (errors), ``DECREASE`` when lower is worse
+        (accuracy).
+    alpha : float
+        Level of the confidence sequence.
+    burn_in : int
+        Verdict is UNKNOWN until both arms have this many observations.
+    t_opt : float
+        Requests (both arms) at which the sequence is tightest.
+    clusters : (ArmClusters, ArmClusters), optional
+        Production's and the candidate's per-cluster sums (sticky routing).
+    kind : MetricKind
+        ``RATE`` or ``ERROR_RATE`` (how the result is labelled).
+    name : str
+        Metric name.
+
+    Returns
+    -------
+    MetricResult
+
+    Notes
+    -----
+    One two-sample asymptotic confidence sequence on the post-stratified contrast
+    (:func:`~canary.stats._design.design_summary`): :math:`m_c - m_p \\pm g_t
+    \\sqrt{v_c + v_p}` for differences, the Fieller set of :func:`mean_interval` for ratios,
+    with :math:`g_t` the Gaussian-mixture radius at t requests. Each stratum compares the arms
+    over the same period (valid while the rate drifts and the weights step); with clusters
+    the variance is cluster-robust. Shadow pairs count as a stratum. Assumptions: requests
+    (or, with clusters, users) are independent given the time; asymptotic in the number of
+    events, so the Bernoulli floor guards the start.
+
+    References
+    ----------
+    Waudby-Smith et al. (2024), Ann. Statist., Theorem 2.2 and Sec. 2.5; Miratrix, Sekhon &
+    Yu (2013), JRSS B 75(2) (post-stratification); Deng, Knoblich & Lu (2018), KDD (cluster
+    sums for user-randomised metrics).
+    """
+    d = check_margin(margin, relative, direction)
+    alpha = check_alpha(alpha)
+    burn_in = check_burn_in(burn_in)
+    t_opt = check_positive("t_opt", t_opt)
+    _check_unit(production, "production")
+    _check_unit(candidate, "candidate")
+    keys, (n_c, s_c, q_c, n_p, s_p, q_p) = design_strata(
+        _keys(production, "production"),
+        (production.n, production.sum, production.sumsq),
+        _keys(candidate, "candidate"),
+        (candidate.n, candidate.sum, candidate.sumsq),
+    )
+    s = design_summary(keys, n_c, s_c, q_c, n_p, s_p, q_p, clusters=clusters, alpha=alpha)
+    tol = tolerance_of(margin, relative, d)
+    if s.t <= 0:
+        lo, hi, est = -math.inf, math.inf, math.nan
+    else:
+        keep = (n_c > 0) & (n_p > 0)
+        var_c, var_p = _bernoulli_floor(s, float(s_c[keep].sum()), float(s_p[keep].sum()))
+        radius = normal_mixture_radius(s.t, normal_mixture_rho2(t_opt, alpha), alpha)
+        e, lo_a, hi_a = mean_interval(s.mean_c, s.mean_p, var_c, var_p, radius, relative)
+        est, lo, hi = float(e), float(lo_a), float(hi_a)
+        if not relative:
+            lo, hi = max(lo, -1.0), min(hi, 1.0)
+        if math.isnan(lo) or math.isnan(hi):
+            lo, hi = -math.inf, math.inf
+    verdict = classify(lo, hi, tol, d)
+    if min(s.n_c, s.n_p) < max(burn_in, 2):
+        verdict = classify(-math.inf, math.inf, tol, d)
+    return MetricResult(
+        name=name,
+        kind=kind,
+        estimate=est,
+        lower=lo,
+        upper=hi,
+        margin=float(margin),
+        relative=relative,
+        direction=d,
+        verdict=verdict,
+        n_production=s.n_p,
+        n_candidate=s.n_c,
+        alpha=alpha,
+        detail=_detail(s),
+    )
+
+
+# -- quantiles -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class StratifiedHistogram:
+    """One arm's histogram per propensity stratum on a common grid.
+
+    ``values`` are bucket representatives (ascending) within relative error
+    ``relative_accuracy`` of the values they hold; ``counts[s, k]`` the observations of
+    stratum s (arm propensity ``propensity[s]``) in bucket k.
+    """
+
+    propensity: np.ndarray  # (S,)
+    values: np.ndarray  # (K,)
+    counts: np.ndarray  # (S, K)
+    relative_accuracy: float = 0.005
+
+    def __post_init__(self) -> None:
+        p = np.atleast_1d(np.asarray(self.propensity, dtype=float))
+        v = np.atleast_1d(np.asarray(self.values, dtype=float))
+        c = np.asarray(self.counts, dtype=float).reshape(p.size, v.size)
+        if v.size > 1 and np.any(np.diff(v) <= 0):
+            raise ValueError("values must be strictly ascending")
+        if np.any(c < 0) or not np.all(np.isfinite(v)):
+            raise ValueError("counts must be >= 0 and values finite")
+        object.__setattr__(self, "propensity", p)
+        object.__setattr__(self, "values", v)
+        object.__setattr__(self, "counts", c)
+
+    @classmethod
+    def from_strata(
+        cls,
+        strata: dict[float, tuple[np.ndarray, np.ndarray]],
+        relative_accuracy: float = 0.005,
+    ) -> StratifiedHistogram:
+        """Build from ``{propensity: (values, counts)}`` of each stratum's histogram."""
+        keys = sorted(strata)
+        grid = (
+            np.unique(np.concatenate([np.asarray(strata[k][0], dtype=float) for k in keys]))
+            if keys
+            else np.zeros(0)
+        )
+        counts = np.zeros((len(keys), grid.size))
+        for i, k in enumerate(keys):
+            v, c = strata[k]
+            counts[i, np.searchsorted(grid, np.asarray(v, dtype=float))] = c
+        return cls(np.array(keys, dtype=float), grid, counts, relative_accuracy)
+
+
+def _stratum_rows(keys: FloatArray, arm_keys: FloatArray, rows: FloatArray) -> FloatArray:
+    """``rows`` (one per arm stratum) summed onto ``keys`` (leading axis)."""
+    out = np.zeros((keys.size, *rows.shape[1:]))
+    idx = np.searchsorted(keys, arm_keys)
+    np.add.at(out, idx, rows)
+    return out
+
+
+def _design_effect(
+    hist: ClusterHistogram, arm: str, keys: FloatArray, w: FloatArray, estimate: float, alpha: float
+) -> tuple[float, int]:
+    """Cluster-robust over request-level variance of the post-stratified CDF near ``estimate``.
+
+    Evaluated at both ends of the coarse bucket holding the estimate (the larger is used),
+    with the few-clusters inflation included; at least 1.
+    """
+    counts = _stratum_rows(keys, _keys_of(hist, arm), hist.counts)  # (S, K, G)
+    n_sg = counts.sum(axis=1)  # (S, G)
+    n_s = n_sg.sum(axis=1)  # (S,)
+    ok = n_s > 0
+    if not np.any(ok) or hist.upper.size == 0:
+        return 1.0, 0
+    counts, n_sg, n_s, ww = counts[ok], n_sg[ok], n_s[ok], w[ok]
+    clusters = int(np.count_nonzero(n_sg.sum(axis=0)))
+    factor = few_clusters_factor(clusters, alpha)
+    if not math.isfinite(factor):
+        return math.inf, clusters
+    j_hi = int(np.searchsorted(hist.upper, estimate, side="left"))
+    worst = 1.0
+    for j in {j_hi - 1, min(j_hi, hist.upper.size - 1)}:
+        if j < 0:
+            continue
+        below = counts[:, : j + 1, :].sum(axis=1)  # (S, G): values <= upper[j]
+        f_s = below.sum(axis=1) / n_s
+        iid = float((ww * ww * f_s * (1.0 - f_s) / n_s).sum())
+        if iid <= 0:
+            continue
+        z = ((ww / n_s)[:, None] * (below - f_s[:, None] * n_sg)).sum(axis=0)
+        worst = max(worst, float(np.dot(z, z)) * factor / iid)
+    return worst, clusters
+
+
+def _keys_of(arm: ClusterHistogram, name: str) -> FloatArray:
+    return np.array([stratum_key(float(p), name) for p in arm.propensity], dtype=float)
+
+
+def _arm_quantile(
+    h: StratifiedHistogram,
+    counts: FloatArray,
+    w: FloatArray,
+    t: float,
+    q: float,
+    g: float,
+    deff: float,
+) -> tuple[float, float, float]:
+    """Estimate and confidence sequence of one arm's post-stratified q-quantile."""
+    n_s = counts.sum(axis=1)
+    cdf = (w[:, None] * np.cumsum(counts, axis=1) / n_s[:, None]).sum(axis=0)
+    var0 = q * (1.0 - q) * float((w * w / n_s).sum()) * deff
+    r = g * math.sqrt(t * var0) if math.isfinite(var0) else math.inf
+    values = h.values
+    eps = 1e-12
+    k_est = int(np.searchsorted(cdf, q - eps, side="left"))
+    est = float(values[min(k_est, values.size - 1)])
+    if q - r <= 0:
+        lo = -math.inf
+    else:
+        k = int(np.searchsorted(cdf, q - r - eps, side="left"))
+        lo = float(widen(values[min(k, values.size - 1)], values[0], h.relative_accuracy)[0])
+    k_up = int(np.searchsorted(cdf, q + r + eps, side="right"))
+    if q + r >= 1 or k_up >= values.size:
+        hi = math.inf
+    else:
+        hi = float(widen(values[0], values[k_up], h.relative_accuracy)[1])
+    return est, lo, hi
+
+
+def stratified_quantile_test(
+    production: StratifiedHistogram,
+    candidate: StratifiedHistogram,
+    q: float,
+    margin: float,
+    *,
+    relative: bool = True,
+    direction: Direction | str = Direction.INCREASE,
+    alpha: float = 0.05,
+    burn_in: int = 100,
+    t_opt: float = DEFAULT_DESIGN_T_OPT,
+    clusters: tuple[ClusterHistogram, ClusterHistogram] | None = None,
+    name: str = "",
+) -> MetricResult:
+    """Compare a quantile of the two arms, post-stratified by split, clustered by user.
+
+    Parameters
+    ----------
+    production, candidate : StratifiedHistogram
+        Each arm's histograms per stratum.
+    q : float
+        Quantile level in (0, 1).
+    margin : float
+        Tolerance, >= 0 (relative: ``0.10`` = candidate quantile up to 1.1x production's).
+    relative : bool
+        Ratio (True) or difference (False).
+    direction : Direction or {"increase", "decrease"}
+        ``INCREASE`` when higher is worse.
+    alpha : float
+        Overall level; each arm's sequence is at ``alpha / 2`` (union bound).
+    burn_in : int
+        Verdict is UNKNOWN until both arms have this many observations.
+    t_opt : float
+        Requests (both arms) at which the sequences are tightest.
+    clusters : (ClusterHistogram, ClusterHistogram), optional
+        Production's and the candidate's per-cluster coarse histograms (sticky routing).
+    name : str
+        Metric name; defaults to ``p<100q>``.
+
+    Returns
+    -------
+    MetricResult
+        ``kind=QUANTILE``.
+
+    Notes
+    -----
+    Each arm's distribution is the post-stratified mixture
+    :math:`\\hat F_a(x) = \\sum_s W_s \\hat F_{a,s}(x)` (:math:`W_s` the stratum's share of
+    the requests): both arms are weighted to the same periods, so a latency level that
+    changes while the weights step affects both alike. The sequence for the arm's quantile
+    is the score set :math:`\\{x : |\\hat F_a(x) - q| \\le g_t\\sqrt{t\\,V_a}\\}` with
+    :math:`V_a = q(1-q)\\,D_a\\sum_s W_s^2/n_{a,s}` (the variance of :math:`\\hat F_a` at the
+    true quantile), :math:`g_t` the Gaussian-mixture radius at level alpha/2 and :math:`D_a`
+    the design effect of the user clusters (cluster-robust over request-level variance of
+    :math:`\\hat F_a` at the coarse buckets around the estimate, inflated for few clusters;
+    1 without clusters). The ratio interval is :math:`[l_c/u_p, u_c/l_p]`, widened by the
+    histogram accuracy. Asymptotic (as the normal-mixture mean sequences).
+
+    References
+    ----------
+    Waudby-Smith et al. (2024), Ann. Statist., Theorem 2.2 (AsympCS; here on the indicator
+    :math:`1\\{Y \\le x\\}`); Howard & Ramdas (2022), Bernoulli 28(3), Sec. 5 (comparing
+    quantiles by per-arm sequences); Woodruff (1952), JASA 47 (quantile intervals by
+    inverting the CDF's); Deng, Knoblich & Lu (2018), KDD (cluster-level variance).
+    """
+    q = check_probability_open("q", q)
+    d = check_margin(margin, relative, direction)
+    alpha = check_alpha(alpha)
+    burn_in = check_burn_in(burn_in)
+    t_opt = check_positive("t_opt", t_opt)
+    kp, kc = _keys(production, "production"), _keys(candidate, "candidate")
+    keys = np.union1d(kp, kc)
+    cp = _stratum_rows(keys, kp, production.counts)
+    cc = _stratum_rows(keys, kc, candidate.counts)
+    n_p, n_c = cp.sum(axis=1), cc.sum(axis=1)
+    keep = (n_p > 0) & (n_c > 0)
+    tol = tolerance_of(margin, relative, d)
+    total_c, total_p = int(n_c[keep].sum()), int(n_p[keep].sum())
+    est = math.nan
+    lo, hi = -math.inf, math.inf
+    detail = f"q={q:g}"
+    if np.any(keep):
+        k = keys[keep]
+        big_n = np.where(k == SHADOW, np.maximum(n_c[keep], n_p[keep]), n_c[keep] + n_p[keep])
+        t = float(big_n.sum())
+        w = big_n / t
+        g = float(normal_mixture_radius(t, normal_mixture_rho2(t_opt, alpha / 2), alpha / 2))
+        deffs = [1.0, 1.0]
+        raw = []
+        for i, (h, counts, arm) in enumerate(
+            ((candidate, cc[keep], "candidate"), (production, cp[keep], "production"))
+        ):
+            e0, _, _ = _arm_quantile(h, counts, w, t, q, 0.0, 1.0)
+            if clusters is not None:
+                ch = clusters[1] if arm == "candidate" else clusters[0]
+                if ch.counts.sum() > 0:
+                    deffs[i], _ = _design_effect(ch, arm, k, w, e0, alpha / 2)
+            raw.append(_arm_quantile(h, counts, w, t, q, g, deffs[i]))
+        (est_c, lo_c, hi_c), (est_p, lo_p, hi_p) = raw
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if relative:
+                lo_a, hi_a = ratio_interval(lo_c, hi_c, lo_p, hi_p)
+                lo, hi = float(lo_a), float(hi_a)
+                est = est_c / est_p if est_p > 0 else math.nan
+            else:
+                lo, hi = lo_c - hi_p, hi_c - lo_p
+                est = est_c - est_p
+        if math.isnan(lo) or math.isnan(hi):
+            lo, hi = -math.inf, math.inf
+        detail = f"q={q:g}; {int(t)} requests in compared strata"
+        if clusters is not None:
+            detail += f"; design effect {deffs[1]:.3g}/{deffs[0]:.3g}"
+    verdict = classify(lo, hi, tol, d)
+    if min(total_c, total_p) < max(burn_in, 1):
+        verdict = classify(-math.inf, math.inf, tol, d)
+    return MetricResult(
+        name=name or f"p{q * 100:g}",
+        kind=MetricKind.QUANTILE,
+        estimate=float(est),
+        lower=lo,
+        upper=hi,
+        margin=float(margin),
+        relative=relative,
+        direction=d,
+        verdict=verdict,
+        n_production=total_p,
+        n_candidate=total_c,
+        alpha=alpha,
+        detail=detail,
+    )
