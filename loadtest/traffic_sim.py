@@ -36,6 +36,7 @@ from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -188,7 +189,7 @@ def simulate_run(cond: Condition, seed: int, metrics: tuple[Metric, ...] = METRI
     else:
         arm_c = rng.random(n) < weight
         cluster = None
-        u_lat = u_err = u_acc = 0.0
+        u_lat = u_err = u_acc = np.zeros(n)
     level = _drift(cond, n, rng)
     log_y = level + u_lat + rng.normal(0.0, cond.latency_sigma, n)
     log_y = log_y + np.where(arm_c, math.log(cond.latency_effect), 0.0)
@@ -333,18 +334,21 @@ class _Aggregates:
 # -- conditions ------------------------------------------------------------------------------
 
 STEPS3 = ((1.0, 5.0), (1.0, 25.0), (1.0, 50.0))
-_HET = {"user_latency": 0.5, "user_error": 1.0, "user_accuracy": 1.0}
+
+
+def _het(name: str, **kw: Any) -> Condition:
+    """Sticky users with persistent offsets (log-latency sd 0.5, logit error and accuracy 1)."""
+    return Condition(name, user_latency=0.5, user_error=1.0, user_accuracy=1.0, **kw)
+
 
 AA_CONDITIONS = (
     Condition("i.i.d. requests, 5%"),
     Condition("i.i.d. requests, steps 5/25/50", steps=STEPS3),
-    Condition("sticky, 200 heterogeneous users, 5%", users=200, **_HET),
-    Condition("sticky, 500 heterogeneous users, 5%", users=500, **_HET),
-    Condition("sticky, 500 users, steps 5/25/50", users=500, steps=STEPS3, **_HET),
-    Condition(
-        "sticky, 2000 users, few heavy (lognormal activity s=2)", users=2000, heavy=2.0, **_HET
-    ),
-    Condition("sticky, 5000 users, 5%", users=5000, **_HET),
+    _het("sticky, 200 heterogeneous users, 5%", users=200),
+    _het("sticky, 500 heterogeneous users, 5%", users=500),
+    _het("sticky, 500 users, steps 5/25/50", users=500, steps=STEPS3),
+    _het("sticky, 2000 users, few heavy (lognormal activity s=2)", users=2000, heavy=2.0),
+    _het("sticky, 5000 users, 5%", users=5000),
     Condition(
         "latency AR(1) drift phi 0.999/req, steps 5/25/50",
         drift_phi=0.999**100,
@@ -358,13 +362,12 @@ AA_CONDITIONS = (
         trend=1.5,
         steps=((1.0, 5.0), (0.5, 40.0), (1.0, 10.0)),
     ),
-    Condition(
+    _het(
         "sticky 500 users + AR(1) drift, steps 5/25/50",
         users=500,
         drift_phi=0.999**100,
         drift_sd=0.3,
         steps=STEPS3,
-        **_HET,
     ),
 )
 
@@ -380,13 +383,12 @@ MARGIN_CONDITIONS = (
         trend=1 / 1.5,
         steps=STEPS3,
     ),
-    Condition(
+    _het(
         "at the margin, sticky 500 users, 5%",
         users=500,
         latency_effect=1.10,
         error_effect=0.005,
         accuracy_effect=-0.01,
-        **_HET,
     ),
 )
 
