@@ -32,7 +32,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,9 +46,13 @@ from canary.stats import (
     ArmMoments,
     ClusterHistogram,
     Direction,
+    HistogramArrays,
     StratifiedHistogram,
+    error_test,
     mean_test,
     proportion_test,
+    quantile_test,
+    rate_test,
     stratified_quantile_test,
 )
 
@@ -170,8 +173,14 @@ def _drift(cond: Condition, n: int, rng: np.random.Generator) -> np.ndarray:
     return level
 
 
-def simulate_run(cond: Condition, seed: int, metrics: tuple[Metric, ...] = METRICS) -> Tally:
-    """One run: generate the traffic, analyse it at every checkpoint, tally false verdicts."""
+def simulate_run(
+    cond: Condition, seed: int, metrics: tuple[Metric, ...] = METRICS, legacy: bool = False
+) -> Tally:
+    """One run: generate the traffic, analyse it at every checkpoint, tally false verdicts.
+
+    ``legacy`` runs the request-level tests canary used before (pooled histograms, the
+    conditional-binomial error test, per-arm rate sequences, no clusters) on the same data.
+    """
     rng = np.random.default_rng(seed)
     n = cond.requests
     weight = _weights(cond, n)
@@ -202,7 +211,7 @@ def simulate_run(cond: Condition, seed: int, metrics: tuple[Metric, ...] = METRI
     correct = (rng.random(n) < np.clip(a_rate, 0.0, 1.0)).astype(float)
     arm_p = np.where(arm_c, weight, 1.0 - weight)  # the arm's propensity, as recorded
     fine = np.ceil(np.log(y) / LOG_GAMMA).astype(np.int64)
-    agg = _Aggregates(arm_c, arm_p, fine, (y, err, correct), cluster)
+    agg = _Aggregates(arm_c, arm_p, fine, (y, err, correct), cluster, legacy)
     seen: dict[str, set[str]] = {"worse": set(), "worse0": set(), "ok": set()}
     for end in range(cond.check_every, n + 1, cond.check_every):
         agg.advance(end)
@@ -245,7 +254,9 @@ class _Aggregates:
         fine: np.ndarray,
         values: tuple[np.ndarray, ...],
         cluster: np.ndarray | None,
+        legacy: bool = False,
     ) -> None:
+        self.legacy = legacy
         self.arm = arm_c.astype(np.int64)  # 0 production, 1 candidate
         rounded = np.round(arm_p, 9)
         self.keys = np.unique(rounded)
@@ -290,6 +301,8 @@ class _Aggregates:
         if n_arm.min() < 100:  # the analysis burn-in
             return None
         rows = [self.mom[0, a, :, 0] > 0 for a in (0, 1)]
+        if self.legacy:
+            return self._legacy(m, rows)
         if m.kind == "quantile":
             values = 2.0 * GAMMA ** self.grid.astype(float) / (GAMMA + 1.0)
             hists = [
@@ -329,6 +342,30 @@ class _Aggregates:
             relative=m.relative, direction=m.direction, alpha=ALPHA, burn_in=100, clusters=clm,
         )  # fmt: skip
         return res.lower, res.upper
+
+    def _legacy(self, m: Metric, rows: list[np.ndarray]) -> tuple[float, float]:
+        kw: dict[str, Any] = {
+            "relative": m.relative,
+            "direction": m.direction,
+            "alpha": ALPHA,
+            "burn_in": 100,
+        }
+        if m.kind == "quantile":
+            values = 2.0 * GAMMA ** self.grid.astype(float) / (GAMMA + 1.0)
+            h = [self.hist[a].sum(axis=0) for a in (0, 1)]
+            arrays = [
+                HistogramArrays(values[c > 0], c[c > 0], DEFAULT_RELATIVE_ACCURACY) for c in h
+            ]
+            r = quantile_test(arrays[0], arrays[1], m.q, m.margin, **kw)
+            return r.lower, r.upper
+        i = _SIGNALS[m.kind]
+        mom = [
+            ArmMoments(self.keys[r], *(self.mom[i, a][r][:, j] for j in range(3)))
+            for a, r in enumerate(rows)
+        ]
+        test = mean_test if m.kind == "mean" else error_test if m.kind == "errors" else rate_test
+        r = test(mom[0], mom[1], m.margin, **kw)
+        return r.lower, r.upper
 
 
 # -- conditions ------------------------------------------------------------------------------
@@ -396,29 +433,30 @@ FAST = ("i.i.d. requests, steps 5/25/50", "sticky, 200 heterogeneous users, 5%",
         "latency x1.5 trend, steps 5/25/50")  # fmt: skip
 
 
-def _job(args: tuple[Condition, int, int]) -> Tally:
-    cond, first, count = args
+def _job(args: tuple[Condition, int, int, bool]) -> Tally:
+    cond, first, count, legacy = args
     total = Tally()
     for seed in range(first, first + count):
-        total.add(simulate_run(cond, seed))
+        total.add(simulate_run(cond, seed, legacy=legacy))
     return total
 
 
-def run_condition(cond: Condition, runs: int, seed: int, workers: int) -> Tally:
+def run_condition(
+    cond: Condition, runs: int, seed: int, workers: int, legacy: bool = False
+) -> Tally:
+    """``runs`` independent runs of ``cond`` (seeds ``seed``, ``seed + 1``, ...)."""
     chunks = max(1, min(workers * 4, runs))
     per = [runs // chunks + (1 if i < runs % chunks else 0) for i in range(chunks)]
     starts = np.cumsum([0, *per[:-1]]) + seed
-    jobs = [(cond, int(s), c) for s, c in zip(starts, per, strict=True) if c]
-    if workers <= 1:
-        parts: Iterable[Tally] = map(_job, jobs)
-    else:
-        pool = ProcessPoolExecutor(workers)
-        parts = pool.map(_job, jobs)
+    jobs = [(cond, int(s), c, legacy) for s, c in zip(starts, per, strict=True) if c]
     total = Tally()
-    for t in parts:
-        total.add(t)
-    if workers > 1:
-        pool.shutdown()
+    if workers <= 1:
+        for t in map(_job, jobs):
+            total.add(t)
+        return total
+    with ProcessPoolExecutor(workers) as pool:
+        for t in pool.map(_job, jobs):
+            total.add(t)
     return total
 
 
@@ -438,12 +476,15 @@ def _fmt(k: int, n: int) -> str:
     return f"{100 * k / n:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
-def report(rows: list[tuple[Condition, Tally, str]], runs: int, seconds: float) -> str:
+Row = tuple[Condition, Tally, str, Tally | None]
+
+
+def report(rows: list[Row], runs: int, seconds: float, argv: str) -> str:
     names = [m.name for m in METRICS]
     out = [
         "# Production-like traffic: false decisions of canary's tests",
         "",
-        f"Generated by `python -m loadtest.traffic_sim --runs {runs} --write-docs` "
+        f"Generated by `python -m loadtest.traffic_sim {argv}` "
         f"({seconds:.0f} s on this machine). Each cell: % of runs with a false verdict "
         "[Wilson 95% interval]; alpha 0.05 per test, evaluated every "
         "1,000 requests (40 analyses over 40,000 requests), burn-in 100 per arm. Latency "
@@ -452,21 +493,32 @@ def report(rows: list[tuple[Condition, Tally, str]], runs: int, seconds: float) 
         "",
         "## A/A: false rollback (WORSE at any analysis)",
         "",
-        "Usual margins: latency +10%, errors +0.5pp, accuracy -1pp. Margin 0: any WORSE.",
+        "Usual margins: latency +10%, errors +0.5pp, accuracy -1pp. Margin 0: any WORSE. "
+        "*Before*: the request-level tests canary ran until this change (pooled histograms, "
+        "Lindon-Malek errors, per-arm rate sequences, no clusters) on the same traffic, at "
+        "the usual margin.",
         "",
         "| condition | runs | "
         + " | ".join(f"{n} (usual)" for n in names)
         + " | "
         + " | ".join(f"{n} (margin 0)" for n in names)
+        + " | before: "
+        + ", ".join(names)
         + " |",
-        "|---|---|" + "---|" * (2 * len(names)),
+        "|---|---|" + "---|" * (2 * len(names) + 1),
     ]
-    for cond, t, kind in rows:
+    for cond, t, kind, old in rows:
         if kind != "aa":
             continue
         cells = [_fmt(t.worse.get(n, 0), t.runs) for n in names]
         cells += [_fmt(t.worse0.get(n, 0), t.runs) for n in names]
-        out.append(f"| {cond.name} | {t.runs} | " + " | ".join(cells) + " |")
+        before = (
+            ""
+            if old is None
+            else f"{old.runs} runs: "
+            + ", ".join(f"{100 * old.worse.get(n, 0) / old.runs:.1f}" for n in names)
+        )
+        out.append(f"| {cond.name} | {t.runs} | " + " | ".join(cells) + f" | {before} |")
     out += [
         "",
         "## Candidate exactly at the margin: false promotion (OK at any analysis)",
@@ -474,20 +526,27 @@ def report(rows: list[tuple[Condition, Tally, str]], runs: int, seconds: float) 
         "The candidate is +10% on latency (every quantile and the mean), +0.5pp errors and "
         "-1pp accuracy: no metric may be judged OK.",
         "",
-        "| condition | runs | " + " | ".join(names) + " |",
-        "|---|---|" + "---|" * len(names),
+        "| condition | runs | " + " | ".join(names) + " | before: " + ", ".join(names) + " |",
+        "|---|---|" + "---|" * (len(names) + 1),
     ]
-    for cond, t, kind in rows:
+    for cond, t, kind, old in rows:
         if kind != "margin":
             continue
         cells = [_fmt(t.ok.get(n, 0), t.runs) for n in names]
-        out.append(f"| {cond.name} | {t.runs} | " + " | ".join(cells) + " |")
+        before = (
+            ""
+            if old is None
+            else f"{old.runs} runs: "
+            + ", ".join(f"{100 * old.ok.get(n, 0) / old.runs:.1f}" for n in names)
+        )
+        out.append(f"| {cond.name} | {t.runs} | " + " | ".join(cells) + f" | {before} |")
     return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=1000)
+    ap.add_argument("--legacy-runs", type=int, default=0, help="runs of the old tests per row")
     ap.add_argument("--fast", action="store_true", help="CI form: 100 runs, 3 conditions")
     ap.add_argument("--only", default="", help="run conditions whose name contains this")
     ap.add_argument("--seed", type=int, default=20261203)
@@ -502,22 +561,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         conds = [(c, k) for c, k in conds if args.only in c.name]
     started = time.monotonic()
-    rows = []
+    rows: list[Row] = []
     for i, (cond, kind) in enumerate(conds):
         t0 = time.monotonic()
-        tally = run_condition(cond, runs, args.seed + 7919 * i, args.workers)
-        rows.append((cond, tally, kind))
+        seed = args.seed + 7919 * i
+        tally = run_condition(cond, runs, seed, args.workers)
+        old = None
+        if args.legacy_runs:
+            old = run_condition(cond, args.legacy_runs, seed, args.workers, legacy=True)
+        rows.append((cond, tally, kind, old))
         what = tally.worse if kind == "aa" else tally.ok
-        print(f"[{i + 1}/{len(conds)}] {cond.name}: {runs} runs in "
-              f"{time.monotonic() - t0:.0f} s; " + ", ".join(
-                  f"{m.name} {100 * what.get(m.name, 0) / runs:.1f}%" for m in METRICS),
-              file=sys.stderr, flush=True)  # fmt: skip
-    text = report(rows, runs, time.monotonic() - started)
+        print(
+            f"[{i + 1}/{len(conds)}] {cond.name}: {runs} runs in {time.monotonic() - t0:.0f} s; "
+            + ", ".join(f"{m.name} {100 * what.get(m.name, 0) / runs:.1f}%" for m in METRICS),
+            file=sys.stderr,
+            flush=True,
+        )
+    shown = " ".join(sys.argv[1:] if argv is None else argv)
+    text = report(rows, runs, time.monotonic() - started, shown)
     print(text)
     if args.write_docs:
-        Path(__file__).resolve().parent.parent.joinpath("docs", "traffic-simulation.md").write_text(
-            text
-        )
+        out = Path(__file__).resolve().parent.parent / "docs" / "traffic-simulation.md"
+        out.write_text(text)
     return 0
 
 
