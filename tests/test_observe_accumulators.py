@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from canary.observe import (
+    CLUSTERS,
     ArmAccumulator,
     LogHistogram,
     Moments,
@@ -18,6 +19,8 @@ from canary.observe import (
     Recorder,
     RolloutAccumulator,
     SignalAccumulator,
+    coarse_bucket,
+    coarse_upper,
 )
 
 
@@ -32,6 +35,7 @@ def _obs(
     signals: dict[str, float] | None = None,
     shadow: bool = False,
     rollout: str = "r",
+    cluster: int = -1,
 ) -> Observation:
     return Observation(
         rollout=rollout,
@@ -46,6 +50,7 @@ def _obs(
         bytes_out=10,
         bytes_in=100,
         signals=signals if signals is not None else {},
+        cluster=cluster,
     )
 
 
@@ -152,6 +157,7 @@ _observations = st.builds(
         max_size=3,
     ),
     shadow=st.booleans(),
+    cluster=st.sampled_from([-1, -1, 0, 7, 63]),
 )
 
 
@@ -288,6 +294,47 @@ def test_from_dict_rejects_unknown_version() -> None:
     data["version"] = 99
     with pytest.raises(ValueError, match="version 99"):
         RolloutAccumulator.from_dict(data)
+
+
+def test_format_2_state_loads_with_its_histogram_in_the_largest_stratum() -> None:
+    acc = RolloutAccumulator()
+    for _ in range(3):
+        acc.record(_obs(propensity=0.95, latency=0.2))
+    acc.record(_obs(propensity=0.75, latency=0.4))
+    data = acc.to_dict()
+    data["version"] = 2
+    for arm in ("production", "candidate"):
+        for sig in data[arm]["signals"].values():
+            hist = SignalAccumulator.from_dict(sig).hist.to_dict()
+            for key in ("hists", "clusters", "accuracy"):
+                del sig[key]
+            sig["hist"] = hist
+    back = RolloutAccumulator.from_dict(data)
+    lat = back.production.signals["latency"]
+    assert lat.hists[0.95].count == 4 and lat.hists[0.75].count == 0
+    assert lat.hist.to_dict() == acc.production.signals["latency"].hist.to_dict()
+
+
+def test_clusters_are_kept_per_stratum_with_coarse_buckets() -> None:
+    acc = RolloutAccumulator()
+    acc.record(_obs("candidate", propensity=0.05, latency=0.1, cluster=3))
+    acc.record(_obs("candidate", propensity=0.05, latency=0.1, cluster=3))
+    acc.record(_obs("candidate", propensity=0.05, latency=2.0, cluster=60))
+    acc.record(_obs("candidate", propensity=0.25, latency=0.1))  # no sticky key
+    lat = acc.candidate.signals["latency"]
+    cells = lat.clusters[0.05]
+    assert cells.n[3] == 2 and cells.n[60] == 1 and sum(cells.n) == 3
+    assert cells.total[3] == pytest.approx(0.2)
+    assert 0.25 not in lat.clusters
+    inv = lat.hists[0.05]._inv_log_gamma
+    assert cells.hist == {
+        coarse_bucket(0.1, inv) * CLUSTERS + 3: 2,
+        coarse_bucket(2.0, inv) * CLUSTERS + 60: 1,
+    }
+    for v in (1e-3, 0.1, 2.0, 0.0, -0.5):
+        c = coarse_bucket(v, inv)
+        assert coarse_upper(c - 1, 0.005) < v <= coarse_upper(c, 0.005) or v <= 0
+    assert acc.candidate.signals["error"].clusters[0.05].n[3] == 2
 
 
 # --- recorder ---------------------------------------------------------------------------------

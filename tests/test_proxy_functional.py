@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from canary.proxy import Weights
+from canary.proxy.routing import sticky_hash
 from loadtest.fake_model import GZIP_BODY, FakeModelConfig, running_fake_model
 from tests.conftest import fake_pair, rollout_config, running_canary
 
@@ -75,6 +76,33 @@ async def test_sticky_users_keep_their_arm_and_only_move_to_the_candidate() -> N
     share_before = sum(a == "candidate" for a in first.values()) / len(users)
     share_after = sum(a == "candidate" for a in later.values()) / len(users)
     assert 0.04 < share_before < 0.17 and 0.31 < share_after < 0.49
+
+
+async def test_sticky_requests_are_recorded_with_their_users_cluster() -> None:
+    users = [f"user-{i}" for i in range(120)]
+    async with fake_pair() as (p, c):
+        cfg = rollout_config(
+            [p], [c], steps=[{"weight": 30}], routing={"sticky": {"header": "X-User-Id"}}
+        )
+        async with running_canary(cfg) as can, aiohttp.ClientSession() as s:
+            for u in users * 2:
+                async with s.post(can.url + "/predict", json={"features": [1]},
+                                  headers={"X-User-Id": u}) as r:  # fmt: skip
+                    assert r.status == 200
+            async with s.post(can.url + "/predict", json={"features": [1]}) as r:
+                assert r.status == 200  # no sticky key: randomised, recorded without a cluster
+            acc = await can.samples("m")
+    expected: dict[str, Counter[int]] = {"production": Counter(), "candidate": Counter()}
+    for u in users:
+        point, cluster = sticky_hash("m", u)
+        expected["candidate" if point < 30 else "production"][cluster] += 2
+    for arm in ("production", "candidate"):
+        lat = acc.arms[arm].signals["latency"]
+        (p_arm,) = lat.clusters  # one stratum
+        got = Counter({g: n for g, n in enumerate(lat.clusters[p_arm].n) if n})
+        assert got == expected[arm]
+    total = acc.production.observed + acc.candidate.observed
+    assert total == 2 * len(users) + 1
 
 
 async def test_sticky_cookie() -> None:

@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 
 from canary.config import MatchConfig, load_config_text
 from canary.proxy.headers import downstream_headers, request_id, upstream_headers
-from canary.proxy.routing import ArmChooser, RouteTable, Weights, cookie_value, sticky_point
+from canary.proxy.routing import (
+    ArmChooser,
+    RouteTable,
+    Weights,
+    cookie_value,
+    sticky_hash,
+    sticky_point,
+)
 
 ROLLOUT = """
 rollouts:
@@ -41,6 +48,27 @@ def test_sticky_points_are_uniform_and_stable() -> None:
     assert abs(below_10 - 0.10) < 4.5 * (0.1 * 0.9 / 20_000) ** 0.5
     assert sticky_point("r", "alice") == sticky_point("r", "alice")
     assert sticky_point("r", "alice") != sticky_point("other-rollout", "alice")
+
+
+def test_sticky_points_did_not_move_and_clusters_are_independent_of_the_arm() -> None:
+    # The same point as before clusters existed: a rollout in progress keeps its users.
+    assert sticky_point("r", "alice") == 12.83342936216218
+    c = chooser()
+    by_arm: dict[str, list[int]] = {"candidate": [0] * 64, "production": [0] * 64}
+    for i in range(32_000):
+        choice = c.choose({"X-User-Id": f"user-{i}"}, Weights(25))
+        assert 0 <= choice.cluster < 64
+        assert choice.cluster == sticky_hash("r", f"user-{i}")[1]
+        by_arm[choice.arm][choice.cluster] += 1
+    # Every cluster holds users of both arms in about the split's proportion.
+    for g in range(64):
+        share = by_arm["candidate"][g] / (by_arm["candidate"][g] + by_arm["production"][g])
+        assert 0.25 - 0.1 < share < 0.25 + 0.1
+    assert c.choose({}, Weights(25)).cluster == -1  # no sticky key: randomised per request
+    assert (
+        c.choose({"X-User-Id": "bob"}, Weights(0, shadow=True)).cluster
+        == sticky_hash("r", "bob")[1]
+    )
 
 
 def test_choice_carries_propensity_and_flags() -> None:

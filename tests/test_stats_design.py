@@ -6,6 +6,7 @@ Reference values are computed here independently with plain numpy on the raw obs
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -42,7 +43,7 @@ def test_few_clusters_factor_is_cr1_times_the_t_over_normal_ratio() -> None:
     assert few_clusters_factor(1, 0.05) == math.inf
     assert few_clusters_factor(0, 0.05) == math.inf
     factors = [few_clusters_factor(g, 0.01) for g in range(2, 65)]
-    assert all(a > b for a, b in zip(factors, factors[1:], strict=False))
+    assert all(a > b for a, b in itertools.pairwise(factors))
     assert 1.0 < few_clusters_factor(64, 0.05) < 1.06
 
 
