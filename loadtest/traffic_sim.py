@@ -106,7 +106,9 @@ class Condition:
     base_error: float = 0.01
     base_accuracy: float = 0.9
     latency_sigma: float = 0.5
-    notes: str = ""
+    stop_when_decided: bool = False
+    metrics: tuple[str, ...] = ()  # only these metrics (all when empty)
+    fixed_n: float = 0.0  # candidate samples of a fixed-sample z-test at 80% power
 
 
 @dataclass(frozen=True)
@@ -136,13 +138,17 @@ class Tally:
     worse: dict[str, int] = field(default_factory=dict)  # at the usual margin
     worse0: dict[str, int] = field(default_factory=dict)  # at margin 0
     ok: dict[str, int] = field(default_factory=dict)  # OK at the usual margin
+    # candidate samples at the first WORSE at margin 0, one per run (inf: never): power
+    decided: dict[str, list[float]] = field(default_factory=dict)
 
     def add(self, other: Tally) -> None:
         self.runs += other.runs
+        for name, samples in other.decided.items():
+            self.decided.setdefault(name, []).extend(samples)
         for mine, theirs in ((self.worse, other.worse), (self.worse0, other.worse0),
                              (self.ok, other.ok)):  # fmt: skip
-            for k, v in theirs.items():
-                mine[k] = mine.get(k, 0) + v
+            for k, count in theirs.items():
+                mine[k] = mine.get(k, 0) + count
 
 
 def _weights(cond: Condition, n: int) -> np.ndarray:
@@ -213,6 +219,7 @@ def simulate_run(
     fine = np.ceil(np.log(y) / LOG_GAMMA).astype(np.int64)
     agg = _Aggregates(arm_c, arm_p, fine, (y, err, correct), cluster, legacy)
     seen: dict[str, set[str]] = {"worse": set(), "worse0": set(), "ok": set()}
+    decided = {m.name: math.inf for m in metrics}
     for end in range(cond.check_every, n + 1, cond.check_every):
         agg.advance(end)
         for m in metrics:
@@ -230,14 +237,19 @@ def simulate_run(
                 tol = 1.0 + m.margin if m.relative else m.margin
                 tol0 = 1.0 if m.relative else 0.0
                 flags = (lower > tol, lower > tol0, upper < tol)
+            if flags[1] and m.name not in seen["worse0"]:
+                decided[m.name] = float(agg.mom[0, 1, :, 0].sum())
             for key, flag in zip(("worse", "worse0", "ok"), flags, strict=True):
                 if flag:
                     seen[key].add(m.name)
+        if cond.stop_when_decided and all(math.isfinite(v) for v in decided.values()):
+            break
     return Tally(
         runs=1,
         worse=dict.fromkeys(seen["worse"], 1),
         worse0=dict.fromkeys(seen["worse0"], 1),
         ok=dict.fromkeys(seen["ok"], 1),
+        decided={k: [v] for k, v in decided.items()},
     )
 
 
@@ -429,6 +441,38 @@ MARGIN_CONDITIONS = (
     ),
 )
 
+
+def _fixed_n(var_c: float, var_p: float, delta: float, split: float = 0.05) -> float:
+    """Candidate samples a two-sided fixed-sample z-test at level 0.05 needs for 80% power.
+
+    ``var_c``, ``var_p`` are the per-observation variances of each arm's estimator (on the
+    scale ``delta`` is on); production has ``(1 - split) / split`` times the samples.
+    """
+    z = 1.959964 + 0.841621
+    return z * z * (var_c + var_p * split / (1 - split)) / (delta * delta)
+
+
+_S = 0.5  # lognormal sigma of latency
+_CV2 = math.exp(_S * _S) - 1
+_Z95, _PHI95 = 1.6448536, 0.10313564  # normal quantile and density at 0.95
+# Relative effects are tested on the ratio, so the variance of the log ratio: for a mean,
+# CV^2 per arm (delta method); for the p95 of a lognormal, s^2 q(1-q) / phi(z_q)^2.
+POWER_CONDITIONS = (
+    Condition("power: mean latency +10%", latency_effect=1.10, requests=40_000,
+              check_every=200, stop_when_decided=True, metrics=("latency_mean",),
+              fixed_n=_fixed_n(1.21 * _CV2, _CV2, 0.10)),
+    Condition("power: p95 latency +10%", latency_effect=1.10, requests=120_000,
+              check_every=400, stop_when_decided=True, metrics=("latency_p95",),
+              fixed_n=_fixed_n(_S**2 * 0.0475 / _PHI95**2, _S**2 * 0.0475 / _PHI95**2,
+                               math.log(1.10))),
+    Condition("power: errors 1% -> 2%", error_effect=0.01, requests=160_000, check_every=500,
+              stop_when_decided=True, metrics=("errors",),
+              fixed_n=_fixed_n(0.02 * 0.98, 0.01 * 0.99, 0.01)),
+    Condition("power: accuracy 90% -> 88%", accuracy_effect=-0.02, requests=200_000,
+              check_every=500, stop_when_decided=True, metrics=("accuracy",),
+              fixed_n=_fixed_n(0.88 * 0.12, 0.9 * 0.1, 0.02)),
+)  # fmt: skip
+
 FAST = ("i.i.d. requests, steps 5/25/50", "sticky, 200 heterogeneous users, 5%",
         "latency x1.5 trend, steps 5/25/50")  # fmt: skip
 
@@ -437,7 +481,8 @@ def _job(args: tuple[Condition, int, int, bool]) -> Tally:
     cond, first, count, legacy = args
     total = Tally()
     for seed in range(first, first + count):
-        total.add(simulate_run(cond, seed, legacy=legacy))
+        chosen = tuple(m for m in METRICS if not cond.metrics or m.name in cond.metrics)
+        total.add(simulate_run(cond, seed, chosen, legacy=legacy))
     return total
 
 
@@ -543,6 +588,43 @@ def report(rows: list[Row], runs: int, seconds: float, argv: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def median_interval(x: np.ndarray) -> tuple[float, float]:
+    """Distribution-free 95% interval of the median from order statistics."""
+    n = x.size
+    xs = np.sort(x)
+    half = 0.98 * math.sqrt(n)
+    lo = max(math.floor(n / 2 - half) - 1, 0)
+    hi = min(math.ceil(n / 2 + half), n - 1)
+    return float(xs[lo]), float(xs[hi])
+
+
+def power_report(rows: list[tuple[Condition, Tally]]) -> str:
+    out = [
+        "## Power: samples to a rollback of a worse candidate (5/95, margin 0)",
+        "",
+        "Candidate samples at the first WORSE, against the samples a fixed-sample two-sided "
+        "z-test at the same alpha needs for 80% power (normal theory for these "
+        "distributions). *80% decided*: the samples by which 80% of runs had rolled back.",
+        "",
+        "| effect | runs | fixed-sample n (80%) | median [95% CI] | median / fixed n | "
+        "80% decided / fixed n | never decided |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for cond, t in rows:
+        (name,) = cond.metrics
+        x = np.asarray(t.decided.get(name, []), dtype=float)
+        med = float(np.median(x))
+        lo, hi = median_interval(x)
+        q80 = float(np.quantile(x, 0.8))
+        never = float(np.mean(~np.isfinite(x)))
+        out.append(
+            f"| {cond.name.removeprefix('power: ')} | {x.size} | {cond.fixed_n:.0f} | "
+            f"{med:.0f} [{lo:.0f}, {hi:.0f}] | {med / cond.fixed_n:.2f} | "
+            f"{q80 / cond.fixed_n:.2f} | {100 * never:.1f}% |"
+        )
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=1000)
@@ -551,6 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="run conditions whose name contains this")
     ap.add_argument("--seed", type=int, default=20261203)
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--power-runs", type=int, default=0, help="runs per power row (0: none)")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args(argv)
     runs = 100 if args.fast else args.runs
@@ -577,8 +660,19 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
+    power_rows = []
+    for i, cond in enumerate(POWER_CONDITIONS if args.power_runs else ()):
+        t0 = time.monotonic()
+        tally = run_condition(cond, args.power_runs, args.seed + 104729 * (i + 1), args.workers)
+        power_rows.append((cond, tally))
+        x = np.asarray(next(iter(tally.decided.values())))
+        print(f"[power {i + 1}/{len(POWER_CONDITIONS)}] {cond.name}: median "
+              f"{np.median(x) / cond.fixed_n:.2f}x fixed n in {time.monotonic() - t0:.0f} s",
+              file=sys.stderr, flush=True)  # fmt: skip
     shown = " ".join(sys.argv[1:] if argv is None else argv)
     text = report(rows, runs, time.monotonic() - started, shown)
+    if power_rows:
+        text += "\n" + power_report(power_rows)
     print(text)
     if args.write_docs:
         out = Path(__file__).resolve().parent.parent / "docs" / "traffic-simulation.md"
