@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import gzip
 import hashlib
 import json
@@ -28,6 +29,7 @@ import math
 import os
 import random
 import signal
+import statistics
 import sys
 import time
 import uuid
@@ -104,6 +106,17 @@ class FakeModelConfig:
     """Idle level of ``gpu_utilization_ratio``."""
     gpu_utilization_per_busy: float = 0.1
     """Added per unit of mean concurrent inference since the previous scrape."""
+    user_latency_sigma: float = 0.0
+    """Users differ persistently: a request with ``X-User-Id`` takes ``exp(sigma * z)`` times
+    longer, z a standard normal fixed by the user id alone (the same on every server, so two
+    servers with equal settings are identical arms with heterogeneous users)."""
+    user_error_sigma: float = 0.0
+    """Likewise for errors: the user's error rate is ``error_rate`` moved by ``sigma * z'``
+    on the logit scale."""
+    latency_trend: float = 1.0
+    """Latency multiplier reached ``trend_seconds`` after the server started (log-linear from
+    1, then constant): a drift over the day that both arms share."""
+    trend_seconds: float = 60.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -127,10 +140,25 @@ class FakeModelConfig:
             ("cpu_overhead_per_request", self.cpu_overhead_per_request, 0.0, math.inf),
             ("gpu_utilization", self.gpu_utilization, 0.0, 1.0),
             ("gpu_utilization_per_busy", self.gpu_utilization_per_busy, 0.0, math.inf),
+            ("user_latency_sigma", self.user_latency_sigma, 0.0, 3.0),
+            ("user_error_sigma", self.user_error_sigma, 0.0, 5.0),
+            ("latency_trend", self.latency_trend, 0.01, 100.0),
+            ("trend_seconds", self.trend_seconds, 0.001, math.inf),
         ]
         for name, value, low, high in checks:
             if not low <= value <= high:
                 raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
+
+
+USER_HEADER = "X-User-Id"  # what loadtest.loadgen sends for sticky users
+
+
+@functools.lru_cache(maxsize=65536)
+def user_effect(user: str, which: int) -> float:
+    """A standard normal value fixed by the user id (``which`` picks independent ones)."""
+    digest = hashlib.blake2b(f"{which}:{user}".encode(), digest_size=8).digest()
+    u = (int.from_bytes(digest, "big") + 0.5) / 2.0**64
+    return statistics.NormalDist().inv_cdf(u)
 
 
 def _request_key(request_json: Any) -> bytes:
@@ -172,17 +200,26 @@ class _ModelState:
         self.in_flight = 0
         self.busy_seconds = 0.0
         self.last_scrape = (time.monotonic(), 0.0)
+        self.started = time.monotonic()
 
-    def sample_latency(self) -> float:
+    def sample_latency(self, user: str | None = None) -> float:
         cfg = self.cfg
         if cfg.latency == "fixed" or cfg.latency_sigma == 0.0 or cfg.latency_median == 0.0:
             base = cfg.latency_median
         else:
             base = math.exp(self.log_median + cfg.latency_sigma * self.rng.gauss(0.0, 1.0))
+        if user is not None and cfg.user_latency_sigma:
+            base *= math.exp(cfg.user_latency_sigma * user_effect(user, 0))
+        if cfg.latency_trend != 1.0:
+            done = min((time.monotonic() - self.started) / cfg.trend_seconds, 1.0)
+            base *= cfg.latency_trend**done
         return min(base * cfg.slowdown, _MAX_LATENCY_S)
 
-    def should_fail(self) -> bool:
+    def should_fail(self, user: str | None = None) -> bool:
         rate = self.cfg.error_rate
+        if rate > 0.0 and user is not None and self.cfg.user_error_sigma and rate < 1.0:
+            logit = math.log(rate / (1.0 - rate)) + self.cfg.user_error_sigma * user_effect(user, 1)
+            rate = 1.0 / (1.0 + math.exp(-logit))
         return rate > 0.0 and self.rng.random() < rate
 
     def answer(self, request_json: Any) -> tuple[int, float]:
@@ -332,11 +369,12 @@ async def _predict(request: web.Request) -> web.Response:
     payload = await _read_json_object(request)
     if isinstance(payload, web.Response):
         return payload
+    user = request.headers.get(USER_HEADER)
     async with st.serving() as queue_s:
-        inference_s = st.sample_latency()
+        inference_s = st.sample_latency(user)
         await st.infer(inference_s)
     headers = {"Server-Timing": _server_timing(inference_s, queue_s)}
-    if st.should_fail():
+    if st.should_fail(user):
         return _injected_error(st, headers)
     headers["X-Model-Cost"] = st.cost_header
     prediction, score = st.answer(payload)

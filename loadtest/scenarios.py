@@ -122,11 +122,15 @@ __all__ = [
     "run_scenario",
 ]
 
-Outcome = Literal["promoted", "rolled_back"]
+# "not_rolled_back": promoted, or still undecided at the time limit (an A/A whose evidence is
+# too thin to promote in the time must at least not be rolled back).
+Outcome = Literal["promoted", "rolled_back", "not_rolled_back"]
 TERMINAL = ("promoted", "rolled_back")
 ROLLOUT = "model"
 
 LATENCY_P95 = {"name": "latency_p95", "signal": "latency", "stat": "p95", "max_increase": "10%"}
+LATENCY_P50 = {"name": "latency_p50", "signal": "latency", "stat": "p50", "max_increase": "10%"}
+LATENCY_MEAN = {"name": "latency_mean", "signal": "latency", "stat": "mean", "max_increase": "10%"}
 ERRORS = {"name": "errors", "signal": "error", "stat": "rate", "max_increase": "0.5pp"}
 COST = {"name": "cost", "signal": "cost", "stat": "mean", "max_increase": "5%"}
 ACCURACY = {"name": "accuracy", "signal": "json:correct", "stat": "mean", "max_decrease": "1pp"}
@@ -172,6 +176,12 @@ CHAT_PRODUCTION = replace(
 
 # 20 ms median, sigma 0.3: p95 is about 33 ms. The servers only sleep, so this costs no CPU.
 BASE_MODEL = FakeModelConfig(model="production", latency_median=0.020, latency_sigma=0.3)
+# Users who differ persistently, the same on both arms (an A/A with sticky routing).
+STICKY_USERS: dict[str, Any] = {
+    "user_latency_sigma": 0.5, "error_rate": 0.01, "user_error_sigma": 1.0,
+}  # fmt: skip
+# Latency rising on both arms over the first 20 s, i.e. across the 10% and 50% steps.
+DRIFT: dict[str, Any] = {"latency_trend": 1.6, "trend_seconds": 20.0}
 
 
 @dataclass(frozen=True)
@@ -212,6 +222,9 @@ class Scenario:
     """Part of the full set; the others run only when named with ``--only``."""
     resources: Mapping[str, Any] | None = None
     """``resources:`` of both arms (needed by ``resource:`` metrics)."""
+    users: int = 0
+    """Sticky users (``routing.sticky`` on ``X-User-Id``, traffic drawn from this many users);
+    0: a per-request random split."""
 
     def rollout(self, production_url: str, candidate_url: str) -> dict[str, Any]:
         """The rollout file (as a dict) for these endpoints."""
@@ -226,7 +239,11 @@ class Scenario:
                     "name": ROLLOUT,
                     "production": {"endpoints": [production_url], "cost": arm_cost, **res},
                     "candidate": {"endpoints": [candidate_url], "cost": arm_cost, **res},
-                    "routing": {"failover": True, "timeout": "5s"},
+                    "routing": {
+                        "failover": True,
+                        "timeout": "5s",
+                        **({"sticky": {"header": "X-User-Id"}} if self.users else {}),
+                    },
                     "steps": [dict(s) for s in self.steps],
                     "analysis": {**ANALYSIS, **self.analysis},
                     **({"prediction": "json:prediction"} if self.kind == "feedback" else {}),
@@ -247,6 +264,30 @@ SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in [
         Scenario("identical", "identical candidate", "promoted", _candidate(), fast=True),
+        Scenario(
+            "sticky_aa",
+            "identical, 400 sticky users who differ (latency x e^(0.5 z), errors 1% on a "
+            "logit spread of 1)",
+            "not_rolled_back",
+            _candidate(**STICKY_USERS),
+            production=replace(BASE_MODEL, **STICKY_USERS),
+            analysis={"metrics": [LATENCY_P95, LATENCY_MEAN, ERRORS]},
+            users=400,
+            time_limit=60.0,
+            fast_time_limit=30.0,
+            fast=True,
+        ),
+        Scenario(
+            "drift_aa",
+            "identical, latency rising x1.6 on both arms while the weights step 10 -> 50",
+            "not_rolled_back",
+            _candidate(**DRIFT),
+            production=replace(BASE_MODEL, **DRIFT),
+            analysis={"metrics": [LATENCY_P95, LATENCY_P50, ERRORS]},
+            time_limit=60.0,
+            fast_time_limit=30.0,
+            fast=True,
+        ),
         Scenario("slow30", "+30% latency", "rolled_back", _candidate(slowdown=1.3), fast=True),
         Scenario("errors5", "5% errors", "rolled_back", _candidate(error_rate=0.05), fast=True),
         Scenario(
@@ -701,7 +742,10 @@ def _finish(
         user_errors=dict(traffic.errors),
         seed=seed,
     )
-    if outcome != sc.expect:
+    if sc.expect == "not_rolled_back":
+        if outcome == "rolled_back":
+            result.problems.append(f"outcome {outcome}, expected no rollback")
+    elif outcome != sc.expect:
         result.problems.append(f"outcome {outcome}, expected {sc.expect}")
     elif sc.expect_reason is not None and not result.reason.startswith(sc.expect_reason):
         result.problems.append(f"decided for another reason, expected {sc.expect_reason!r}")
@@ -754,6 +798,7 @@ async def _run_inprocess(
             seed=seed,
             on_answer=poster.add if poster is not None else None,
             chat=sc.chat,
+            users=sc.users,
         )
         stack.push_async_callback(traffic.stop)
         if poster is not None:
