@@ -12,6 +12,16 @@ The proxy adds one entry per request it routed for analysis to its rollout's
 - ``reward`` (a number in [0, 1]): that value for the answer the user saw. The analysis
   compares ``feedback`` as a bounded rate, so values outside [0, 1] are refused.
 
+When a label counts is ``feedback.count_at``. ``maturity`` (the default): a joined answer's
+values wait in its entry and are recorded when the entry leaves the store, i.e. when the
+answer is ``ttl`` old (or is evicted, oldest first): every answer of either arm is then
+scored after the same label window, so labels that come later for some outcomes (wrong
+answers are often reported later than right ones) cannot favour the arm whose answers are
+younger or whose outcomes are reported sooner. Labels arriving after ``ttl`` read
+``expired`` and count for neither arm; choose ``ttl`` at least as long as labels take.
+``arrival`` records a value as soon as its label is joined (faster, and valid only when the
+label delay does not depend on the outcome).
+
 Memory is bounded per rollout by ``feedback: {ttl, max_entries}``: entries sit in insertion
 order, the oldest is evicted when the store is full and expired ones are dropped from the
 front as new ones arrive (amortised O(1), no timers). A joined entry stays (without its
@@ -47,10 +57,12 @@ __all__ = [
     "FeedbackReport",
     "FeedbackStore",
     "ParsedFeedback",
+    "Value",
     "ValueRecorder",
     "join_feedback",
     "parse_feedback",
     "parse_item",
+    "record_ripe",
     "same_json",
     "store_for",
     "uses_feedback",
@@ -220,13 +232,18 @@ _Answer = tuple[str, float, object, int]
 class _Entry:
     """What is kept of one request id: the answer the user saw and a shadow mirror's answer."""
 
-    __slots__ = ("at", "joined", "mirror", "seen")
+    __slots__ = ("at", "joined", "mirror", "seen", "values")
 
     def __init__(self, at: float) -> None:
         self.at = at
         self.seen: _Answer | None = None
         self.mirror: _Answer | None = None
         self.joined = False
+        self.values: list[Value] | None = None  # joined values waiting for maturity
+
+
+# arm, value, propensity, cluster: one value of the feedback signal to record
+Value = tuple[str, float, float, int]
 
 
 def _identity(rollout: RolloutConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -266,7 +283,9 @@ class FeedbackStore:
         self._tombstones: OrderedDict[str, bool] = OrderedDict()  # dropped id -> was joined
         self.ttl = config.ttl
         self.max_entries = config.max_entries
+        self.at_maturity = config.count_at == "maturity"
         self._max_tombstones = min(config.max_entries, TOMBSTONES)
+        self._ripe: list[Value] = []  # matured values not yet taken (take_ripe)
         self.evicted = 0  # dropped because the store was full
         self.expired = 0  # dropped because their ttl passed
 
@@ -277,6 +296,7 @@ class FeedbackStore:
         """Apply new limits (a config reload); shrinking evicts the oldest entries now."""
         self.ttl = config.ttl
         self.max_entries = config.max_entries
+        self.at_maturity = config.count_at == "maturity"  # waiting values still wait
         self._max_tombstones = min(config.max_entries, TOMBSTONES)
         while len(self._entries) > self.max_entries:
             self._drop_oldest()
@@ -286,7 +306,15 @@ class FeedbackStore:
 
     def _drop_oldest(self) -> None:
         rid, entry = self._entries.popitem(last=False)
+        if entry.values is not None:  # matured (or evicted, the oldest first): now they count
+            self._ripe.extend(entry.values)
         self._bury(rid, entry.joined)
+
+    def take_ripe(self) -> list[Value]:
+        """The values whose answers matured since the last call (``count_at: maturity``)."""
+        self._expire(self._clock())
+        ripe, self._ripe = self._ripe, []
+        return ripe
 
     def _bury(self, rid: str, joined: bool) -> None:
         stones = self._tombstones
@@ -335,6 +363,8 @@ class FeedbackStore:
             if not shadow and entry.seen is None and not entry.joined:
                 entry.seen = answer
                 return entry.mirror
+            if entry.values is not None:  # its label came: count it before the entry goes
+                self._ripe.extend(entry.values)
             del entries[request_id]  # a reused id: the newer request replaces the entry
         elif len(entries) >= self.max_entries:
             self._drop_oldest()
@@ -347,9 +377,10 @@ class FeedbackStore:
         entries[request_id] = entry
         return None
 
-    def join(self, item: FeedbackItem) -> tuple[str, list[tuple[str, float, float, int]]]:
+    def join(self, item: FeedbackItem) -> tuple[str, list[Value]]:
         """Score ``item`` against its entry; return the result and ``(arm, value, propensity,
-        cluster)`` for each value to record.
+        cluster)`` for each value to record now (none with ``count_at: maturity``: they wait
+        in the entry until it matures, then :meth:`take_ripe` returns them).
 
         The result is ``unknown`` when this store has no trace of the id (or, for
         ``correct``/``reward``, holds only a shadow answer: what the user saw was not kept).
@@ -363,7 +394,7 @@ class FeedbackStore:
             return (DUPLICATE if stone else EXPIRED), []
         if entry.joined:
             return DUPLICATE, []
-        values: list[tuple[str, float, float, int]] = []
+        values: list[Value] = []
         if item.kind == "label":
             for answer in (entry.seen, entry.mirror):
                 if answer is not None and answer[2] is not None:
@@ -384,6 +415,9 @@ class FeedbackStore:
             values.append((arm, float(value), propensity, cluster))
         entry.joined = True
         entry.seen = entry.mirror = None  # the marker is all a joined entry needs
+        if self.at_maturity:
+            entry.values = values
+            return ACCEPTED, []
         return ACCEPTED, values
 
 
@@ -456,7 +490,8 @@ def join_feedback(
     stores: Mapping[str, FeedbackStore] | Iterable[FeedbackStore],
     recorder: ValueRecorder,
 ) -> FeedbackReport:
-    """Join every valid item to the store that knows its id and record the values.
+    """Join every valid item to the store that knows its id and record the values (and
+    those of every store whose answers matured meanwhile).
 
     An id is looked up in each rollout's store in turn (a handful of dict lookups); the
     first store that has a trace of it decides the result.
@@ -479,4 +514,14 @@ def join_feedback(
                 )
             break
         report.count(rollout, result)
+    for store in found:
+        record_ripe(store, recorder)
     return report
+
+
+def record_ripe(store: FeedbackStore, recorder: ValueRecorder) -> int:
+    """Record the values of ``store``'s matured answers; return how many."""
+    ripe = store.take_ripe()
+    for arm, value, propensity, cluster in ripe:
+        recorder.record_value(store.rollout, arm, FEEDBACK_SIGNAL, value, propensity, cluster)
+    return len(ripe)

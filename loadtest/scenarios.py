@@ -49,7 +49,8 @@ Delayed labels (``kind="feedback"``): the rollout sets ``prediction: json:predic
 measures ``accuracy`` as ``{signal: feedback, stat: rate, max_decrease: 1pp}`` next to
 ``latency_p95`` and ``errors``. A :class:`LabelPoster` posts every answered request's true
 label (:func:`~loadtest.fake_model.true_label` of its body) to ``/api/v1/feedback`` after a
-delay uniform in 2-30 s, in batches, so the accuracy test always lags the traffic by that
+delay uniform in 2-30 s, in batches; ``feedback.ttl`` is 32 s, so each label counts once its
+answer is 32 s old (``count_at: maturity``) and the accuracy test lags the traffic by that
 much. Production answers 97% correctly: near 97% a 0/1 signal has a fifth of the variance it
 has near 80% (0.03 vs 0.16), so the per-arm beta-binomial sequences resolve -3pp or +2pp
 against the 1pp margin with a few thousand to ten thousand labels per arm (80% vs 82% would
@@ -246,7 +247,15 @@ class Scenario:
                     },
                     "steps": [dict(s) for s in self.steps],
                     "analysis": {**ANALYSIS, **self.analysis},
-                    **({"prediction": "json:prediction"} if self.kind == "feedback" else {}),
+                    **(
+                        {
+                            "prediction": "json:prediction",
+                            # labels count once their answers are this old (equal maturity)
+                            "feedback": {"ttl": f"{self.label_delay[1] + 2.0:g}s"},
+                        }
+                        if self.kind == "feedback"
+                        else {}
+                    ),
                 }
             ],
         }

@@ -86,6 +86,11 @@ class Condition:
     effect
         Candidate latency multiplier and error-rate difference and accuracy difference (the
         null at the margin when set to the margins).
+    label_right, label_wrong, count_at
+        Delayed labels: a right answer's label comes after a delay uniform in ``[0,
+        label_right]`` requests, a wrong one's in ``[0, label_wrong]`` (0 and 0: with the
+        answer). ``count_at`` as ``feedback.count_at``: ``maturity`` records a label when its
+        answer is as old as the longer bound (the ``ttl``), ``arrival`` when it comes.
     """
 
     name: str
@@ -109,6 +114,12 @@ class Condition:
     stop_when_decided: bool = False
     metrics: tuple[str, ...] = ()  # only these metrics (all when empty)
     fixed_n: float = 0.0  # candidate samples of a fixed-sample z-test at 80% power
+    label_right: int = 0
+    label_wrong: int = 0
+    count_at: str = "maturity"
+    burst: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 0.0)
+    """(start, length) as fractions of the run, latency multiplier and error rate added, on
+    both arms: an incident that hits one period only."""
 
 
 @dataclass(frozen=True)
@@ -176,6 +187,9 @@ def _drift(cond: Condition, n: int, rng: np.random.Generator) -> np.ndarray:
         level += np.repeat(x, 100)[:n]
     if cond.trend != 1.0:
         level += np.linspace(0.0, math.log(cond.trend), n)
+    start, length, factor, _ = cond.burst
+    if length:
+        level[int(start * n) : int((start + length) * n)] += math.log(factor)
     return level
 
 
@@ -211,6 +225,9 @@ def simulate_run(
     y = np.exp(log_y) * 0.05  # 50 ms median
     logit_e = math.log(cond.base_error / (1 - cond.base_error)) + u_err
     e_rate = 1.0 / (1.0 + np.exp(-logit_e)) + np.where(arm_c, cond.error_effect, 0.0)
+    start, length, _, burst_errors = cond.burst
+    if length and burst_errors:
+        e_rate[int(start * n) : int((start + length) * n)] += burst_errors
     err = (rng.random(n) < np.clip(e_rate, 0.0, 1.0)).astype(float)
     logit_a = math.log(cond.base_accuracy / (1 - cond.base_accuracy)) + u_acc
     a_rate = 1.0 / (1.0 + np.exp(-logit_a)) + np.where(arm_c, cond.accuracy_effect, 0.0)
@@ -218,6 +235,8 @@ def simulate_run(
     arm_p = np.where(arm_c, weight, 1.0 - weight)  # the arm's propensity, as recorded
     fine = np.ceil(np.log(y) / LOG_GAMMA).astype(np.int64)
     agg = _Aggregates(arm_c, arm_p, fine, (y, err, correct), cluster, legacy)
+    if cond.label_right or cond.label_wrong:
+        agg.delay(2, _label_times(cond, correct, rng, legacy))
     seen: dict[str, set[str]] = {"worse": set(), "worse0": set(), "ok": set()}
     decided = {m.name: math.inf for m in metrics}
     for end in range(cond.check_every, n + 1, cond.check_every):
@@ -253,6 +272,19 @@ def simulate_run(
     )
 
 
+def _label_times(
+    cond: Condition, correct: np.ndarray, rng: np.random.Generator, legacy: bool
+) -> np.ndarray:
+    """When each request's label is recorded (request index; inf: never)."""
+    n = correct.size
+    bound = np.where(correct > 0, cond.label_right, cond.label_wrong)
+    arrives = np.arange(n) + rng.random(n) * bound
+    if cond.count_at == "arrival" or legacy:  # the old join recorded on arrival
+        return arrives
+    window = max(cond.label_right, cond.label_wrong)
+    return np.where(arrives <= np.arange(n) + window, np.arange(n) + window, np.inf)
+
+
 _SIGNALS = {"mean": 0, "errors": 1, "accuracy": 2}
 
 
@@ -284,27 +316,44 @@ class _Aggregates:
         self.clus = np.zeros((nv, 2, s, g, 2))
         self.chist = np.zeros((2, s, c, g))
         self.done = 0
+        # per value signal: None (recorded with the request) or (request order by recording
+        # time, the sorted times, how many are recorded so far)
+        self.later: list[tuple[np.ndarray, np.ndarray, int] | None] = [None] * nv
+
+    def delay(self, i: int, times: np.ndarray) -> None:
+        """Record value signal ``i`` of each request at ``times`` (request index; inf: never)."""
+        order = np.argsort(times, kind="stable")
+        self.later[i] = (order, times[order], 0)
+
+    def _rows(self, i: int, end: int) -> slice | np.ndarray:
+        later = self.later[i]
+        if later is None:
+            return slice(self.done, end)
+        order, times, done = later
+        upto = int(np.searchsorted(times, end, side="right"))
+        self.later[i] = (order, times, upto)
+        return order[done:upto]
 
     def advance(self, end: int) -> None:
         sl = slice(self.done, end)
-        self.done = end
-        a, st = self.arm[sl], self.sidx[sl]
         s, f, c, g = self.keys.size, self.grid.size, self.cgrid.size, CLUSTERS
-        cell = a * s + st
         for i, v in enumerate(self.values):
-            vv = v[sl]
+            rows = self._rows(i, end)
+            cell = self.arm[rows] * s + self.sidx[rows]
+            vv = v[rows]
             for j, w in enumerate((None, vv, vv * vv)):
                 self.mom[i, :, :, j] += np.bincount(cell, weights=w, minlength=2 * s).reshape(2, s)
-        self.hist += np.bincount(cell * f + self.fidx[sl], minlength=2 * s * f).reshape(2, s, f)
-        if self.cluster is not None:
-            cl = self.cluster[sl]
-            cc = cell * g + cl
-            for i, v in enumerate(self.values):
-                vv = v[sl]
+            if self.cluster is not None:
+                cc = cell * g + self.cluster[rows]
                 self.clus[i, ..., 0] += np.bincount(cc, minlength=2 * s * g).reshape(2, s, g)
                 self.clus[i, ..., 1] += np.bincount(cc, weights=vv, minlength=2 * s * g).reshape(
                     2, s, g
                 )
+        self.done = end
+        cell = self.arm[sl] * s + self.sidx[sl]
+        self.hist += np.bincount(cell * f + self.fidx[sl], minlength=2 * s * f).reshape(2, s, f)
+        if self.cluster is not None:
+            cl = self.cluster[sl]
             idx = (cell * c + self.cidx[sl]) * g + cl
             self.chist += np.bincount(idx, minlength=2 * s * c * g).reshape(2, s, c, g)
 
@@ -418,6 +467,31 @@ AA_CONDITIONS = (
         drift_sd=0.3,
         steps=STEPS3,
     ),
+    Condition(
+        "incident: latency x3 and +20pp errors for 2% of the run, in step 2 of 5/25/50",
+        burst=(0.45, 0.02, 3.0, 0.2),
+        steps=STEPS3,
+    ),
+    Condition(
+        "labels of wrong answers later (0-10000 vs 0-1000 requests), steps 5/25/50",
+        label_right=1000,
+        label_wrong=10000,
+        steps=STEPS3,
+    ),
+    Condition(
+        "same labels, counted on arrival (count_at: arrival)",
+        label_right=1000,
+        label_wrong=10000,
+        steps=STEPS3,
+        count_at="arrival",
+    ),
+    _het(
+        "sticky 500 users, labels of wrong answers later, steps 5/25/50",
+        users=500,
+        label_right=1000,
+        label_wrong=10000,
+        steps=STEPS3,
+    ),
 )
 
 MARGIN_CONDITIONS = (
@@ -438,6 +512,23 @@ MARGIN_CONDITIONS = (
         latency_effect=1.10,
         error_effect=0.005,
         accuracy_effect=-0.01,
+    ),
+    Condition(
+        "at the margin, labels of wrong answers later, steps",
+        accuracy_effect=-0.01,
+        label_right=1000,
+        label_wrong=10000,
+        steps=STEPS3,
+        metrics=("accuracy",),
+    ),
+    Condition(
+        "at the margin, same labels counted on arrival",
+        accuracy_effect=-0.01,
+        label_right=1000,
+        label_wrong=10000,
+        steps=STEPS3,
+        count_at="arrival",
+        metrics=("accuracy",),
     ),
 )
 
@@ -577,13 +668,15 @@ def report(rows: list[Row], runs: int, seconds: float, argv: str) -> str:
     for cond, t, kind, old in rows:
         if kind != "margin":
             continue
-        cells = [_fmt(t.ok.get(n, 0), t.runs) for n in names]
+        ran = [n for n in names if not cond.metrics or n in cond.metrics]
+        cells = [_fmt(t.ok.get(n, 0), t.runs) if n in ran else "-" for n in names]
         before = (
             ""
             if old is None
             else f"{old.runs} runs: "
-            + ", ".join(f"{100 * old.ok.get(n, 0) / old.runs:.1f}" for n in names)
-        )
+            + ", ".join(f"{100 * old.ok.get(n, 0) / old.runs:.1f}" if n in ran else "-"
+                        for n in names)
+        )  # fmt: skip
         out.append(f"| {cond.name} | {t.runs} | " + " | ".join(cells) + f" | {before} |")
     return "\n".join(out) + "\n"
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from canary.config import FeedbackConfig, RolloutConfig, load_config_text
 from canary.feedback import (
@@ -38,9 +39,14 @@ def _rollout(**overrides: Any) -> RolloutConfig:
     return load_config_text(yaml.safe_dump(cfg)).rollouts[0]
 
 
-def _store(ttl: float = 60.0, max_entries: int = 100) -> tuple[FeedbackStore, Clock]:
+def _store(
+    ttl: float = 60.0, max_entries: int = 100, count_at: str = "arrival"
+) -> tuple[FeedbackStore, Clock]:
     clock = Clock()
-    return FeedbackStore("m", FeedbackConfig(ttl=ttl, max_entries=max_entries), clock=clock), clock
+    cfg = FeedbackConfig.model_validate(
+        {"ttl": ttl, "max_entries": max_entries, "count_at": count_at}
+    )
+    return FeedbackStore("m", cfg, clock=clock), clock
 
 
 def label(rid: str, value: object) -> FeedbackItem:
@@ -289,12 +295,75 @@ def test_a_reload_keeps_the_store_unless_the_arms_change() -> None:
     assert moved is not None and moved is not first and len(moved) == 0
 
 
+# -- equal maturity ---------------------------------------------------------------------------
+
+
+def test_at_maturity_a_label_counts_when_its_answer_is_ttl_old() -> None:
+    store, clock = _store(ttl=10.0, count_at="maturity")
+    store.add("early", "production", 0.9, "x", shadow=False, cluster=3)
+    clock.now += 4.0
+    store.add("late", "candidate", 0.1, "x", shadow=False)
+    assert store.join(label("early", "x")) == ("accepted", [])  # waits in its entry
+    assert store.join(label("late", "y")) == ("accepted", [])
+    assert store.take_ripe() == []
+    clock.now += 6.0  # "early" is 10 s old: its label counts, "late" (6 s) still waits
+    assert store.take_ripe() == [("production", 1.0, 0.9, 3)]
+    assert store.take_ripe() == []  # taken once
+    assert store.join(label("early", "x")) == ("duplicate", [])
+    clock.now += 4.0
+    assert store.take_ripe() == [("candidate", 0.0, 0.1, -1)]
+    assert len(store) == 0
+
+
+def test_at_maturity_labels_after_the_window_and_unlabelled_answers_never_count() -> None:
+    store, clock = _store(ttl=10.0, count_at="maturity")
+    store.add("slow", "production", 1.0, "x", shadow=False)
+    store.add("never", "production", 1.0, "x", shadow=False)
+    clock.now += 10.0
+    assert store.join(label("slow", "x")) == ("expired", [])
+    assert store.take_ripe() == []
+
+
+def test_at_maturity_eviction_and_a_reused_id_count_the_waiting_label_then() -> None:
+    store, _ = _store(max_entries=2, count_at="maturity")
+    store.add("a", "production", 1.0, "x", shadow=False)
+    store.add("b", "candidate", 1.0, "x", shadow=True)
+    store.add("b", "production", 1.0, "y", shadow=False)
+    assert store.join(label("a", "x"))[0] == "accepted"
+    assert store.join(label("b", "x")) == ("accepted", [])
+    store.add("c", "production", 1.0, "x", shadow=False)  # full: "a" goes, and counts now
+    assert store.take_ripe() == [("production", 1.0, 1.0, -1)]
+    store.add("b", "candidate", 1.0, "z", shadow=False)  # "b" reused after its label
+    assert sorted(store.take_ripe()) == [("candidate", 1.0, 1.0, -1), ("production", 0.0, 1.0, -1)]
+
+
+def test_join_feedback_records_what_matured_in_every_store() -> None:
+    a, clock = _store(ttl=5.0, count_at="maturity")
+    a.add("r1", "candidate", 0.25, "x", shadow=False, cluster=7)
+    recorder = Recorder()
+    body = json.dumps([{"request_id": "r1", "label": "x"}]).encode()
+    assert join_feedback(parse_feedback(body), [a], recorder).totals()["accepted"] == 1
+    assert recorder.live("m").candidate.signals.get("feedback") is None
+    clock.now += 5.0
+    join_feedback(parse_feedback(b"[]"), [a], recorder)  # any later body
+    acc = recorder.live("m").candidate.signals["feedback"]
+    assert (acc.n, acc.total) == (1, 1.0)
+
+
+def test_count_at_is_checked() -> None:
+    with pytest.raises(ValidationError):
+        FeedbackConfig.model_validate({"count_at": "later"})
+    assert FeedbackConfig().count_at == "maturity"
+
+
 # -- the join -------------------------------------------------------------------------------
 
 
 def test_join_records_values_and_counts_per_rollout() -> None:
     a, _ = _store()
-    b = FeedbackStore("other", FeedbackConfig(ttl=60.0, max_entries=10), clock=Clock())
+    b = FeedbackStore(
+        "other", FeedbackConfig(ttl=60.0, max_entries=10, count_at="arrival"), clock=Clock()
+    )
     a.add("r1", "candidate", 0.25, "x", shadow=False)
     a.add("r2", "production", 0.75, "x", shadow=False)
     b.add("r3", "production", 1.0, "y", shadow=False)

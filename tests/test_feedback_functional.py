@@ -60,7 +60,7 @@ async def test_labels_round_trip_into_each_arms_feedback_signal() -> None:
     async with fake_pair(candidate={"accuracy": 0.5}) as (p, c):
         cfg = rollout_config(
             [p], [c], steps=[{"weight": 50}], prediction="json:prediction",
-            analysis={"metrics": [ACCURACY]},
+            analysis={"metrics": [ACCURACY]}, feedback={"count_at": "arrival"},
         )  # fmt: skip
         async with running_canary(cfg) as can, httpx.AsyncClient() as client:
             sent = await _predict(client, can, 120)
@@ -108,6 +108,7 @@ async def test_a_shadow_step_scores_the_mirrored_candidate_on_the_same_requests(
         cfg = rollout_config(
             [p], [c], steps=[{"shadow": {"min_requests": 1000}}, {"weight": 50}],
             prediction="json:prediction", analysis={"metrics": [ACCURACY]},
+            feedback={"count_at": "arrival"},
         )  # fmt: skip
         async with running_canary(cfg) as can, httpx.AsyncClient() as client:
             sent = await _predict(client, can, 60)
@@ -233,3 +234,33 @@ async def test_bad_bodies_and_the_bearer_token(monkeypatch: pytest.MonkeyPatch) 
             assert r.status_code == 413 and "smaller batches" in r.json()["error"]
             # the proxy kept serving through all of it
             assert (await client.post(can.url + "/predict", json={"id": "1"})).status_code == 200
+
+
+async def test_at_maturity_labels_count_once_their_answers_are_ttl_old() -> None:
+    # The default count_at: the labels wait in the store and are recorded by the proxy's
+    # once-a-second ticker when their answers are ttl old, with no request or feedback
+    # arriving meanwhile; a label posted after the window counts for neither arm.
+    async with fake_pair(candidate={"accuracy": 0.5}) as (p, c):
+        cfg = rollout_config(
+            [p], [c], steps=[{"weight": 50}], prediction="json:prediction",
+            analysis={"metrics": [ACCURACY]}, feedback={"ttl": "2s"},
+        )  # fmt: skip
+        async with running_canary(cfg) as can, httpx.AsyncClient() as client:
+            sent = await _predict(client, can, 40)
+            labels = [{"request_id": s["rid"], "label": s["label"]} for s in sent[:30]]
+            r = await _feedback(client, can, labels)
+            assert r.json()["results"]["accepted"] == 30
+            totals = await can.samples("m")
+            assert all("feedback" not in totals.arms[a].signals for a in totals.arms)
+            await asyncio.sleep(3.5)  # past the 2 s window and a tick of the ticker
+            late = [{"request_id": s["rid"], "label": s["label"]} for s in sent[30:]]
+            assert (await _feedback(client, can, late)).json()["results"]["expired"] == 10
+            totals = await can.samples("m")
+            signals = [totals.arms[a].signals.get("feedback") for a in totals.arms]
+            assert sum(acc.n for acc in signals if acc is not None) == 30
+            for arm in totals.arms:
+                acc = totals.arms[arm].signals.get("feedback")
+                mine = [s for s in sent[:30] if s["arm"] == arm]
+                assert (acc.n if acc else 0) == len(mine)
+                if acc is not None:
+                    assert acc.total == sum(s["prediction"] == s["label"] for s in mine)

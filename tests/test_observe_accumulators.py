@@ -397,3 +397,12 @@ def test_memory_does_not_grow_with_history() -> None:
         for sig in arm.signals.values():
             assert len(sig.strata) == 1
             assert len(sig.hist.pos) + len(sig.hist.neg) <= 6
+
+
+def test_a_delta_with_only_external_values_is_not_empty() -> None:
+    # A label or a resource window may come in a flush interval without any request; the
+    # controller skips empty deltas, so such a delta must not read as empty.
+    acc = RolloutAccumulator()
+    assert acc.empty
+    acc.arms["candidate"].record_value("feedback", 1.0, 0.5)
+    assert not acc.empty

@@ -51,3 +51,18 @@ def test_a_candidate_at_the_margin_is_not_promoted_while_latency_falls() -> None
     before = run_condition(replace(cond, metrics=("latency_p50",)), RUNS, seed=303,
                            workers=2, legacy=True)  # fmt: skip
     assert before.ok.get("latency_p50", 0) >= RUNS // 2, before.ok
+
+
+def test_labels_counted_at_maturity_hold_the_level_when_wrong_answers_report_later() -> None:
+    # Labels of wrong answers come up to 10x later than those of right ones. Counted at
+    # maturity (the feedback ttl), both arms' answers are scored after the same window; the
+    # old pooled test counting on arrival promotes a candidate 1pp worse far more often.
+    cond = _cond("at the margin, labels of wrong answers later, steps", pool=MARGIN_CONDITIONS)
+    now = run_condition(cond, RUNS, seed=404, workers=2)
+    assert now.ok.get("accuracy", 0) <= 3, now.ok
+    before = run_condition(cond, RUNS, seed=404, workers=2, legacy=True)
+    assert before.ok.get("accuracy", 0) >= 4, before.ok
+    aa = run_condition(_cond("labels of wrong answers later (0-10000 vs 0-1000 requests), "
+                             "steps 5/25/50", metrics=("accuracy",)), RUNS, seed=405,
+                       workers=2)  # fmt: skip
+    assert aa.worse0.get("accuracy", 0) <= 3, aa.worse0

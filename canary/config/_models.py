@@ -371,6 +371,9 @@ class WebhookConfig(_Model):
 class FeedbackConfig(_Model):
     ttl: Duration = 3600.0
     max_entries: int = Field(100_000, ge=1)
+    # maturity: an answer's label counts once the answer is `ttl` old, so both arms' answers
+    # are compared after the same label window; arrival: as soon as it is posted.
+    count_at: Literal["maturity", "arrival"] = "maturity"
 
 
 INPUT_TYPES = ("number", "string", "bool", "null", "missing", "object", "array")

@@ -536,8 +536,12 @@ class RolloutAccumulator:
 
     @property
     def empty(self) -> bool:
-        """True when nothing was recorded or routed."""
-        return not any(a.observed or a.routed for a in (self.production, self.candidate))
+        """True when nothing was recorded or routed (values of external signals count: a
+        label or a resource window may come while no request does)."""
+        return not any(
+            a.observed or a.routed or any(v.n for v in a.signals.values())
+            for a in (self.production, self.candidate)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form (plain dicts, str keys, ints, finite floats, None)."""

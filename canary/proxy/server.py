@@ -8,6 +8,7 @@ The controller changes a rollout's split by replacing its immutable :class:`Weig
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -16,7 +17,7 @@ from urllib.parse import urlsplit
 
 from canary.config import Config, ProxyConfig, RolloutConfig
 from canary.errors import UpstreamError
-from canary.feedback import FeedbackStore, same_json, store_for
+from canary.feedback import FeedbackStore, record_ripe, same_json, store_for
 from canary.metrics import Metrics, RolloutCounters, bump
 from canary.observe import (
     NO_CLUSTER,
@@ -46,6 +47,7 @@ log = logging.getLogger("canary.proxy")
 _SMALL_BODY = 64 * 1024  # bodies up to this, of known length, are sent back in one write
 _CODE_CLASS = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
 _STATUS_FOR_ERROR = {"timeout": 504, "connect": 502, "reset": 502, "protocol": 502}
+RIPE_INTERVAL = 1.0  # seconds between two recordings of matured labels (off the hot path)
 
 
 class _ClientStalled(UpstreamError):
@@ -195,6 +197,7 @@ class Proxy:
         self._counters = metrics.counters
         self._clock = clock or time.perf_counter
         self._mirrors: set[asyncio.Task[None]] = set()
+        self._ripening: asyncio.Task[None] | None = None  # records matured labels
         self._mirror_inflight = 0
         self.routes: dict[str, RolloutRoute] = {}
         self._table = RouteTable([])
@@ -220,6 +223,23 @@ class Proxy:
         self.routes = routes
         self._metrics.inputs = {n: rt.inputs for n, rt in routes.items() if rt.inputs is not None}
         self._table = RouteTable([(r.match, r.name) for r in config.rollouts])
+        if self._ripening is None and any(r.feedback is not None for r in routes.values()):
+            with contextlib.suppress(RuntimeError):  # no loop yet: the next apply starts it
+                self._ripening = asyncio.get_running_loop().create_task(
+                    self._record_ripe_labels(), name="feedback-maturity"
+                )
+
+    async def _record_ripe_labels(self) -> None:
+        """Record the labels of answers that matured (``feedback.count_at: maturity``) once
+        a second, so they count even while no request or feedback arrives to expire them."""
+        while True:
+            await asyncio.sleep(RIPE_INTERVAL)
+            for route in list(self.routes.values()):
+                if route.feedback is not None:
+                    try:
+                        record_ripe(route.feedback, self._recorder)
+                    except Exception:  # never stop the ticker: the next second retries
+                        log.exception("recording matured feedback of %s failed", route.name)
 
     def set_weights(self, name: str, weights: Weights) -> None:
         self.routes[name].weights = weights
@@ -231,6 +251,11 @@ class Proxy:
         self._metrics.shadow_active.labels(name).set(1 if weights.shadow else 0)
 
     async def close(self) -> None:
+        if self._ripening is not None:
+            self._ripening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ripening
+            self._ripening = None
         for task in list(self._mirrors):
             task.cancel()
         if self._mirrors:
