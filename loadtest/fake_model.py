@@ -117,6 +117,10 @@ class FakeModelConfig:
     """Latency multiplier reached ``trend_seconds`` after the server started (log-linear from
     1, then constant): a drift over the day that both arms share."""
     trend_seconds: float = 60.0
+    slow_band: tuple[float, float, float] = (0.0, 0.0, 1.0)
+    """(lower, upper, factor): a latency draw whose own quantile lies in [lower, upper] takes
+    factor times longer; a regression in one part of the distribution only (``(0.6, 0.8,
+    1.2)``: the p60-p80 band 20% slower, p50 and p95 unchanged)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -148,8 +152,15 @@ class FakeModelConfig:
         for name, value, low, high in checks:
             if not low <= value <= high:
                 raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
+        lo, hi, factor = self.slow_band
+        if not (0.0 <= lo <= hi <= 1.0 and 0.0 < factor <= 100.0):
+            raise ValueError(
+                f"slow_band must be (lower, upper, factor) with 0 <= lower <= upper <= 1 and "
+                f"0 < factor <= 100, got {self.slow_band!r}"
+            )
 
 
+_NORMAL = statistics.NormalDist()
 USER_HEADER = "X-User-Id"  # what loadtest.loadgen sends for sticky users
 
 
@@ -201,13 +212,25 @@ class _ModelState:
         self.busy_seconds = 0.0
         self.last_scrape = (time.monotonic(), 0.0)
         self.started = time.monotonic()
+        lo, hi, factor = cfg.slow_band
+        self.band = (
+            (
+                _NORMAL.inv_cdf(lo) if lo > 0 else -math.inf,
+                _NORMAL.inv_cdf(hi) if hi < 1 else math.inf,
+            )
+            if factor != 1.0 and hi > lo
+            else None
+        )
 
     def sample_latency(self, user: str | None = None) -> float:
         cfg = self.cfg
         if cfg.latency == "fixed" or cfg.latency_sigma == 0.0 or cfg.latency_median == 0.0:
             base = cfg.latency_median
         else:
-            base = math.exp(self.log_median + cfg.latency_sigma * self.rng.gauss(0.0, 1.0))
+            z = self.rng.gauss(0.0, 1.0)
+            base = math.exp(self.log_median + cfg.latency_sigma * z)
+            if self.band is not None and self.band[0] <= z <= self.band[1]:
+                base *= cfg.slow_band[2]
         if user is not None and cfg.user_latency_sigma:
             base *= math.exp(cfg.user_latency_sigma * user_effect(user, 0))
         if cfg.latency_trend != 1.0:

@@ -60,8 +60,9 @@ checked); ``labels_better2`` must promote, which also needs ``latency_p95`` prov
 
 Scenarios
 ---------
-``identical`` (promote), ``slow30`` (+30% latency: roll back), ``errors5`` (5% errors: roll
-back), ``down`` (the candidate's server stops 4 s into the rollout: roll back within 5 s of it
+``identical`` (promote), ``slow30`` (+30% latency: roll back), ``band20`` (20% slower between
+its p60 and p80 only, so p50 and p95 see nothing: ``stat: distribution`` must roll it back, the
+reason is checked), ``errors5`` (5% errors: roll back), ``down`` (the candidate's server stops 4 s into the rollout: roll back within 5 s of it
 going down, with no user-visible error thanks to failover), ``unreachable`` (nothing ever
 listens at the candidate's address: the same), ``cheaper`` (20% faster and 20% cheaper:
 promote), ``memory40`` (the candidate's ``/metrics`` reports 40% more resident memory, equal
@@ -132,6 +133,9 @@ ROLLOUT = "model"
 LATENCY_P95 = {"name": "latency_p95", "signal": "latency", "stat": "p95", "max_increase": "10%"}
 LATENCY_P50 = {"name": "latency_p50", "signal": "latency", "stat": "p50", "max_increase": "10%"}
 LATENCY_MEAN = {"name": "latency_mean", "signal": "latency", "stat": "mean", "max_increase": "10%"}
+LATENCY_DIST = {
+    "name": "latency_dist", "signal": "latency", "stat": "distribution", "max_increase": "10%",
+}  # fmt: skip
 ERRORS = {"name": "errors", "signal": "error", "stat": "rate", "max_increase": "0.5pp"}
 COST = {"name": "cost", "signal": "cost", "stat": "mean", "max_increase": "5%"}
 ACCURACY = {"name": "accuracy", "signal": "json:correct", "stat": "mean", "max_decrease": "1pp"}
@@ -298,6 +302,17 @@ SCENARIOS: dict[str, Scenario] = {
             fast=True,
         ),
         Scenario("slow30", "+30% latency", "rolled_back", _candidate(slowdown=1.3), fast=True),
+        Scenario(
+            "band20",
+            "20% slower between its p60 and p80 only (p50 and p95 unchanged)",
+            "rolled_back",
+            _candidate(slow_band=(0.6, 0.8, 1.2)),
+            analysis={"metrics": [LATENCY_P50, LATENCY_P95, LATENCY_DIST, ERRORS]},
+            expect_reason="latency_dist is worse than allowed",
+            time_limit=90.0,
+            fast_time_limit=60.0,
+            fast=True,
+        ),
         Scenario("errors5", "5% errors", "rolled_back", _candidate(error_rate=0.05), fast=True),
         Scenario(
             "down",

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.special import ndtri as _ndtri
 
 from canary.observe import CLUSTERS, COARSE_SHIFT
 from canary.observe.histogram import DEFAULT_RELATIVE_ACCURACY
@@ -48,6 +49,7 @@ from canary.stats import (
     Direction,
     HistogramArrays,
     StratifiedHistogram,
+    distribution_test,
     error_test,
     mean_test,
     proportion_test,
@@ -118,6 +120,9 @@ class Condition:
     label_wrong: int = 0
     count_at: str = "maturity"
     burst: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 0.0)
+    local_effect: tuple[float, float, float] = (0.0, 0.0, 1.0)
+    """(lower, upper, factor): candidate latency whose own noise quantile lies in [lower,
+    upper] is multiplied by factor, a regression in one part of the distribution only."""
     """(start, length) as fractions of the run, latency multiplier and error rate added, on
     both arms: an incident that hits one period only."""
 
@@ -136,6 +141,7 @@ METRICS = (
     Metric("latency_mean", "mean", 0.10, True, Direction.INCREASE),
     Metric("latency_p50", "quantile", 0.10, True, Direction.INCREASE, 0.5),
     Metric("latency_p95", "quantile", 0.10, True, Direction.INCREASE, 0.95),
+    Metric("latency_dist", "distribution", 0.10, True, Direction.INCREASE),
     Metric("errors", "errors", 0.005, False, Direction.INCREASE),
     Metric("accuracy", "accuracy", 0.01, False, Direction.DECREASE),
 )
@@ -220,8 +226,13 @@ def simulate_run(
         cluster = None
         u_lat = u_err = u_acc = np.zeros(n)
     level = _drift(cond, n, rng)
-    log_y = level + u_lat + rng.normal(0.0, cond.latency_sigma, n)
-    log_y = log_y + np.where(arm_c, math.log(cond.latency_effect), 0.0)
+    noise = rng.normal(0.0, cond.latency_sigma, n)
+    log_y = level + u_lat + noise + np.where(arm_c, math.log(cond.latency_effect), 0.0)
+    lo_q, hi_q, factor = cond.local_effect
+    if factor != 1.0:
+        z_lo, z_hi = (cond.latency_sigma * float(_ndtri(q)) for q in (lo_q, hi_q))
+        hit = arm_c & (noise >= z_lo) & (noise <= z_hi)
+        log_y = log_y + np.where(hit, math.log(factor), 0.0)
     y = np.exp(log_y) * 0.05  # 50 ms median
     logit_e = math.log(cond.base_error / (1 - cond.base_error)) + u_err
     e_rate = 1.0 / (1.0 + np.exp(-logit_e)) + np.where(arm_c, cond.error_effect, 0.0)
@@ -364,7 +375,7 @@ class _Aggregates:
         rows = [self.mom[0, a, :, 0] > 0 for a in (0, 1)]
         if self.legacy:
             return self._legacy(m, rows)
-        if m.kind == "quantile":
+        if m.kind in ("quantile", "distribution"):
             values = 2.0 * GAMMA ** self.grid.astype(float) / (GAMMA + 1.0)
             hists = [
                 StratifiedHistogram(
@@ -380,6 +391,13 @@ class _Aggregates:
                     for a, r in enumerate(rows)
                 ]
                 cl = (ch[0], ch[1])
+            if m.kind == "distribution":
+                res = distribution_test(
+                    hists[0], hists[1], m.margin,
+                    relative=m.relative, direction=m.direction, alpha=ALPHA, burn_in=100,
+                    clusters=cl,
+                )  # fmt: skip
+                return res.lower, res.upper
             res = stratified_quantile_test(
                 hists[0], hists[1], m.q, m.margin,
                 relative=m.relative, direction=m.direction, alpha=ALPHA, burn_in=100, clusters=cl,
@@ -404,7 +422,9 @@ class _Aggregates:
         )  # fmt: skip
         return res.lower, res.upper
 
-    def _legacy(self, m: Metric, rows: list[np.ndarray]) -> tuple[float, float]:
+    def _legacy(self, m: Metric, rows: list[np.ndarray]) -> tuple[float, float] | None:
+        if m.kind == "distribution":  # new: there was no old form
+            return None
         kw: dict[str, Any] = {
             "relative": m.relative,
             "direction": m.direction,
@@ -447,6 +467,17 @@ AA_CONDITIONS = (
     _het("sticky, 500 users, steps 5/25/50", users=500, steps=STEPS3),
     _het("sticky, 2000 users, few heavy (lognormal activity s=2)", users=2000, heavy=2.0),
     _het("sticky, 5000 users, 5%", users=5000),
+    _het("sticky, 100 users (about 5 on the candidate), 5%", users=100),
+    Condition(
+        "sticky, 300 users who differ strongly (log-latency sd 1, logit sd 1.5), 5%",
+        users=300,
+        user_latency=1.0,
+        user_error=1.5,
+        user_accuracy=1.5,
+    ),
+    Condition(
+        "heavy-tailed latency (lognormal sigma 1.2), steps 5/25/50", latency_sigma=1.2, steps=STEPS3
+    ),  # fmt: skip
     Condition(
         "latency AR(1) drift phi 0.999/req, steps 5/25/50",
         drift_phi=0.999**100,
@@ -546,6 +577,7 @@ def _fixed_n(var_c: float, var_p: float, delta: float, split: float = 0.05) -> f
 _S = 0.5  # lognormal sigma of latency
 _CV2 = math.exp(_S * _S) - 1
 _Z95, _PHI95 = 1.6448536, 0.10313564  # normal quantile and density at 0.95
+_PHI75 = 0.31777657  # normal density at the 0.75 quantile (z = 0.6744898)
 # Relative effects are tested on the ratio, so the variance of the log ratio: for a mean,
 # CV^2 per arm (delta method); for the p95 of a lognormal, s^2 q(1-q) / phi(z_q)^2.
 POWER_CONDITIONS = (
@@ -556,6 +588,11 @@ POWER_CONDITIONS = (
               check_every=400, stop_when_decided=True, metrics=("latency_p95",),
               fixed_n=_fixed_n(_S**2 * 0.0475 / _PHI95**2, _S**2 * 0.0475 / _PHI95**2,
                                math.log(1.10))),
+    Condition("power: p65-p85 only +15% (distribution; fixed n: p75 alone)",
+              local_effect=(0.65, 0.85, 1.15), requests=200_000, check_every=500,
+              stop_when_decided=True, metrics=("latency_dist",),
+              fixed_n=_fixed_n(_S**2 * 0.1875 / _PHI75**2, _S**2 * 0.1875 / _PHI75**2,
+                               math.log(1.15))),
     Condition("power: errors 1% -> 2%", error_effect=0.01, requests=160_000, check_every=500,
               stop_when_decided=True, metrics=("errors",),
               fixed_n=_fixed_n(0.02 * 0.98, 0.01 * 0.99, 0.01)),
@@ -617,6 +654,7 @@ Row = tuple[Condition, Tally, str, Tally | None]
 
 def report(rows: list[Row], runs: int, seconds: float, argv: str) -> str:
     names = [m.name for m in METRICS]
+    old_names = [m.name for m in METRICS if m.kind != "distribution"]  # had no old form
     out = [
         "# Production-like traffic: false decisions of canary's tests",
         "",
@@ -639,7 +677,7 @@ def report(rows: list[Row], runs: int, seconds: float, argv: str) -> str:
         + " | "
         + " | ".join(f"{n} (margin 0)" for n in names)
         + " | before: "
-        + ", ".join(names)
+        + ", ".join(old_names)
         + " |",
         "|---|---|" + "---|" * (2 * len(names) + 1),
     ]
@@ -652,17 +690,34 @@ def report(rows: list[Row], runs: int, seconds: float, argv: str) -> str:
             ""
             if old is None
             else f"{old.runs} runs: "
-            + ", ".join(f"{100 * old.worse.get(n, 0) / old.runs:.1f}" for n in names)
+            + ", ".join(f"{100 * old.worse.get(n, 0) / old.runs:.1f}" for n in old_names)
         )
         out.append(f"| {cond.name} | {t.runs} | " + " | ".join(cells) + f" | {before} |")
+    out += [
+        "",
+        "## A/A: right promotion (OK at some analysis, usual margin)",
+        "",
+        "The other half of trust: the share of identical candidates each test had proven "
+        "within its margin by the end of the run (40,000 requests: about 2,000 candidate "
+        "samples at 5%, 11,000 with steps 5/25/50). A test that rarely gets there holds a "
+        "rollout until `max_duration`.",
+        "",
+        "| condition | runs | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for cond, t, kind, _ in rows:
+        if kind == "aa":
+            cells = [f"{100 * t.ok.get(n, 0) / t.runs:.1f}" for n in names]
+            out.append(f"| {cond.name} | {t.runs} | " + " | ".join(cells) + " |")
     out += [
         "",
         "## Candidate exactly at the margin: false promotion (OK at any analysis)",
         "",
         "The candidate is +10% on latency (every quantile and the mean), +0.5pp errors and "
-        "-1pp accuracy: no metric may be judged OK.",
+        "-1pp accuracy: no metric may be judged OK. `latency_dist` is `stat: distribution` "
+        "(p5, p10, ..., p95, p99 at once).",
         "",
-        "| condition | runs | " + " | ".join(names) + " | before: " + ", ".join(names) + " |",
+        "| condition | runs | " + " | ".join(names) + " | before: " + ", ".join(old_names) + " |",
         "|---|---|" + "---|" * (len(names) + 1),
     ]
     for cond, t, kind, old in rows:
@@ -675,7 +730,7 @@ def report(rows: list[Row], runs: int, seconds: float, argv: str) -> str:
             if old is None
             else f"{old.runs} runs: "
             + ", ".join(f"{100 * old.ok.get(n, 0) / old.runs:.1f}" if n in ran else "-"
-                        for n in names)
+                        for n in old_names)
         )  # fmt: skip
         out.append(f"| {cond.name} | {t.runs} | " + " | ".join(cells) + f" | {before} |")
     return "\n".join(out) + "\n"

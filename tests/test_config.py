@@ -186,12 +186,64 @@ def test_duplicate_yaml_keys_and_bad_yaml() -> None:
             "add 'resources: {scrape: /metrics, every: 5s}' to production",
         ),
         ("[{shadow: {}, weight: 5}]", "[]", "exactly one of 'shadow' or 'weight'"),
+        (
+            "[{weight: 5}]",
+            "[{name: a, signal: latency, stat: distribution, max_increase: 1pp}]",
+            "a distribution tolerance must be relative",
+        ),
+        (
+            "[{weight: 5}]",
+            "[{name: a, signal: error, stat: distribution, max_increase: 5%}]",
+            "not 'error'",
+        ),
+        (
+            "[{weight: 5}]",
+            "[{name: a, signal: latency, stat: p95, quantiles: [p50], max_increase: 5%}]",
+            "'quantiles' applies only to stat: distribution",
+        ),
+        (
+            "[{weight: 5}]",
+            "[{name: a, signal: latency, stat: distribution, quantiles: [p90, p50],"
+            " max_increase: 5%}]",
+            "ascending",
+        ),
+        (
+            "[{weight: 5}]",
+            "[{name: a, signal: latency, stat: distribution, quantiles: [p100],"
+            " max_increase: 5%}]",
+            "percentiles such as p50",
+        ),
+        (
+            "[{weight: 5}]",
+            "[{name: a, signal: latency, stat: distribution, quantiles: [],"
+            " max_increase: 5%}]",
+            "at least one percentile",
+        ),
+        (
+            "[{weight: 5}]",
+            "[{name: a, signal: latency, stat: distribution, max_increase: 5%},"
+            " {name: b, signal: cost, max_increase: 5%}], tradeoff: {a: 5%, b: 5%}",
+            "a distribution metric",
+        ),
     ],
 )
 def test_cross_field_rules(steps: str, metrics: str, expected: str) -> None:
     text = MINIMAL.replace("[{weight: 5}]", steps) + f"    analysis: {{metrics: {metrics}}}\n"
     found = issues_of(text)
     assert any(expected in m for _, m, _ in found), found
+
+
+def test_distribution_metric_with_and_without_quantiles() -> None:
+    text = MINIMAL + (
+        "    analysis:\n      metrics:\n"
+        "        - {name: whole, signal: latency, stat: distribution, max_increase: 10%}\n"
+        "        - {name: tail, signal: ttft, stat: distribution, quantiles: [p90, p99.9],"
+        " max_increase: 20%}\n"
+    )
+    metrics = load_config_text(text).rollouts[0].analysis.metrics
+    assert metrics[0].stat == "distribution" and metrics[0].quantile_levels is None
+    assert metrics[0].quantile is None
+    assert metrics[1].quantile_levels == pytest.approx((0.9, 0.999))
 
 
 def test_validate_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -58,7 +58,18 @@ async def test_identical_arms_are_not_rolled_back_under_sticky_users_or_drift(na
     assert result.ok, log
 
 
-_IN_CI = ("identical", "slow30", "down", "sticky_aa", "drift_aa")
+async def test_a_regression_in_one_part_of_the_distribution_is_rolled_back() -> None:
+    # 20% slower between its p60 and p80 only: latency_p50 and latency_p95 see nothing, the
+    # distribution metric rolls it back (issue 11, item 5).
+    result, log = await _run("band20")
+    assert result.outcome == "rolled_back", log
+    assert result.ok, log
+    assert result.reason.startswith("latency_dist is worse than allowed"), log
+    worst = float(result.reason.split("worst at p")[1].split(":")[0])
+    assert 55 <= worst <= 85, log
+
+
+_IN_CI = ("identical", "slow30", "down", "sticky_aa", "drift_aa", "band20")
 
 
 @pytest.mark.slow

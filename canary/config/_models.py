@@ -32,7 +32,9 @@ MarginValue = Annotated[Margin, BeforeValidator(parse_margin)]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _HEADER = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_STAT = re.compile(r"^(mean|rate|p(\d{1,2}(?:\.\d+)?))$")
+_STAT = re.compile(r"^(mean|rate|distribution|p(\d{1,2}(?:\.\d+)?))$")
+_PERCENTILE = re.compile(r"^p(\d{1,2}(?:\.\d+)?)$")
+_NOT_CONTINUOUS = ("error", "feedback", "agreement")
 _ERROR_CLASS = re.compile(r"^([1-5]xx|[1-5]\d\d)$")
 
 SIGNAL_KINDS = ("latency", "ttft", "itl", "tokens_per_s", "error", "cost", "agreement", "feedback")
@@ -268,6 +270,7 @@ class MetricConfig(_Model):
     stat: str = "mean"
     max_increase: MarginValue | None = None
     max_decrease: MarginValue | None = None
+    quantiles: list[str] | None = None  # stat: distribution only; default p5..p95, p99
 
     @field_validator("name")
     @classmethod
@@ -286,7 +289,26 @@ class MetricConfig(_Model):
     def _stat(cls, v: str) -> str:
         m = _STAT.match(v)
         if not m or (m.group(2) is not None and not 0 < float(m.group(2)) < 100):
-            raise ValueError(f"stat must be mean, rate or a percentile such as p95, got {v!r}")
+            raise ValueError(
+                f"stat must be mean, rate, distribution or a percentile such as p95, got {v!r}"
+            )
+        return v
+
+    @field_validator("quantiles")
+    @classmethod
+    def _quantiles(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("quantiles must list at least one percentile such as p99")
+        levels = []
+        for item in v:
+            m = _PERCENTILE.match(item)
+            if not m or not 0 < float(m.group(1)) < 100:
+                raise ValueError(f"quantiles must be percentiles such as p50 or p99, got {item!r}")
+            levels.append(float(m.group(1)))
+        if levels != sorted(set(levels)):
+            raise ValueError(f"quantiles must be ascending without repeats, got {v!r}")
         return v
 
     @model_validator(mode="after")
@@ -295,6 +317,16 @@ class MetricConfig(_Model):
             raise ValueError("a metric needs exactly one of 'max_increase' or 'max_decrease'")
         if self.stat.startswith("p") and self.margin.relative is False:
             raise ValueError("a percentile tolerance must be relative, such as '10%'")
+        if self.stat == "distribution":
+            if self.margin.relative is False:
+                raise ValueError("a distribution tolerance must be relative, such as '10%'")
+            if self.signal in _NOT_CONTINUOUS or self.signal.startswith("resource:"):
+                raise ValueError(
+                    f"stat 'distribution' compares the values of a per-request signal such as "
+                    f"latency or ttft, not {self.signal!r}"
+                )
+        elif self.quantiles is not None:
+            raise ValueError("'quantiles' applies only to stat: distribution")
         if self.stat == "rate" and self.signal not in ("error", "feedback", "agreement"):
             raise ValueError(
                 f"stat 'rate' applies to error, feedback and agreement, not {self.signal!r}"
@@ -314,6 +346,13 @@ class MetricConfig(_Model):
     @property
     def quantile(self) -> float | None:
         return float(self.stat[1:]) / 100.0 if self.stat.startswith("p") else None
+
+    @property
+    def quantile_levels(self) -> tuple[float, ...] | None:
+        """Levels a ``distribution`` metric compares (None: the default grid)."""
+        if self.quantiles is None:
+            return None
+        return tuple(float(q[1:]) / 100.0 for q in self.quantiles)
 
 
 class AnalysisConfig(_Model):
@@ -350,6 +389,11 @@ class AnalysisConfig(_Model):
                     )
                 if worth.value <= 0:
                     raise ValueError(f"tradeoff {name!r} must be positive, got {worth}")
+                if by_name[name].stat == "distribution":
+                    raise ValueError(
+                        f"tradeoff names {name!r}, a distribution metric (the worst of many "
+                        "quantiles has no single value to trade); trade a percentile such as p95"
+                    )
                 if worth.relative != by_name[name].margin.relative:
                     scale = "relative (%)" if by_name[name].margin.relative else "absolute (pp)"
                     raise ValueError(

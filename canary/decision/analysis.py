@@ -27,6 +27,7 @@ from canary.observe import (
     parse_signal,
 )
 from canary.stats import (
+    DISTRIBUTION_QUANTILES,
     ArmClusters,
     ArmMoments,
     ArmRouting,
@@ -37,6 +38,7 @@ from canary.stats import (
     MetricResult,
     StratifiedHistogram,
     Verdict,
+    distribution_test,
     mean_test,
     net_value,
     paired_mean_test,
@@ -167,6 +169,15 @@ def _metric(
     # Only sticky rollouts record clusters; values recorded without one (a request with no
     # sticky key) leave the request-level variance as the floor.
     clustered = sticky and bool(p_acc.clusters or c_acc.clusters)
+    if m.stat == "distribution":
+        levels = m.quantile_levels
+        return distribution_test(
+            _strata_hist(p_acc), _strata_hist(c_acc), value,
+            quantiles=levels if levels is not None else DISTRIBUTION_QUANTILES,
+            relative=rel, direction=direction, alpha=alpha, burn_in=b,
+            clusters=(_cluster_hist(p_acc), _cluster_hist(c_acc)) if clustered else None,
+            name=m.name,
+        )  # fmt: skip
     q = m.quantile
     if q is not None:
         return stratified_quantile_test(
@@ -263,6 +274,8 @@ def _no_data(
         if m.signal == "error"
         else MetricKind.QUANTILE
         if m.quantile is not None
+        else MetricKind.DISTRIBUTION
+        if m.stat == "distribution"
         else MetricKind.RATE
         if m.stat == "rate"
         else MetricKind.MEAN

@@ -7,7 +7,8 @@ wanted: the probability that a verdict is ever wrong is at most the test's ``alp
 - :func:`mean_test`: difference/ratio of means (latency, cost, any number), asymptotic
   confidence sequence on IPW pseudo-outcomes, valid when the allocation changes.
 - :func:`stratified_quantile_test`: p50/p95/p99 per split stratum, clustered by user (what
-  the analysis runs); :func:`quantile_test`: the i.i.d. per-arm form (Howard & Ramdas).
+  the analysis runs); :func:`quantile_test`: the i.i.d. per-arm form (Howard & Ramdas);
+  :func:`distribution_test`: every quantile of a grid at once (``stat: distribution``).
 - :func:`proportion_test`: errors, accuracy, any rate in [0, 1]: one two-sample sequence,
   post-stratified, clustered by user (what the analysis runs); :func:`error_test` (Lindon &
   Malek) and :func:`rate_test` (per-arm beta mixtures) are the i.i.d. forms.
@@ -36,7 +37,9 @@ from canary.stats._design import (
     few_clusters_factor,
 )
 from canary.stats._design_tests import (
+    DISTRIBUTION_QUANTILES,
     StratifiedHistogram,
+    distribution_test,
     proportion_test,
     stratified_quantile_test,
 )
@@ -56,6 +59,7 @@ from canary.stats._types import (
 )
 
 __all__ = [
+    "DISTRIBUTION_QUANTILES",
     "ArmClusters",
     "ArmMoments",
     "ArmRouting",
@@ -72,6 +76,7 @@ __all__ = [
     "bernoulli_cs",
     "classify",
     "design_summary",
+    "distribution_test",
     "error_test",
     "few_clusters_factor",
     "ipw_summary",

@@ -27,6 +27,7 @@ from canary.stats._design import (
     DesignSummary,
     design_strata,
     design_summary,
+    effective_clusters,
     few_clusters_factor,
     stratum_key,
 )
@@ -38,6 +39,7 @@ from canary.stats._types import (
     FloatArray,
     MetricKind,
     MetricResult,
+    Verdict,
     classify,
     tolerance_of,
 )
@@ -245,38 +247,54 @@ def _stratum_rows(keys: FloatArray, arm_keys: FloatArray, rows: FloatArray) -> F
     return out
 
 
-def _design_effect(
-    hist: ClusterHistogram, arm: str, keys: FloatArray, w: FloatArray, estimate: float, alpha: float
-) -> tuple[float, int]:
-    """Cluster-robust over request-level variance of the post-stratified CDF near ``estimate``.
+@dataclass(frozen=True, eq=False)
+class _ClusterCdf:
+    """One arm's per-cluster CDF counts on the compared strata, for design effects."""
 
-    Evaluated at both ends of the coarse bucket holding the estimate (the larger is used),
-    with the few-clusters inflation included; at least 1.
-    """
+    below: FloatArray  # (S, K, G): values <= upper[k] of cluster g in stratum s
+    n_sg: FloatArray  # (S, G)
+    n_s: FloatArray  # (S,)
+    w: FloatArray  # (S,) stratum weights
+    upper: FloatArray  # (K,)
+    factor: float  # few-clusters inflation
+
+
+def _cluster_cdf(
+    hist: ClusterHistogram, arm: str, keys: FloatArray, w: FloatArray, alpha: float
+) -> _ClusterCdf | None:
+    """Cumulative per-cluster counts of ``hist`` on ``keys`` (None: nothing to estimate)."""
     counts = _stratum_rows(keys, _keys_of(hist, arm), hist.counts)  # (S, K, G)
     n_sg = counts.sum(axis=1)  # (S, G)
     n_s = n_sg.sum(axis=1)  # (S,)
     ok = n_s > 0
     if not np.any(ok) or hist.upper.size == 0:
-        return 1.0, 0
-    counts, n_sg, n_s, ww = counts[ok], n_sg[ok], n_s[ok], w[ok]
-    clusters = int(np.count_nonzero(n_sg.sum(axis=0)))
-    factor = few_clusters_factor(clusters, alpha)
-    if not math.isfinite(factor):
-        return math.inf, clusters
-    j_hi = int(np.searchsorted(hist.upper, estimate, side="left"))
+        return None
+    coef = w[ok] / n_s[ok]
+    factor = few_clusters_factor(effective_clusters(n_sg[ok], coef), alpha)
+    return _ClusterCdf(np.cumsum(counts[ok], axis=1), n_sg[ok], n_s[ok], w[ok], hist.upper, factor)
+
+
+def _design_effect(c: _ClusterCdf, estimate: float) -> float:
+    """Cluster-robust over request-level variance of the post-stratified CDF near ``estimate``.
+
+    Evaluated at both ends of the coarse bucket holding the estimate (the larger is used),
+    with the few-clusters inflation included; at least 1.
+    """
+    if not math.isfinite(c.factor):
+        return math.inf
+    j_hi = int(np.searchsorted(c.upper, estimate, side="left"))
     worst = 1.0
-    for j in {j_hi - 1, min(j_hi, hist.upper.size - 1)}:
+    for j in {j_hi - 1, min(j_hi, c.upper.size - 1)}:
         if j < 0:
             continue
-        below = counts[:, : j + 1, :].sum(axis=1)  # (S, G): values <= upper[j]
-        f_s = below.sum(axis=1) / n_s
-        iid = float((ww * ww * f_s * (1.0 - f_s) / n_s).sum())
+        below = c.below[:, j, :]  # (S, G)
+        f_s = below.sum(axis=1) / c.n_s
+        iid = float((c.w * c.w * f_s * (1.0 - f_s) / c.n_s).sum())
         if iid <= 0:
             continue
-        z = ((ww / n_s)[:, None] * (below - f_s[:, None] * n_sg)).sum(axis=0)
-        worst = max(worst, float(np.dot(z, z)) * factor / iid)
-    return worst, clusters
+        z = ((c.w / c.n_s)[:, None] * (below - f_s[:, None] * c.n_sg)).sum(axis=0)
+        worst = max(worst, float(np.dot(z, z)) * c.factor / iid)
+    return worst
 
 
 def _keys_of(arm: ClusterHistogram, name: str) -> FloatArray:
@@ -289,29 +307,97 @@ def _cdf(counts: FloatArray, w: FloatArray) -> FloatArray:
     return (w[:, None] * np.cumsum(counts, axis=1) / n_s[:, None]).sum(axis=0)
 
 
-def _quantile_bounds(
-    values: FloatArray, cdf: FloatArray, q: float, r: float, accuracy: float
-) -> tuple[float, float, float]:
-    """The q-quantile of ``cdf`` and the quantiles at levels ``q - r`` and ``q + r``.
+_EPS = 1e-12
 
-    Returns ``(estimate, lower, upper)``: lower is the first value whose CDF reaches
-    ``q - r`` (``-inf`` when ``q - r <= 0``), upper the first whose CDF exceeds ``q + r``
-    (``inf`` when there is none), both widened by the bucket accuracy.
+
+def _quantiles_of(values: FloatArray, cdf: FloatArray, q: FloatArray) -> FloatArray:
+    """The q-quantiles of ``cdf``: the first value whose CDF reaches each q."""
+    k = np.searchsorted(cdf, q - _EPS, side="left")
+    return np.asarray(values[np.minimum(k, values.size - 1)], dtype=float)
+
+
+def _quantile_band(
+    values: FloatArray, cdf: FloatArray, q: FloatArray, r: FloatArray, accuracy: float
+) -> tuple[FloatArray, FloatArray]:
+    """The quantiles of ``cdf`` at levels ``q - r`` and ``q + r``, widened by the accuracy.
+
+    Lower: the first value whose CDF reaches ``q - r`` (``-inf`` when ``q - r <= 0``);
+    upper: the first whose CDF exceeds ``q + r`` (``inf`` when there is none).
     """
-    eps = 1e-12
-    k_est = int(np.searchsorted(cdf, q - eps, side="left"))
-    est = float(values[min(k_est, values.size - 1)])
-    if q - r <= 0:
-        lo = -math.inf
-    else:
-        k = int(np.searchsorted(cdf, q - r - eps, side="left"))
-        lo = float(widen(values[min(k, values.size - 1)], values[0], accuracy)[0])
-    k_up = int(np.searchsorted(cdf, q + r + eps, side="right"))
-    if q + r >= 1 or k_up >= values.size:
-        hi = math.inf
-    else:
-        hi = float(widen(values[0], values[k_up], accuracy)[1])
-    return est, lo, hi
+    last = values.size - 1
+    with np.errstate(invalid="ignore"):
+        k_lo = np.searchsorted(cdf, q - r - _EPS, side="left")
+        k_up = np.searchsorted(cdf, q + r + _EPS, side="right")
+    lo = widen(values[np.minimum(k_lo, last)], values[0], accuracy)[0]
+    hi = widen(values[0], values[np.minimum(k_up, last)], accuracy)[1]
+    lo = np.where(q - r <= 0, -math.inf, lo)
+    hi = np.where((q + r >= 1) | (k_up > last), math.inf, hi)
+    return lo, hi
+
+
+def _quantile_rows(
+    production: StratifiedHistogram,
+    candidate: StratifiedHistogram,
+    qs: tuple[float, ...],
+    relative: bool,
+    alpha: float,
+    t_opt: float,
+    clusters: tuple[ClusterHistogram, ClusterHistogram] | None,
+) -> tuple[list[tuple[float, float, float, float, float]], int, int, float]:
+    """Estimate and interval of the ratio (or difference) at each quantile in ``qs``.
+
+    Every interval is at level ``alpha`` (see :func:`stratified_quantile_test`, Notes).
+    Returns ``(rows, n_production, n_candidate, t)``: one ``(estimate, lower, upper, design
+    effect production, design effect candidate)`` per quantile, the observations of each
+    arm in the compared strata and the requests those strata hold (0: nothing to compare).
+    """
+    kp, kc = _keys(production, "production"), _keys(candidate, "candidate")
+    keys = np.union1d(kp, kc)
+    cp = _stratum_rows(keys, kp, production.counts)
+    cc = _stratum_rows(keys, kc, candidate.counts)
+    n_p, n_c = cp.sum(axis=1), cc.sum(axis=1)
+    keep = (n_p > 0) & (n_c > 0)
+    total_c, total_p = int(n_c[keep].sum()), int(n_p[keep].sum())
+    if not np.any(keep):
+        return [(math.nan, -math.inf, math.inf, 1.0, 1.0) for _ in qs], total_p, total_c, 0.0
+    k = keys[keep]
+    big_n = np.where(k == SHADOW, np.maximum(n_c[keep], n_p[keep]), n_c[keep] + n_p[keep])
+    t = float(big_n.sum())
+    w = big_n / t
+    g = float(normal_mixture_radius(t, normal_mixture_rho2(t_opt, alpha), alpha))
+    cdf_c, cdf_p = _cdf(cc[keep], w), _cdf(cp[keep], w)
+    iid_c = float((w * w / n_c[keep]).sum())
+    iid_p = float((w * w / n_p[keep]).sum())
+    cells: tuple[_ClusterCdf | None, _ClusterCdf | None] = (None, None)  # candidate, production
+    if clusters is not None:
+        cells = (
+            _cluster_cdf(clusters[1], "candidate", k, w, alpha),
+            _cluster_cdf(clusters[0], "production", k, w, alpha),
+        )
+    qa = np.asarray(qs, dtype=float)
+    est_c = _quantiles_of(candidate.values, cdf_c, qa)
+    est_p = _quantiles_of(production.values, cdf_p, qa)
+    deff_c = np.array([1.0 if cells[0] is None else _design_effect(cells[0], e) for e in est_c])
+    deff_p = np.array([1.0 if cells[1] is None else _design_effect(cells[1], e) for e in est_p])
+    v = qa * (1.0 - qa) * (iid_c * deff_c + iid_p * deff_p)
+    with np.errstate(invalid="ignore", over="ignore"):
+        r = np.where(np.isfinite(v), g * np.sqrt(t * v), np.inf)
+    lo_c, hi_c = _quantile_band(candidate.values, cdf_c, qa, r, candidate.relative_accuracy)
+    lo_p, hi_p = widen(est_p, est_p, production.relative_accuracy)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if relative:
+            lo, hi = ratio_interval(lo_c, hi_c, lo_p, hi_p)
+            est = np.where(est_p > 0, est_c / est_p, math.nan)
+        else:
+            lo, hi = lo_c - hi_p, hi_c - lo_p
+            est = est_c - est_p
+    bad = np.isnan(lo) | np.isnan(hi)
+    lo, hi = np.where(bad, -math.inf, lo), np.where(bad, math.inf, hi)
+    rows = [
+        (float(est[i]), float(lo[i]), float(hi[i]), float(deff_p[i]), float(deff_c[i]))
+        for i in range(qa.size)
+    ]
+    return rows, total_p, total_c, t
 
 
 def stratified_quantile_test(
@@ -394,60 +480,23 @@ def stratified_quantile_test(
     """
     q = check_probability_open("q", q)
     d = check_margin(margin, relative, direction)
-    alpha = check_alpha(alpha)
+    rows, total_p, total_c, t = _quantile_rows(
+        production,
+        candidate,
+        (q,),
+        relative,
+        check_alpha(alpha),
+        check_positive("t_opt", t_opt),
+        clusters,
+    )
     burn_in = check_burn_in(burn_in)
-    t_opt = check_positive("t_opt", t_opt)
-    kp, kc = _keys(production, "production"), _keys(candidate, "candidate")
-    keys = np.union1d(kp, kc)
-    cp = _stratum_rows(keys, kp, production.counts)
-    cc = _stratum_rows(keys, kc, candidate.counts)
-    n_p, n_c = cp.sum(axis=1), cc.sum(axis=1)
-    keep = (n_p > 0) & (n_c > 0)
-    tol = tolerance_of(margin, relative, d)
-    total_c, total_p = int(n_c[keep].sum()), int(n_p[keep].sum())
-    est = math.nan
-    lo, hi = -math.inf, math.inf
+    est, lo, hi, deff_p, deff_c = rows[0]
     detail = f"q={q:g}"
-    if np.any(keep):
-        k = keys[keep]
-        big_n = np.where(k == SHADOW, np.maximum(n_c[keep], n_p[keep]), n_c[keep] + n_p[keep])
-        t = float(big_n.sum())
-        w = big_n / t
-        g = float(normal_mixture_radius(t, normal_mixture_rho2(t_opt, alpha), alpha))
-        cdf_c, cdf_p = _cdf(cc[keep], w), _cdf(cp[keep], w)
-        est_c = _quantile_bounds(candidate.values, cdf_c, q, 0.0, 0.0)[0]
-        est_p = _quantile_bounds(production.values, cdf_p, q, 0.0, 0.0)[0]
-        deffs = [1.0, 1.0]  # candidate, production
-        if clusters is not None:
-            for i, (ch, arm, e0) in enumerate(
-                ((clusters[1], "candidate", est_c), (clusters[0], "production", est_p))
-            ):
-                if ch.counts.sum() > 0:
-                    deffs[i], _ = _design_effect(ch, arm, k, w, e0, alpha)
-        v = (
-            q
-            * (1.0 - q)
-            * (
-                float((w * w / n_c[keep]).sum()) * deffs[0]
-                + float((w * w / n_p[keep]).sum()) * deffs[1]
-            )
-        )
-        r = g * math.sqrt(t * v) if math.isfinite(v) else math.inf
-        _, lo_c, hi_c = _quantile_bounds(candidate.values, cdf_c, q, r, candidate.relative_accuracy)
-        lo_p, hi_p = widen(est_p, est_p, production.relative_accuracy)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            if relative:
-                lo_a, hi_a = ratio_interval(lo_c, hi_c, lo_p, hi_p)
-                lo, hi = float(lo_a), float(hi_a)
-                est = est_c / est_p if est_p > 0 else math.nan
-            else:
-                lo, hi = lo_c - float(hi_p), hi_c - float(lo_p)
-                est = est_c - est_p
-        if math.isnan(lo) or math.isnan(hi):
-            lo, hi = -math.inf, math.inf
+    if t > 0:
         detail = f"q={q:g}; {int(t)} requests in compared strata"
         if clusters is not None:
-            detail += f"; design effect {deffs[1]:.3g}/{deffs[0]:.3g}"
+            detail += f"; design effect {deff_p:.3g}/{deff_c:.3g}"
+    tol = tolerance_of(margin, relative, d)
     verdict = classify(lo, hi, tol, d)
     if min(total_c, total_p) < max(burn_in, 1):
         verdict = classify(-math.inf, math.inf, tol, d)
@@ -466,3 +515,123 @@ def stratified_quantile_test(
         alpha=alpha,
         detail=detail,
     )
+
+
+DISTRIBUTION_QUANTILES = (*(i / 20 for i in range(1, 20)), 0.99)
+"""Quantiles a ``distribution`` test compares by default: p5, p10, ..., p95 and p99."""
+
+
+def distribution_test(
+    production: StratifiedHistogram,
+    candidate: StratifiedHistogram,
+    margin: float,
+    *,
+    quantiles: tuple[float, ...] = DISTRIBUTION_QUANTILES,
+    relative: bool = True,
+    direction: Direction | str = Direction.INCREASE,
+    alpha: float = 0.05,
+    burn_in: int = 100,
+    t_opt: float = DEFAULT_DESIGN_T_OPT,
+    clusters: tuple[ClusterHistogram, ClusterHistogram] | None = None,
+    name: str = "distribution",
+) -> MetricResult:
+    """Compare the arms at every quantile of a grid at once: worse anywhere is worse.
+
+    Parameters
+    ----------
+    production, candidate : StratifiedHistogram
+        Each arm's histograms per stratum.
+    margin : float
+        Tolerance, >= 0, at every quantile (relative: ``0.10`` = each candidate quantile up
+        to 1.1x production's).
+    quantiles : tuple of float
+        Levels in (0, 1) compared simultaneously (default p5, p10, ..., p95, p99).
+    relative, direction, alpha, burn_in, t_opt, clusters
+        As for :func:`stratified_quantile_test`; ``alpha`` is the level of the whole band.
+    name : str
+        Metric name.
+
+    Returns
+    -------
+    MetricResult
+        ``kind=DISTRIBUTION``: the interval is a confidence sequence for the worst ratio
+        (difference) over the grid, :math:`\\theta = \\max_q x_c(q)/x_p(q)` (``min`` when
+        lower is worse); ``detail`` names the quantile that drives the verdict.
+
+    Notes
+    -----
+    Each quantile gets the two-sample sequence of :func:`stratified_quantile_test` (post-
+    stratified by split, clustered by user) at level :math:`\\alpha/K` for K levels, so with
+    probability at least :math:`1-\\alpha` every :math:`\\theta_q` lies in its interval
+    :math:`[L_q, U_q]` at every time (union bound). Then
+    :math:`\\theta \\in [\\max_q L_q, \\max_q U_q]`: WORSE when some quantile is provably
+    beyond the tolerance, OK when all are provably within it. A regression confined to one
+    part of the distribution (a slow tail, a slower middle, a second mode) is caught where
+    a single ``pNN`` metric looks elsewhere. The union bound costs little: the radius grows
+    with :math:`\\sqrt{\\log(K/\\alpha)}`, about 1.4x for K = 20 at alpha 0.05 against one
+    quantile; OK needs every quantile, so the tails (p99, p5, where the density is low)
+    set the time to promotion.
+
+    References
+    ----------
+    Lindon, Sanden & Shirikian (2022), "Rapid regression detection in software deployments
+    through sequential testing", KDD (the whole distribution, sequentially, at Netflix);
+    Howard & Ramdas (2022), Bernoulli 28(3), Sec. 4 (confidence sequences for many
+    quantiles at once); Waudby-Smith et al. (2024), Ann. Statist., Theorem 2.2.
+    """
+    if len(quantiles) == 0:
+        raise ValueError("quantiles must name at least one level")
+    qs = tuple(check_probability_open("quantiles", q) for q in quantiles)
+    d = check_margin(margin, relative, direction)
+    alpha = check_alpha(alpha)
+    burn_in = check_burn_in(burn_in)
+    rows, total_p, total_c, t = _quantile_rows(
+        production, candidate, qs, relative, alpha / len(qs), check_positive("t_opt", t_opt),
+        clusters,
+    )  # fmt: skip
+    sign = 1.0 if d is Direction.INCREASE else -1.0
+
+    def worst(col: int) -> int:
+        vals = [sign * r[col] if not math.isnan(r[col]) else -math.inf for r in rows]
+        return int(np.argmax(vals))
+
+    # theta is the max over the grid (min when lower is worse), so its interval runs from
+    # the worst lower end to the worst upper end.
+    i_lo, i_hi = worst(1), worst(2)
+    lo, hi = rows[i_lo][1], rows[i_hi][2]
+    tol = tolerance_of(margin, relative, d)
+    verdict = classify(lo, hi, tol, d)
+    if min(total_c, total_p) < max(burn_in, 1):
+        verdict = classify(-math.inf, math.inf, tol, d)
+    detail = f"{len(qs)} quantiles p{qs[0] * 100:g}-p{qs[-1] * 100:g} at alpha/{len(qs)} each"
+    if t > 0:
+        # The quantile that proves WORSE, or the one that holds OK back.
+        at = (
+            (i_lo if sign > 0 else i_hi)
+            if verdict is Verdict.WORSE
+            else (i_hi if sign > 0 else i_lo)
+        )
+        e, a, b = rows[at][:3]
+        detail += (
+            f"; worst at p{qs[at] * 100:g}: {_fmt(e)} [{_fmt(a)}, {_fmt(b)}]"
+            f"; {int(t)} requests in compared strata"
+        )
+    return MetricResult(
+        name=name,
+        kind=MetricKind.DISTRIBUTION,
+        estimate=float(rows[worst(0)][0]),
+        lower=lo,
+        upper=hi,
+        margin=float(margin),
+        relative=relative,
+        direction=d,
+        verdict=verdict,
+        n_production=total_p,
+        n_candidate=total_c,
+        alpha=alpha,
+        detail=detail,
+    )
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}" if math.isfinite(x) else str(x)

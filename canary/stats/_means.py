@@ -9,7 +9,13 @@ from numpy.typing import ArrayLike
 
 from canary.stats._boundaries import normal_mixture_radius, normal_mixture_rho2
 from canary.stats._checks import check_alpha, check_burn_in, check_margin, check_positive
-from canary.stats._design import ArmClusters, align_clusters, cluster_sumsq, few_clusters_factor
+from canary.stats._design import (
+    ArmClusters,
+    align_clusters,
+    cluster_sumsq,
+    effective_clusters,
+    few_clusters_factor,
+)
 from canary.stats._strata import pair_strata
 from canary.stats._types import (
     ArmMoments,
@@ -112,7 +118,8 @@ def cluster_ipw_variance(
     The pseudo-outcome sums of cluster g, :math:`X_g = \sum_s (S_{c,s,g} - m_c n_{c,s,g})
     /\pi_s` and :math:`Y_g = \sum_s (S_{p,s,g} - m_p n_{p,s,g})/(1 - \pi_s)`, replace the
     per-request terms: :math:`v_c = \kappa_c \sum_g X_g^2 / t` with the few-clusters factor
-    :math:`\kappa` of :func:`~canary.stats._design.few_clusters_factor` (and likewise
+    :math:`\kappa` of :func:`~canary.stats._design.few_clusters_factor` at the
+    :func:`~canary.stats._design.effective_clusters` of the arm (and likewise
     :math:`v_p`). Clusters hold different users on the two arms, so their cross term is
     left out. Strata at 0 or 1 are left out, as in :func:`ipw_summary`.
     """
@@ -128,9 +135,13 @@ def cluster_ipw_variance(
     g_p = int(np.count_nonzero(pn.sum(axis=0)))
     v_c = cluster_sumsq(cn, cs, 1.0 / pi, np.full(pi.size, mean_c)) / t
     v_p = cluster_sumsq(pn, ps, 1.0 / (1.0 - pi), np.full(pi.size, mean_p)) / t
+    kappa_c = few_clusters_factor(effective_clusters(cn, 1.0 / pi), alpha) if cn.sum() else 0.0
+    kappa_p = (
+        few_clusters_factor(effective_clusters(pn, 1.0 / (1.0 - pi)), alpha) if pn.sum() else 0.0
+    )
     return (
-        v_c * few_clusters_factor(g_c, alpha) if cn.sum() else 0.0,
-        v_p * few_clusters_factor(g_p, alpha) if pn.sum() else 0.0,
+        v_c * kappa_c if cn.sum() else 0.0,
+        v_p * kappa_p if pn.sum() else 0.0,
         g_c,
         g_p,
     )

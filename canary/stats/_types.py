@@ -32,6 +32,7 @@ class Verdict(enum.StrEnum):
 class MetricKind(enum.StrEnum):
     MEAN = "mean"
     QUANTILE = "quantile"
+    DISTRIBUTION = "distribution"
     ERROR_RATE = "error_rate"
     RATE = "rate"
     SRM = "srm"
