@@ -477,7 +477,7 @@ AA_CONDITIONS = (
     ),
     Condition(
         "heavy-tailed latency (lognormal sigma 1.2), steps 5/25/50", latency_sigma=1.2, steps=STEPS3
-    ),  # fmt: skip
+    ),
     Condition(
         "latency AR(1) drift phi 0.999/req, steps 5/25/50",
         drift_phi=0.999**100,
