@@ -29,7 +29,7 @@ from canary.stats import (
     proportion_test,
     stratified_quantile_test,
 )
-from canary.stats._design import SHADOW, design_strata, stratum_key
+from canary.stats._design import SHADOW, design_strata, effective_clusters, stratum_key
 from canary.stats._design_tests import DEFAULT_DESIGN_T_OPT
 
 G = 64
@@ -45,6 +45,25 @@ def test_few_clusters_factor_is_cr1_times_the_t_over_normal_ratio() -> None:
     factors = [few_clusters_factor(g, 0.01) for g in range(2, 65)]
     assert all(a > b for a, b in itertools.pairwise(factors))
     assert 1.0 < few_clusters_factor(64, 0.05) < 1.06
+
+
+def test_effective_clusters_count_equal_clusters_and_shrink_with_a_heavy_one() -> None:
+    coef = np.array([0.5, 0.25])
+    equal = np.full((2, 40), 10.0)
+    assert effective_clusters(equal, coef) == pytest.approx(40.0)
+    heavy = equal.copy()
+    heavy[:, 0] = 2000.0  # one user with 200x the requests of the others
+    assert 1.0 < effective_clusters(heavy, coef) < 1.1
+    # Reference: Satterthwaite's (sum v)^2 / sum v^2 with v_g = a_g^2.
+    rng = np.random.default_rng(5)
+    n = rng.integers(0, 50, (3, 64)).astype(float)
+    c = np.array([0.1, 0.3, 0.6])
+    a = (c[:, None] * n).sum(axis=0)
+    assert effective_clusters(n, c) == pytest.approx((a**2).sum() ** 2 / (a**4).sum(), rel=1e-12)
+    assert effective_clusters(np.zeros((2, 0)), coef) == 0.0
+    # Fractional counts are allowed; one cluster or fewer has no variance estimate.
+    assert few_clusters_factor(2.5, 0.05) > few_clusters_factor(3, 0.05)
+    assert few_clusters_factor(1.0, 0.05) == math.inf
 
 
 def test_stratum_keys_pair_the_arms_and_keep_shadow_apart() -> None:
