@@ -274,27 +274,30 @@ def _cluster_cdf(
     return _ClusterCdf(np.cumsum(counts[ok], axis=1), n_sg[ok], n_s[ok], w[ok], hist.upper, factor)
 
 
-def _design_effect(c: _ClusterCdf, estimate: float) -> float:
-    """Cluster-robust over request-level variance of the post-stratified CDF near ``estimate``.
+def _design_effects(c: _ClusterCdf | None, estimates: FloatArray) -> FloatArray:
+    """Cluster-robust over request-level variance of the post-stratified CDF near each estimate.
 
     Evaluated at both ends of the coarse bucket holding the estimate (the larger is used),
-    with the few-clusters inflation included; at least 1.
+    with the few-clusters inflation included; at least 1 (1 everywhere without clusters).
     """
+    out = np.ones(estimates.size)
+    if c is None:
+        return out
     if not math.isfinite(c.factor):
-        return math.inf
-    j_hi = int(np.searchsorted(c.upper, estimate, side="left"))
-    worst = 1.0
-    for j in {j_hi - 1, min(j_hi, c.upper.size - 1)}:
-        if j < 0:
-            continue
-        below = c.below[:, j, :]  # (S, G)
-        f_s = below.sum(axis=1) / c.n_s
-        iid = float((c.w * c.w * f_s * (1.0 - f_s) / c.n_s).sum())
-        if iid <= 0:
-            continue
-        z = ((c.w / c.n_s)[:, None] * (below - f_s[:, None] * c.n_sg)).sum(axis=0)
-        worst = max(worst, float(np.dot(z, z)) * c.factor / iid)
-    return worst
+        return np.full(estimates.size, math.inf)
+    j_hi = np.searchsorted(c.upper, estimates, side="left")
+    js = np.concatenate([j_hi - 1, np.minimum(j_hi, c.upper.size - 1)])  # (2Q,)
+    valid = js >= 0
+    below = c.below[:, np.maximum(js, 0), :]  # (S, 2Q, G): values <= upper[j]
+    f_s = below.sum(axis=2) / c.n_s[:, None]  # (S, 2Q)
+    iid = (c.w[:, None] ** 2 * f_s * (1.0 - f_s) / c.n_s[:, None]).sum(axis=0)  # (2Q,)
+    z = ((c.w / c.n_s)[:, None, None] * (below - f_s[:, :, None] * c.n_sg[:, None, :])).sum(
+        axis=0
+    )  # (2Q, G)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(valid & (iid > 0), (z * z).sum(axis=1) * c.factor / iid, 1.0)
+    q = estimates.size
+    return np.maximum(out, np.maximum(ratio[:q], ratio[q:]))
 
 
 def _keys_of(arm: ClusterHistogram, name: str) -> FloatArray:
@@ -377,8 +380,7 @@ def _quantile_rows(
     qa = np.asarray(qs, dtype=float)
     est_c = _quantiles_of(candidate.values, cdf_c, qa)
     est_p = _quantiles_of(production.values, cdf_p, qa)
-    deff_c = np.array([1.0 if cells[0] is None else _design_effect(cells[0], e) for e in est_c])
-    deff_p = np.array([1.0 if cells[1] is None else _design_effect(cells[1], e) for e in est_p])
+    deff_c, deff_p = _design_effects(cells[0], est_c), _design_effects(cells[1], est_p)
     v = qa * (1.0 - qa) * (iid_c * deff_c + iid_p * deff_p)
     with np.errstate(invalid="ignore", over="ignore"):
         r = np.where(np.isfinite(v), g * np.sqrt(t * v), np.inf)
