@@ -28,6 +28,7 @@ Traffic only in memory: nothing is sent anywhere.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -773,6 +774,52 @@ def power_report(rows: list[tuple[Condition, Tally]]) -> str:
     return "\n".join(out) + "\n"
 
 
+# The rows of the issue that asked for this evidence (issue 11) run first, so that a run cut
+# short still has them; the report keeps the order of the lists above.
+FIRST = (
+    "i.i.d. requests, 5%",
+    "i.i.d. requests, steps 5/25/50",
+    "sticky, 200 heterogeneous users, 5%",
+    "sticky, 500 heterogeneous users, 5%",
+    "latency AR(1) drift phi 0.999/req, steps 5/25/50",
+    "latency x1.5 trend, steps 5/25/50",
+    "labels of wrong answers later (0-10000 vs 0-1000 requests), steps 5/25/50",
+    "sticky, 2000 users, few heavy (lognormal activity s=2)",
+    "operator weight change mid-step: 5 -> 40 -> 10",
+    "incident: latency x3 and +20pp errors for 2% of the run, in step 2 of 5/25/50",
+)
+
+
+def _tally_json(t: Tally) -> dict[str, Any]:
+    return {"runs": t.runs, "worse": t.worse, "worse0": t.worse0, "ok": t.ok,
+            "decided": t.decided}  # fmt: skip
+
+
+def _tally_of(d: dict[str, Any]) -> Tally:
+    return Tally(d["runs"], d["worse"], d["worse0"], d["ok"], d["decided"])
+
+
+class _Cache:
+    """Finished rows on disk (``--cache``): a cut-short run resumes where it stopped."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path) if path else None
+        self.data: dict[str, Any] = {}
+        if self.path is not None and self.path.exists():
+            self.data = json.loads(self.path.read_text())
+
+    def get(self, key: str) -> tuple[Tally, float] | None:
+        hit = self.data.get(key)
+        return None if hit is None else (_tally_of(hit["tally"]), float(hit["seconds"]))
+
+    def put(self, key: str, tally: Tally, seconds: float) -> None:
+        self.data[key] = {"tally": _tally_json(tally), "seconds": seconds}
+        if self.path is not None:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data))
+            tmp.replace(self.path)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=1000)
@@ -782,49 +829,86 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=20261203)
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--power-runs", type=int, default=0, help="runs per power row (0: none)")
-    ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument("--write-docs", action="store_true",
+                    help="write docs/traffic-simulation.md (after every row: a cut-short run "
+                         "leaves the rows it finished)")  # fmt: skip
+    ap.add_argument("--cache", default="", help="JSON file of finished rows, to resume a run")
     args = ap.parse_args(argv)
     runs = 100 if args.fast else args.runs
-    conds: list[tuple[Condition, str]] = [(c, "aa") for c in AA_CONDITIONS]
-    conds += [(c, "margin") for c in MARGIN_CONDITIONS]
+    every: list[tuple[Condition, str]] = [(c, "aa") for c in AA_CONDITIONS]
+    every += [(c, "margin") for c in MARGIN_CONDITIONS]
+    # Seeds follow the place in the full list, so a row's figures do not depend on --only.
+    seeds = {c.name: args.seed + 7919 * i for i, (c, _) in enumerate(every)}
+    conds = every
     if args.fast:
         conds = [(c, k) for c, k in conds if c.name in FAST]
     if args.only:
         conds = [(c, k) for c, k in conds if args.only in c.name]
-    started = time.monotonic()
-    rows: list[Row] = []
-    for i, (cond, kind) in enumerate(conds):
+    # The issue's rows, then the margin rows, then power, then the other conditions.
+    rank = [0 if c.name in FIRST else 1 if k == "margin" else 2 for c, k in conds]
+    order = sorted(range(len(conds)), key=lambda i: (rank[i], i))
+    cache = _Cache(args.cache)
+    done: dict[int, Row] = {}
+    power_rows: list[tuple[Condition, Tally]] = []
+    spent = [0.0]
+    shown = " ".join(sys.argv[1:] if argv is None else argv)
+
+    def write() -> str:
+        rows = [done[i] for i in sorted(done)]
+        text = report(rows, runs, spent[0], shown)
+        if len(done) < len(conds):
+            text += f"\n*Partial: {len(done)} of {len(conds)} rows so far.*\n"
+        if power_rows:
+            text += "\n" + power_report(power_rows)
+        if args.write_docs:
+            out = Path(__file__).resolve().parent.parent / "docs" / "traffic-simulation.md"
+            out.write_text(text)
+        return text
+
+    def run_cached(cond: Condition, n: int, seed: int, legacy: bool) -> Tally:
+        key = f"{cond!r}|{n}|{seed}|{legacy}"
+        hit = cache.get(key)
+        if hit is not None:
+            spent[0] += hit[1]
+            return hit[0]
         t0 = time.monotonic()
-        seed = args.seed + 7919 * i
-        tally = run_condition(cond, runs, seed, args.workers)
-        old = None
-        if args.legacy_runs:
-            old = run_condition(cond, args.legacy_runs, seed, args.workers, legacy=True)
-        rows.append((cond, tally, kind, old))
+        tally = run_condition(cond, n, seed, args.workers, legacy=legacy)
+        seconds = time.monotonic() - t0
+        cache.put(key, tally, seconds)
+        spent[0] += seconds
+        return tally
+
+    def power() -> None:
+        for i, cond in enumerate(POWER_CONDITIONS if args.power_runs else ()):
+            t0 = time.monotonic()
+            tally = run_cached(cond, args.power_runs, args.seed + 104729 * (i + 1), False)
+            power_rows.append((cond, tally))
+            x = np.asarray(next(iter(tally.decided.values())))
+            print(f"[power {i + 1}/{len(POWER_CONDITIONS)}] {cond.name}: median "
+                  f"{np.median(x) / cond.fixed_n:.2f}x fixed n in {time.monotonic() - t0:.0f} s",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            write()
+
+    for step, i in enumerate(order):
+        if rank[i] == 2 and not power_rows:
+            power()
+        cond, kind = conds[i]
+        t0 = time.monotonic()
+        seed = seeds[cond.name]
+        tally = run_cached(cond, runs, seed, False)
+        old = run_cached(cond, args.legacy_runs, seed, True) if args.legacy_runs else None
+        done[i] = (cond, tally, kind, old)
         what = tally.worse if kind == "aa" else tally.ok
         print(
-            f"[{i + 1}/{len(conds)}] {cond.name}: {runs} runs in {time.monotonic() - t0:.0f} s; "
+            f"[{step + 1}/{len(conds)}] {cond.name}: {runs} runs in {time.monotonic() - t0:.0f} s; "
             + ", ".join(f"{m.name} {100 * what.get(m.name, 0) / runs:.1f}%" for m in METRICS),
             file=sys.stderr,
             flush=True,
         )
-    power_rows = []
-    for i, cond in enumerate(POWER_CONDITIONS if args.power_runs else ()):
-        t0 = time.monotonic()
-        tally = run_condition(cond, args.power_runs, args.seed + 104729 * (i + 1), args.workers)
-        power_rows.append((cond, tally))
-        x = np.asarray(next(iter(tally.decided.values())))
-        print(f"[power {i + 1}/{len(POWER_CONDITIONS)}] {cond.name}: median "
-              f"{np.median(x) / cond.fixed_n:.2f}x fixed n in {time.monotonic() - t0:.0f} s",
-              file=sys.stderr, flush=True)  # fmt: skip
-    shown = " ".join(sys.argv[1:] if argv is None else argv)
-    text = report(rows, runs, time.monotonic() - started, shown)
-    if power_rows:
-        text += "\n" + power_report(power_rows)
-    print(text)
-    if args.write_docs:
-        out = Path(__file__).resolve().parent.parent / "docs" / "traffic-simulation.md"
-        out.write_text(text)
+        write()
+    if not power_rows:
+        power()
+    print(write())
     return 0
 
 
