@@ -136,12 +136,12 @@ class AdminClient:
         """
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {', '.join(ACTIONS)}, got {action!r}")
-        body = {"reason": reason} if reason else None
+        body = {"reason": reason} if reason else {}
         return self._call("POST", f"/api/v1/rollouts/{quote(name, safe='')}/{action}", body)
 
     def reload(self) -> dict[str, Any]:
         """Re-read the rollout file (``POST /api/v1/reload``); a refused file raises its issues."""
-        return self._call("POST", "/api/v1/reload", refused="reload refused")
+        return self._call("POST", "/api/v1/reload", {}, refused="reload refused")
 
     def _call(
         self,
@@ -151,6 +151,8 @@ class AdminClient:
         *,
         refused: str | None = None,
     ) -> dict[str, Any]:
+        if body is None and method != "GET":
+            body = {}  # mutating calls must be JSON (Content-Type: application/json), or 415
         try:
             response = self._client.request(method, path, json=body)
         except httpx.TimeoutException:
@@ -169,6 +171,8 @@ class AdminClient:
                 raise self._not_ours(f"{status} but not with a JSON object")
             return data
         error = _error_text(response, data)
+        if status == 403 and "cross-origin" in error:
+            raise AdminError(f"the admin API answered 403: {error}", status=status)
         if status in (401, 403):
             raise AdminUnauthorizedError(
                 f"the admin API refused the token ({status}): set the bearer token in "

@@ -74,15 +74,15 @@ def _admin_section(path: str) -> AdminConfig:
     try:
         return load_config(path).admin
     except ConfigError as exc:
-        import yaml
         from pydantic import ValidationError
 
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
+        from canary.config._loader import parse_yaml_text, read_config_text
+
+        try:  # within the same limits (size, aliases, depth) as the full load
+            data = parse_yaml_text(read_config_text(path), path)
             section = data.get("admin") if isinstance(data, dict) else None
             return AdminConfig.model_validate(section or {})
-        except (OSError, yaml.YAMLError, ValidationError):
+        except (ConfigError, ValidationError):
             raise exc from None
 
 
@@ -174,9 +174,18 @@ def _pct(value: Any) -> str:
     return f"{value:g}%" if isinstance(value, int | float) else "?"
 
 
+def _step_number(d: Mapping[str, Any]) -> int | None:
+    """The 1-based step of a rollout or decision entry: ``step`` with ``step_index`` beside
+    it (this canary), else ``step`` + 1 (an admin API from before ``step`` was 1-based)."""
+    step, index = d.get("step"), d.get("step_index")
+    if isinstance(index, int):
+        return index + 1
+    return step + 1 if isinstance(step, int) else None
+
+
 def _step(r: Mapping[str, Any]) -> str:
-    step, steps = r.get("step"), r.get("steps")
-    where = f"{step + 1}/{steps}" if isinstance(step, int) else f"?/{steps}"
+    step, steps = _step_number(r), r.get("steps")
+    where = f"{step}/{steps}" if step is not None else f"?/{steps}"
     if r.get("step_kind") == "shadow":
         return f"{where} shadow"
     weights = r.get("weights") or {}
@@ -268,10 +277,10 @@ def _decision_row(d: Mapping[str, Any], steps: Any) -> list[str]:
         if isinstance(at, int | float)
         else "?"
     )
-    step = d.get("step")
+    step = _step_number(d)
     return [
         when,
-        f"{step + 1}/{steps}" if isinstance(step, int) else "?",
+        f"{step}/{steps}" if step is not None else "?",
         str(d.get("action", "?")),
         "manual" if d.get("manual") else "auto",
         str(d.get("reason") or ""),
@@ -354,6 +363,9 @@ def _admin_command(
             url, token = resolve_admin(args.admin, args.config, os.environ)
             with AdminClient(url, token, timeout=args.timeout) as client:
                 command(args, client)
+            sys.stdout.flush()  # here, where a closed pipe is caught (not at exit)
+        except BrokenPipeError:
+            return _closed_pipe()
         except ConfigError as exc:
             print(exc, file=sys.stderr)
             return 1
@@ -363,6 +375,21 @@ def _admin_command(
         return 0
 
     return run
+
+
+CLOSED_PIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for `head` closing the pipe
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout went away (``canary status | head``): stop quietly, as ``cat``
+    or ``git log`` do, and keep the interpreter from complaining when it flushes stdout."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (tests): nothing to do
+        pass
+    return CLOSED_PIPE_EXIT
 
 
 def _add_admin_options(parser: argparse.ArgumentParser) -> None:

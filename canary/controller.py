@@ -10,7 +10,14 @@ path. The controller never imports the proxy: the runtime wires the two together
 
 When the store fails, the proxy keeps its weights, the controller holds every rollout (no
 decisions on data it could not persist) and retries on the next flush; ``/readyz`` and
-``canary_store_up`` say so.
+``canary_store_up`` say so. "Fails" includes a store call that has not finished within
+``store_timeout`` (a hung disk) and a state file deleted or replaced under the running
+process (a watchdog task asks the store's ``health()``; a deleted file is opened again and
+everything the controller holds is written back to it).
+
+A dead analysis worker falls back to the event loop and is started again with back-off
+(1 s doubling to at most ``WORKER_RETRY_MAX``), logged and counted in
+``canary_analysis_worker_restarts_total`` / ``canary_analysis_worker_up``.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -54,6 +61,10 @@ from canary.store import Store
 log = logging.getLogger("canary.controller")
 
 FLUSH_INTERVAL = 0.25  # seconds of samples a crash can lose (DESIGN.md: "~250 ms")
+STORE_TIMEOUT = 5.0  # a store call running longer than this marks the store as down
+WORKER_RETRY_FIRST = 1.0  # seconds before the first restart of a failed analysis worker
+WORKER_RETRY_MAX = 60.0  # longest wait between restarts (the back-off doubles up to this)
+WORKER_START_TIMEOUT = 30.0  # a restarted worker must answer its warm-up job within this
 DECISIONS_SHOWN = 100  # decision-log entries kept in memory for the admin API
 _VERDICT_VALUE = {Verdict.OK: 1, Verdict.UNKNOWN: 0, Verdict.WORSE: -1}
 _EVENTS = {
@@ -83,6 +94,18 @@ class Notifier(Protocol):
 
 class UnknownRollout(KeyError):
     """No rollout of that name is configured."""
+
+
+class _Checked(Protocol):
+    """A store that can tell when it cannot be trusted (:meth:`SQLiteStore.health`)."""
+
+    def health(self, stall: float) -> str | None: ...
+
+
+class _Reopenable(Protocol):
+    def deleted(self) -> bool: ...
+
+    async def reopen(self) -> None: ...
 
 
 @dataclass
@@ -131,14 +154,33 @@ class Controller:
         flush_interval: float = FLUSH_INTERVAL,
         executor: Executor | None = None,
         input_drift: Callable[[str], Sequence[str]] | None = None,
+        executor_factory: Callable[[], Executor] | None = None,
+        store_timeout: float | None = None,
     ) -> None:
         """``executor`` runs the statistics off the event loop (a process pool in ``canary
         run``: the tests take milliseconds that the proxy's requests would otherwise wait);
         None runs them inline. ``input_drift(rollout)`` names the request fields whose input
         health flags drift (the runtime reads the proxy's monitors; the policy holds on them
-        with ``inputs.on_drift: hold``)."""
+        with ``inputs.on_drift: hold``). ``executor_factory`` makes a new executor when the
+        analysis worker dies (default: a process pool like ``executor`` when it is one).
+        ``store_timeout``: a store call running longer marks the store as down (default
+        :data:`STORE_TIMEOUT`)."""
         self.config = config
         self._executor = executor
+        if executor_factory is None and isinstance(executor, ProcessPoolExecutor):
+            executor_factory = _pool_like(executor)
+        self._executor_factory = executor_factory
+        self._own_executors: list[Executor] = []  # made by the factory: shut down in stop()
+        self._base_executor = executor  # reused for restarts when there is no factory
+        self._restart_task: asyncio.Task[None] | None = None
+        self._worker_failures = 0  # consecutive failures of the analysis worker
+        self._worker_retry_at: float | None = None  # monotonic time of the next restart
+        self._store_timeout = STORE_TIMEOUT if store_timeout is None else store_timeout
+        self._save_lock = asyncio.Lock()  # one writer of a rollout's state and decisions
+        self._watch_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._health_probe: asyncio.Future[str | None] | None = None
+        self._reopening = False  # a deleted state file is being opened again
         self._input_drift = input_drift
         self._store = store
         self._recorder = recorder
@@ -157,9 +199,21 @@ class Controller:
         self._channel: AnalysisChannel | None = None  # from start() to stop()
         # Gauge children by (rollout, result name): ``labels()`` costs a lock and a lookup.
         self._gauges: dict[tuple[str, str], tuple[Any, ...]] = {}
-        self.store_ok = True
-        self.store_error = ""
+        self._op_error = ""  # the last store operation failed with this ("" = it worked)
+        self._health_issue = ""  # what the store's health() said ("" = nothing wrong)
+        self._store_was_ok = True
         metrics.store_up.set(1)
+        metrics.analysis_worker_up.set(1 if executor is not None else 0)
+
+    @property
+    def store_ok(self) -> bool:
+        """The store works: the last operation succeeded and its health check is clean."""
+        return not self._op_error and not self._health_issue
+
+    @property
+    def store_error(self) -> str:
+        """Why the store is considered down ("" when it is not)."""
+        return self._health_issue or self._op_error
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -188,7 +242,10 @@ class Controller:
     async def start(self) -> None:
         if self._task is None:
             await self._open_channel()
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="controller")
+            loop = asyncio.get_running_loop()
+            self._task = loop.create_task(self._run(), name="controller")
+            if self._watch_task is None and hasattr(self._store, "health"):
+                self._watch_task = loop.create_task(self._watch_store(), name="store-watch")
 
     async def _open_channel(self) -> None:
         """Serve analyses over a socket to the pool's worker (see :mod:`canary.decision.channel`).
@@ -201,20 +258,23 @@ class Controller:
             return
         try:
             self._channel = await AnalysisChannel.open(self._executor)
-        except Exception:  # analyses go through the executor itself
-            log.exception("could not open the analysis channel")
+        except Exception as exc:  # e.g. no file descriptor left: jobs go through the executor
+            log.error("could not open the analysis channel (%s); using executor jobs", exc)
 
     async def stop(self) -> None:
         """Stop the loop and write the last samples (a clean stop loses nothing)."""
-        for task in (self._task, self._eval_task):
+        for task in (self._task, self._eval_task, self._watch_task, self._restart_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._task = self._eval_task = None
+        self._task = self._eval_task = self._watch_task = self._restart_task = None
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
+        for own in self._own_executors:  # pools made for a restarted worker
+            await asyncio.to_thread(own.shutdown, True, cancel_futures=True)
+        self._own_executors.clear()
         await self.flush()
 
     async def _run(self) -> None:
@@ -269,18 +329,88 @@ class Controller:
 
     def _store_failed(self, operation: str, exc: StoreError) -> None:
         self._metrics.store_errors.labels(operation).inc()
-        if self.store_ok:
-            log.error("state store failed (%s): %s; holding every rollout", operation, exc)
-        self.store_ok = False
-        self.store_error = str(exc)
-        self._metrics.store_up.set(0)
+        self._op_error = str(exc) or type(exc).__name__
+        self._store_health_changed(operation)
 
     def _store_recovered(self) -> None:
-        if not self.store_ok:
-            log.info("state store is back; decisions resume")
-        self.store_ok = True
-        self.store_error = ""
-        self._metrics.store_up.set(1)
+        self._op_error = ""
+        self._store_health_changed()
+
+    def _store_health_changed(self, operation: str = "") -> None:
+        """Log a change of :attr:`store_ok` once, and set ``canary_store_up``."""
+        ok = self.store_ok
+        if ok != self._store_was_ok:
+            if ok:
+                log.info("state store is back; decisions resume")
+            else:
+                what = f" ({operation})" if operation else ""
+                log.error("state store failed%s: %s; holding every rollout", what, self.store_error)
+        self._store_was_ok = ok
+        self._metrics.store_up.set(1 if ok else 0)
+
+    async def _watch_store(self) -> None:
+        """Ask the store's ``health()`` every flush interval (in a thread: ``stat`` of a file
+        on a hung disk may block), so that a hang or a deleted file shows in ``/readyz`` and
+        ``canary_store_up`` even while no write returns to say so."""
+        every = max(self.flush_interval, 0.1)
+        while True:
+            try:
+                await self.check_store()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not end the watch for good
+                log.exception("state store health check failed")
+            await asyncio.sleep(every)
+
+    async def check_store(self) -> None:
+        """One health check of the store (the watchdog's step; tests call it directly)."""
+        store = self._store
+        if not hasattr(store, "health"):
+            return
+        checked: _Checked = store  # type: ignore[assignment]
+        probe = self._health_probe
+        if probe is None or probe.done():
+            probe = self._health_probe = asyncio.ensure_future(
+                asyncio.to_thread(checked.health, self._store_timeout)
+            )
+        try:
+            issue = await asyncio.wait_for(asyncio.shield(probe), self._store_timeout)
+        except TimeoutError:
+            issue = f"the state store's file does not answer within {self._store_timeout:g}s"
+        if issue and hasattr(store, "deleted") and hasattr(store, "reopen"):
+            reopenable: _Reopenable = store  # type: ignore[assignment]
+            if reopenable.deleted():
+                self._health_issue = issue
+                self._store_health_changed("health")
+                issue = await self._reopen_deleted(reopenable, issue)
+        self._health_issue = issue or ""
+        self._store_health_changed("health")
+
+    async def _reopen_deleted(self, store: _Reopenable, issue: str) -> str | None:
+        """Open a deleted state file again and write back everything held in memory; return
+        what is still wrong (None: the new file holds it all)."""
+        if not self._reopening:  # once, not at every retry
+            log.error("%s: opening it again and writing back every rollout's state", issue)
+        self._reopening = True
+        async with self._flush_lock, self._save_lock:
+            try:
+                await asyncio.wait_for(store.reopen(), self._store_timeout)
+            except (StoreError, TimeoutError) as exc:
+                self._metrics.store_errors.labels("reopen").inc()
+                return f"{issue}; opening it again failed: {exc}"
+            for ro in self._rollouts.values():
+                ro.state_dirty = True
+                ro.unsaved = [e for e in ro.decisions if e not in ro.unsaved] + ro.unsaved
+                ro.pending = ro.totals.snapshot()  # the totals include the pending samples
+        try:
+            await asyncio.wait_for(self.flush(), self._store_timeout)
+        except TimeoutError:
+            return f"{issue}; writing the state back to a new file timed out"
+        if self._op_error:
+            return f"{issue}; writing the state back failed: {self._op_error}"
+        log.info("state written back to a new file %s", getattr(store, "path", ""))
+        self._reopening = False
+        return None
 
     # -- decisions ------------------------------------------------------------------------
 
@@ -305,6 +435,11 @@ class Controller:
 
     async def evaluate(self, *, force: bool = False) -> None:
         """Analyze and decide every rollout whose interval has come (all with ``force``)."""
+        channel = self._channel
+        if channel is not None and not channel.closed and not channel.alive:
+            await self._retire_worker()  # it died between analyses: say so now
+            self._worker_failed(f"the analysis process died ({channel.ended()})")
+        self._maybe_restart_worker()
         mono = self._monotonic()
         for ro in list(self._rollouts.values()):
             if not force and mono < ro.next_eval:
@@ -358,7 +493,8 @@ class Controller:
         """Analyse ``ro``'s totals as they are now; return their version and the analysis.
 
         In the worker process when there is one (through the channel once started, else as an
-        executor job), else here; a worker that fails once is not asked again.
+        executor job), else here; a worker that failed is started again in the background,
+        with back-off (:meth:`_restart_worker`), and analyses run here meanwhile.
         """
         if self._channel is not None or self._executor is not None:
             config, keys = ro.shipping()
@@ -383,11 +519,11 @@ class Controller:
         try:
             return await self._channel.analyze(config, inputs, failing_for, failing_requests)
         except ChannelBroken as exc:
-            log.error("the analysis process died (%s); analysing in the event loop", exc)
+            reason = f"the analysis process died ({exc})"
         except AnalysisFailed as exc:
-            log.error("the analysis process failed; analysing in the event loop:\n%s", exc)
-        await self._channel.close()
-        self._channel = self._executor = None
+            reason = f"the analysis process failed:\n{exc}"
+        await self._retire_worker()
+        self._worker_failed(reason)
         return None
 
     async def _in_executor(
@@ -405,14 +541,92 @@ class Controller:
             return await asyncio.get_running_loop().run_in_executor(self._executor, run)
         except asyncio.CancelledError:
             raise
-        except BrokenProcessPool:
-            log.error("the analysis process died; analysing in the event loop from now on")
-        except Exception:
-            # e.g. a program embedding canary without an `if __name__ == "__main__"` guard,
-            # which a forkserver worker cannot import: analyse here rather than never.
-            log.exception("the analysis process failed; analysing in the event loop")
-        self._executor = None
+        except BrokenProcessPool as exc:
+            reason = f"the analysis process died ({exc})"
+        except Exception as exc:
+            # e.g. no file descriptor left to start the process, or a program embedding
+            # canary without an `if __name__ == "__main__"` guard, which a forkserver worker
+            # cannot import: analyse here rather than never.
+            log.debug("analysis process failure", exc_info=True)
+            reason = f"the analysis process failed ({type(exc).__name__}: {exc})"
+        await self._retire_worker()
+        self._worker_failed(reason)
         return None
+
+    # -- the analysis worker's failures and restarts ---------------------------------------
+
+    async def _retire_worker(self) -> None:
+        """Drop the channel and the executor after a failure (pools made here are shut down;
+        the one given to the constructor belongs to the caller)."""
+        channel, self._channel = self._channel, None
+        executor, self._executor = self._executor, None
+        if channel is not None:
+            await channel.close(timeout=1.0)
+        if executor is not None and executor in self._own_executors:
+            self._own_executors.remove(executor)
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    def _worker_failed(self, reason: str) -> None:
+        self._worker_failures += 1
+        delay = min(WORKER_RETRY_MAX, WORKER_RETRY_FIRST * 2 ** (self._worker_failures - 1))
+        self._worker_retry_at = self._monotonic() + delay
+        self._metrics.analysis_worker_up.set(0)
+        log.error(
+            "%s; analysing in the event loop, starting the worker again in %gs "
+            "(failure %d in a row)",
+            reason,
+            delay,
+            self._worker_failures,
+        )
+
+    def _maybe_restart_worker(self) -> None:
+        retry_at = self._worker_retry_at
+        if retry_at is None or self._monotonic() < retry_at or self._restarting():
+            return
+        if self._executor_factory is None and self._base_executor is None:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._restart_worker(), name="analysis-worker-restart"
+        )
+        self._restart_task = task
+
+    def _restarting(self) -> bool:
+        return self._restart_task is not None and not self._restart_task.done()
+
+    async def _restart_worker(self) -> None:
+        """Start the analysis worker again (in the background: analyses go on meanwhile)."""
+        attempt = self._worker_failures
+        executor: Executor | None = None
+        try:
+            if self._executor_factory is not None:
+                executor = self._executor_factory()
+                self._own_executors.append(executor)
+            else:
+                executor = self._base_executor
+            assert executor is not None
+            job = asyncio.get_running_loop().run_in_executor(executor, worker.warm)
+            await asyncio.wait_for(job, WORKER_START_TIMEOUT)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._metrics.analysis_worker_restarts.labels("failed").inc()
+            if executor is not None and executor in self._own_executors:
+                self._own_executors.remove(executor)
+                executor.shutdown(wait=False, cancel_futures=True)
+            self._worker_failed(
+                f"starting the analysis worker again failed ({type(exc).__name__}: {exc})"
+            )
+            return
+        self._executor = executor
+        await self._open_channel()
+        self._worker_failures = 0
+        self._worker_retry_at = None
+        self._metrics.analysis_worker_restarts.labels("ok").inc()
+        self._metrics.analysis_worker_up.set(1)
+        log.warning(
+            "analysis worker started again after %d failure(s); analyses leave the event loop",
+            attempt,
+        )
 
     def _track_failures(self, ro: _Rollout, now: float) -> None:
         cand = ro.totals.candidate
@@ -467,23 +681,43 @@ class Controller:
         )
         ro.state_dirty = True
         ro.unsaved.append(entry)
+        # Bounded: on a hung disk the operator's call answers (and the write goes on; the
+        # save lock keeps the next flush from writing the same entries twice).
+        save = asyncio.ensure_future(self._save_decisions(ro))
+        self._background.add(save)
+        save.add_done_callback(self._saved)
         try:
-            await self._save_decisions(ro)
+            await asyncio.wait_for(asyncio.shield(save), self._store_timeout)
         except StoreError as exc:  # kept dirty: the next flush retries
             self._store_failed("apply", exc)
+        except TimeoutError:
+            self._store_failed(
+                "apply",
+                StoreError(f"writing a decision took longer than {self._store_timeout:g}s"),
+            )
         event = _EVENTS.get(decision.action)
         if event is not None and self._notifier is not None and cfg.webhooks:
             self._notifier.fire(name, event, cfg.webhooks, entry)
 
+    def _saved(self, task: asyncio.Future[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: _apply or the next flush reports store errors
+
     async def _save_decisions(self, ro: _Rollout) -> None:
         """Write the state and decision-log entries not yet in the store (StoreError: retry)."""
         name = ro.config.name
-        if ro.state_dirty:
-            await self._store.put_state(name, ro.state.to_dict())
-            ro.state_dirty = False
-        while ro.unsaved:
-            await self._store.append_decision(name, ro.unsaved[0])
-            ro.unsaved.pop(0)
+        async with self._save_lock:
+            if ro.state_dirty:
+                ro.state_dirty = False
+                try:
+                    await self._store.put_state(name, ro.state.to_dict())
+                except BaseException:
+                    ro.state_dirty = True
+                    raise
+            while ro.unsaved:
+                await self._store.append_decision(name, ro.unsaved[0])
+                ro.unsaved.pop(0)
 
     def _entry(self, ro: _Rollout, decision: Decision, now: float) -> dict[str, Any]:
         candidate, shadow = ro.state.weights(ro.config)
@@ -493,7 +727,7 @@ class Controller:
             "reason": decision.reason,
             "manual": decision.manual,
             "phase": ro.state.phase.value,
-            "step": ro.state.step,
+            **_step_fields(ro.state.step, len(ro.config.steps)),
             "weights": {"production": 100.0 - candidate, "candidate": candidate},
             "shadow": shadow,
             "samples": {
@@ -560,9 +794,15 @@ class Controller:
             await self._store.put_state(r.name, state.to_dict())
             await self._store.append_decision(r.name, entry)
             log.info("rollout %s: started at step 1/%d", r.name, len(r.steps))
+            # Once per rollout: a restart that resumes it (the branch below) sends nothing.
+            if self._notifier is not None and r.webhooks:
+                self._notifier.fire(r.name, _EVENTS[Action.START], r.webhooks, entry)
         else:
             totals = await self._store.get_samples(r.name)
-            history = await self._store.decisions(r.name, DECISIONS_SHOWN)
+            history = [
+                _upgrade_entry(e, len(r.steps))
+                for e in await self._store.decisions(r.name, DECISIONS_SHOWN)
+            ]
             ro = _Rollout(
                 r,
                 state,
@@ -606,8 +846,7 @@ class Controller:
         return {
             "name": name,
             "phase": state.phase.value,
-            "step": step_index,
-            "steps": len(cfg.steps),
+            **_step_fields(step_index, len(cfg.steps)),
             "step_kind": "shadow" if step.is_shadow else "weight",
             "weights": {"production": 100.0 - candidate, "candidate": candidate},
             "shadow": shadow,
@@ -685,6 +924,36 @@ class Controller:
                 m.metric_samples.labels(name, result, "candidate"),
             )
         return gauges
+
+
+def _step_fields(step: int, steps: int) -> dict[str, int]:
+    """How users see a step: ``step`` 1-based of ``steps`` (as the CLI, the logs and
+    ``canary_rollout_step`` show it), and ``step_index``, the 0-based index into ``steps:``."""
+    index = max(0, min(step, steps - 1))
+    return {"step": index + 1, "steps": steps, "step_index": index}
+
+
+def _upgrade_entry(entry: dict[str, Any], steps: int) -> dict[str, Any]:
+    """A decision-log entry as stored by a canary before ``step`` was 1-based (it has no
+    ``step_index``), in today's form; newer entries unchanged."""
+    if "step_index" in entry or not isinstance(entry.get("step"), int):
+        return entry
+    return {**entry, **_step_fields(entry["step"], steps)}
+
+
+def _pool_like(pool: ProcessPoolExecutor) -> Callable[[], Executor]:
+    """A factory of process pools made like ``pool`` (for restarting a dead worker)."""
+    workers: int = getattr(pool, "_max_workers", 1)
+    context = getattr(pool, "_mp_context", None)
+    initializer = getattr(pool, "_initializer", None)
+    initargs: tuple[Any, ...] = getattr(pool, "_initargs", ())
+
+    def make() -> Executor:
+        return ProcessPoolExecutor(
+            workers, mp_context=context, initializer=initializer, initargs=initargs
+        )
+
+    return make
 
 
 def _ignore_failure(fut: asyncio.Future[None]) -> None:

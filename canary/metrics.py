@@ -378,14 +378,28 @@ class Metrics:
         )
         self.store_up = Gauge(
             "canary_store_up",
-            "1 when the last write to the state store succeeded; while 0 the controller "
-            "holds every rollout (no decisions on stale data).",
+            "1 when the state store works: the last write succeeded, no call has been stuck "
+            "longer than the store timeout and the state file is still the one opened; while "
+            "0 the controller holds every rollout (no decisions on stale data) and /readyz "
+            "answers 503.",
             registry=r,
         )
         self.store_errors = Counter(
             "canary_store_errors",
             "Failed state-store operations.",
             ["operation"],
+            registry=r,
+        )
+        self.analysis_worker_up = Gauge(
+            "canary_analysis_worker_up",
+            "1 while the statistics run in the analysis worker process; 0 while they run in "
+            "the event loop because the worker failed (it is restarted with back-off).",
+            registry=r,
+        )
+        self.analysis_worker_restarts = Counter(
+            "canary_analysis_worker_restarts",
+            "Attempts to start the analysis worker again after it failed, by result (ok, failed).",
+            ["result"],
             registry=r,
         )
         self.analysis_seconds = Gauge(

@@ -9,15 +9,18 @@ import multiprocessing
 import os
 import signal
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from aiohttp import web
 
 from canary.admin import make_admin_app
-from canary.config import Config, load_config
+from canary.admin.app import warn_if_public
+from canary.config import Config
+from canary.config._loader import load_config_result
 from canary.controller import Controller
 from canary.decision.worker import init_worker
-from canary.errors import CanaryError, ConfigError
+from canary.errors import CanaryError, ConfigError, ConfigIssue
 from canary.metrics import Metrics
 from canary.observe import Recorder
 from canary.proxy import H1Transport, Proxy, Weights
@@ -59,6 +62,9 @@ class Runtime:
         # The statistics take milliseconds per rollout: run them in a worker process so the
         # proxy's requests never wait for them (another core does the work, or, when canary
         # has one core, the worker runs at a lower priority and yields it to the proxy).
+        # Worker processes start from the forkserver: have it import the rollout file's loader
+        # once, so a reload's worker (load_config_off_loop) starts in milliseconds.
+        _preload_forkserver()
         self._analysis_pool = (
             ProcessPoolExecutor(
                 1,
@@ -86,6 +92,7 @@ class Runtime:
         self._ready = False
         self._started: list[str] = []
         self._background: set[asyncio.Task[None]] = set()
+        self._reload_lock = asyncio.Lock()
         self.proxy_port: int | None = None
         self.admin_port: int | None = None
 
@@ -163,6 +170,7 @@ class Runtime:
         ahost, aport = self.config.admin.listen
         await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
         self.admin_port = _bound_port(admin_runner)
+        warn_if_public(self.config.admin)
         if self.run_controller:
             await self.controller.start()
         self._started.append("controller")
@@ -191,8 +199,12 @@ class Runtime:
         """Re-read the config file and apply it; raise ConfigError and keep the running one."""
         if self.config_path is None:
             raise CanaryError("canary was not started from a file; there is nothing to reload")
+        async with self._reload_lock:  # reloads apply in the order they were asked for
+            return await self._reload_locked(self.config_path)
+
+    async def _reload_locked(self, path: Path) -> list[str]:
         try:
-            new = load_config(self.config_path)
+            new = await load_config_off_loop(path)
         except ConfigError as exc:
             log.error("reload rejected, keeping the running config: %s", exc)
             raise
@@ -218,7 +230,9 @@ class Runtime:
             except ConfigError:
                 pass  # already logged with every issue
             except CanaryError as exc:
-                log.error("reload failed: %s", exc)
+                log.error("reload failed, keeping the running config: %s", exc)
+            except Exception:  # never "Task exception was never retrieved"
+                log.exception("reload failed, keeping the running config")
 
         task = asyncio.get_running_loop().create_task(_reload())
         self._background.add(task)
@@ -247,6 +261,46 @@ class Runtime:
         if self._analysis_pool is not None:
             self._analysis_pool.shutdown(wait=True, cancel_futures=True)
             self._analysis_pool = None
+
+
+RELOAD_TIMEOUT = 30.0  # seconds a worker may take to read a rollout file (limits make it < 2)
+
+
+async def load_config_off_loop(path: str | Path, timeout: float = RELOAD_TIMEOUT) -> Config:
+    """:func:`load_config` in a short-lived worker process, so that reading, parsing and
+    validating a file (up to ``MAX_FILE_BYTES``, bounded by the loader's limits) never holds
+    the event loop or its GIL: the proxy keeps answering during a reload. Starting the worker
+    and waiting for it happen in a thread (the forkserver handshake blocks). Every failure,
+    including a worker that dies or hangs, is a :class:`ConfigError`."""
+    new, issues = await asyncio.to_thread(_load_in_worker, str(path), timeout)
+    if new is None:
+        raise ConfigError(issues, str(path))
+    return new
+
+
+def _load_in_worker(path: str, timeout: float) -> tuple[Config | None, list[ConfigIssue]]:
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver"))
+    try:
+        return pool.submit(load_config_result, path).result(timeout)
+    except TimeoutError:
+        for proc in list(pool._processes.values()):  # a hung worker is never left behind
+            proc.kill()
+        return None, [ConfigIssue("", f"reading the file took more than {timeout:g}s")]
+    except BrokenProcessPool:
+        return None, [ConfigIssue("", "the process reading the file died (out of memory?)")]
+    except Exception as exc:  # a bug in the loader: still a refused file, never a crash
+        log.exception("reading %s failed", path)
+        return None, [ConfigIssue("", f"cannot read the file: {type(exc).__name__}: {exc}")]
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _preload_forkserver() -> None:
+    """Before the forkserver starts (the first worker process of this process): preload the
+    loader next to ``__main__`` (the default); later calls change nothing."""
+    multiprocessing.get_context("forkserver").set_forkserver_preload(
+        ["__main__", "canary.config._loader"]
+    )
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

@@ -139,7 +139,7 @@ async def crash_once(workdir: Path, rate: float = 200.0, seed: int = 0) -> Crash
                 sent += 1
                 times.append(time.monotonic())
                 if sent % 50 == 0:
-                    step = (await client.get(admin + "/api/v1/rollouts/m")).json()["step"]
+                    step = (await client.get(admin + "/api/v1/rollouts/m")).json()["step_index"]
                 if step >= 1 and time.monotonic() - started > 3.0:
                     break
             proc.send_signal(signal.SIGKILL)
@@ -156,7 +156,7 @@ async def crash_once(workdir: Path, rate: float = 200.0, seed: int = 0) -> Crash
             lost=sent - resumed,
             rate=observed_rate,
             step_before=step,
-            step_after=int(one["step"]),
+            step_after=int(one["step_index"]),
             phase_after=str(one["phase"]),
         )
 

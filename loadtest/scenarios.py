@@ -21,8 +21,11 @@ The rollout (one plan for every scenario; the statistics decide)
 - ``analysis: {interval: 250ms, alpha: 0.05, burn_in: 100}``: tests evaluated four times a
   second (they are anytime-valid, so checking often costs no error budget), no verdict before
   100 candidate samples, alpha split over the metrics and the sample-ratio guard (Bonferroni).
-- ``routing: {failover: true, timeout: 5s}`` and a per-request random split (no sticky users,
-  so the sample-ratio test checks the routing too).
+- ``routing: {failover: true, failover_methods: all, timeout: 5s}`` and a per-request random
+  split (no sticky users, so the sample-ratio test checks the routing too). ``all``: the
+  fake models' POSTs have no side effects, so the requests a candidate that goes down had
+  already taken are replayed on production too (the default replays only idempotent methods
+  and those that never reached the candidate, as nginx does).
 - Metrics, what a user of a classic REST model would write: ``latency_p95`` at most +10%,
   ``errors`` at most +0.5pp, ``cost`` (each arm's ``X-Model-Cost`` header) at most +5%.
 - The accuracy scenarios measure ``accuracy`` per request (``json:correct``, which the fake
@@ -62,8 +65,9 @@ Scenarios
 ---------
 ``identical`` (promote), ``slow30`` (+30% latency: roll back), ``band20`` (20% slower between
 its p60 and p80 only, so p50 and p95 see nothing: ``stat: distribution`` must roll it back, the
-reason is checked), ``errors5`` (5% errors: roll back), ``down`` (the candidate's server stops 4 s into the rollout: roll back within 5 s of it
-going down, with no user-visible error thanks to failover), ``unreachable`` (nothing ever
+reason is checked), ``errors5`` (5% errors: roll back), ``down`` (the candidate's server
+stops 4 s into the rollout: roll back within 5 s of it going down, with no user-visible
+error thanks to failover), ``unreachable`` (nothing ever
 listens at the candidate's address: the same), ``cheaper`` (20% faster and 20% cheaper:
 promote), ``memory40`` (the candidate's ``/metrics`` reports 40% more resident memory, equal
 latency and errors: ``memory`` at most +20%, scraped every second, rolls it back after the
@@ -246,6 +250,9 @@ class Scenario:
                     "candidate": {"endpoints": [candidate_url], "cost": arm_cost, **res},
                     "routing": {
                         "failover": True,
+                        # Model POSTs have no side effects: replay those the candidate may
+                        # have taken when it went down (the default replays idempotent ones)
+                        "failover_methods": "all",
                         "timeout": "5s",
                         **({"sticky": {"header": "X-User-Id"}} if self.users else {}),
                     },
@@ -686,7 +693,7 @@ def format_status(detail: Mapping[str, Any], elapsed: float) -> str:
     """Progress: elapsed, phase, step, weights, samples; then each metric's verdict."""
     w = detail["weights"]
     s = detail["samples"]
-    step = f"step {detail['step'] + 1}/{detail['steps']}"
+    step = f"step {detail['step_index'] + 1}/{detail['steps']}"
     split = "shadow" if detail.get("shadow") else f"{w['candidate']:g}% candidate"
     line = (
         f"[{elapsed:6.1f}s] {detail['phase']:<8} {step} ({split})  "
@@ -1054,7 +1061,7 @@ async def _run_restart(sc: Scenario, *, seed: int, fast: bool, rate: float, out:
                     break
                 if (
                     killed_at is None
-                    and detail["step"] == 1
+                    and detail["step_index"] == 1
                     and detail["step_samples"] >= kill_after
                 ):
                     before = detail
@@ -1077,7 +1084,7 @@ async def _run_restart(sc: Scenario, *, seed: int, fast: bool, rate: float, out:
                     print(
                         f"[{ready_at - t0:6.1f}s] !! canary is back after "
                         f"{ready_at - killed_at:.2f} s: {after['phase']} at step "
-                        f"{after['step'] + 1}/{after['steps']} (log: resumed with "
+                        f"{after['step_index'] + 1}/{after['steps']} (log: resumed with "
                         f"{resumed[1] if resumed else '?'}/{resumed[2] if resumed else '?'} "
                         "samples)",
                         file=out,
@@ -1100,13 +1107,13 @@ async def _run_restart(sc: Scenario, *, seed: int, fast: bool, rate: float, out:
                 result.problems.append("the rollout never reached step 2 to be restarted")
                 return result
             cand_rate = rate * float(before["weights"]["candidate"]) / 100.0
-            if after["step"] != before["step"] or after["phase"] != "running":
+            if after["step_index"] != before["step_index"] or after["phase"] != "running":
                 problems.append(
-                    f"resumed {after['phase']} at step {after['step'] + 1}, expected running "
-                    f"at step {before['step'] + 1}"
+                    f"resumed {after['phase']} at step {after['step_index'] + 1}, expected running "
+                    f"at step {before['step_index'] + 1}"
                 )
             restored = resumed[2] if resumed is not None else after["samples"]["candidate"]
-            if resumed is not None and resumed[0] != before["step"]:
+            if resumed is not None and resumed[0] != before["step_index"]:
                 problems.append(f"log says resumed at step {resumed[0] + 1}")
             if restored < before["samples"]["candidate"]:
                 problems.append(
@@ -1125,7 +1132,7 @@ async def _run_restart(sc: Scenario, *, seed: int, fast: bool, rate: float, out:
             if other_errors:
                 problems.append(f"users saw errors outside the restart window: {other_errors}")
             result.extra["restart"] = (
-                f"down {ready_at - killed_at:.2f} s; resumed at step {after['step'] + 1}/"
+                f"down {ready_at - killed_at:.2f} s; resumed at step {after['step_index'] + 1}/"
                 f"{after['steps']} with {restored} candidate samples (had "
                 f"{before['samples']['candidate']} flushed, {answered_at_kill} answered: "
                 f"{lost} lost, ~{lost / cand_rate * 1000 if cand_rate else 0:.0f} ms)"

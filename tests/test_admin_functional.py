@@ -41,7 +41,8 @@ async def test_views_commands_and_gauges() -> None:
             listing = (await client.get(can.admin + "/api/v1/rollouts")).json()["rollouts"]
             assert [r["name"] for r in listing] == ["m"]
             one = listing[0]
-            assert one["phase"] == "running" and one["step"] == 0 and one["steps"] == 2
+            assert one["phase"] == "running" and one["step"] == 1 and one["steps"] == 2
+            assert one["step_index"] == 0  # step is 1-based (as the CLI shows it)
             assert one["weights"] == {"production": 80.0, "candidate": 20.0}
             assert one["samples"]["production"] + one["samples"]["candidate"] == 50
             detail = (await client.get(can.admin + "/api/v1/rollouts/m")).json()
@@ -52,13 +53,17 @@ async def test_views_commands_and_gauges() -> None:
 
             r = await client.post(can.admin + "/api/v1/rollouts/m/pause", json={"reason": "lunch"})
             assert r.status_code == 200 and r.json()["phase"] == "paused"
-            r = await client.post(can.admin + "/api/v1/rollouts/m/pause")
+            r = await client.post(can.admin + "/api/v1/rollouts/m/pause", json={})
             assert r.status_code == 409 and "already paused" in r.json()["error"]
-            r = await client.post(can.admin + "/api/v1/rollouts/m/explode")
+            r = await client.post(can.admin + "/api/v1/rollouts/m/explode", json={})
             assert r.status_code == 404
-            r = await client.post(can.admin + "/api/v1/rollouts/m/resume", content=b"{not json")
+            r = await client.post(
+                can.admin + "/api/v1/rollouts/m/resume",
+                content=b"{not json",
+                headers={"Content-Type": "application/json"},
+            )
             assert r.status_code == 400
-            r = await client.post(can.admin + "/api/v1/rollouts/m/rollback")
+            r = await client.post(can.admin + "/api/v1/rollouts/m/rollback", json={})
             assert r.status_code == 200 and r.json()["phase"] == "rolled_back"
             # the proxy acts on it at once: everyone goes to production
             arms = set()
@@ -66,7 +71,7 @@ async def test_views_commands_and_gauges() -> None:
                 resp = await client.post(can.url + "/predict", json={"id": str(i)})
                 arms.add(resp.headers["X-Canary-Arm"])
             assert arms == {"production"}
-            r = await client.post(can.admin + "/api/v1/rollouts/m/promote")
+            r = await client.post(can.admin + "/api/v1/rollouts/m/promote", json={})
             assert r.status_code == 409 and "new candidate" in r.json()["error"]
 
             text = (await client.get(can.admin + "/metrics")).text
@@ -105,7 +110,7 @@ async def test_mutating_calls_need_the_bearer_token(monkeypatch: pytest.MonkeyPa
             # reads stay open (loopback by default)
             assert (await client.get(can.admin + "/api/v1/rollouts/m")).status_code == 200
             good = {"Authorization": "Bearer s3cret-token"}
-            r = await client.post(url, headers=good)
+            r = await client.post(url, headers=good, json={})
             assert r.status_code == 200 and r.json()["phase"] == "paused"
 
 
@@ -132,13 +137,13 @@ async def test_reload_applies_a_good_file_and_rejects_a_bad_one(tmp_path: Path) 
             cfg["rollouts"][0]["steps"] = [{"weight": 30}]
             cfg["rollouts"][0]["candidate"]["endpoints"] = [c + "/"]  # a new candidate
             path.write_text(yaml.safe_dump(cfg))
-            r = await client.post(can.admin + "/api/v1/reload")
+            r = await client.post(can.admin + "/api/v1/reload", json={})
             assert r.status_code == 200 and r.json() == {"reloaded": True, "rollouts": ["m"]}
             one = (await client.get(can.admin + "/api/v1/rollouts/m")).json()
             assert one["weights"]["candidate"] == 30.0
 
             path.write_text("rollouts:\n  - name: m\n    steps: [{weight: 500}]\n    bogus: 1\n")
-            r = await client.post(can.admin + "/api/v1/reload")
+            r = await client.post(can.admin + "/api/v1/reload", json={})
             assert r.status_code == 400
             body = r.json()
             assert "running one stays" in body["error"]

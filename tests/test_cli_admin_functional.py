@@ -167,6 +167,7 @@ class FakeAdmin:
                 "method": request.method,
                 "path": request.path,
                 "body": json.loads(raw) if raw else None,
+                "content_type": request.headers.get("Content-Type"),
                 "authorization": request.headers.get("Authorization"),
             }
         )
@@ -350,17 +351,20 @@ def test_actions_send_the_request_with_reason_and_token(
             "method": "POST",
             "path": f"/api/v1/rollouts/{name}/{action}",
             "body": {"reason": "p95 too high"},
+            "content_type": "application/json",
             "authorization": f"Bearer {TOKEN}",
         }
     ]
 
 
-def test_action_without_reason_sends_no_body(
+def test_action_without_reason_sends_an_empty_json_object(
     admin: FakeAdmin, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, out, _ = cli(capsys, "pause", "fraud-model", "--admin", admin.url)
     assert code == 0 and out == "fraud-model: paused (phase paused)\n"
-    assert admin.requests[0]["body"] is None
+    # mutating calls must be JSON (the admin API answers 415 otherwise)
+    assert admin.requests[0]["body"] == {}
+    assert admin.requests[0]["content_type"] == "application/json"
 
 
 def test_wrong_or_missing_token_exits_3(
@@ -467,7 +471,8 @@ def _config(tmp_path: Path, admin: dict[str, Any] | None, *, broken: bool = Fals
     ],
 )
 def test_admin_url_from_the_config_file(tmp_path: Path, listen: str, url: str) -> None:
-    path = _config(tmp_path, {"listen": listen})
+    # (a non-loopback admin address needs a token, or this explicit permission)
+    path = _config(tmp_path, {"listen": listen, "allow_public_without_token": True})
     assert resolve_admin(None, path, {}) == (url, None)
 
 

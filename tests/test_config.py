@@ -209,14 +209,12 @@ def test_duplicate_yaml_keys_and_bad_yaml() -> None:
         ),
         (
             "[{weight: 5}]",
-            "[{name: a, signal: latency, stat: distribution, quantiles: [p100],"
-            " max_increase: 5%}]",
+            "[{name: a, signal: latency, stat: distribution, quantiles: [p100], max_increase: 5%}]",
             "percentiles such as p50",
         ),
         (
             "[{weight: 5}]",
-            "[{name: a, signal: latency, stat: distribution, quantiles: [],"
-            " max_increase: 5%}]",
+            "[{name: a, signal: latency, stat: distribution, quantiles: [], max_increase: 5%}]",
             "at least one percentile",
         ),
         (

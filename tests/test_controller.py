@@ -136,7 +136,7 @@ async def test_a_good_candidate_advances_and_is_promoted() -> None:
         await ctl.evaluate(force=True)
     assert ctl.state("m").phase is Phase.PROMOTED
     assert sink.calls[-1] == ("m", 100.0, False)
-    assert [e[1] for e in hooks.events] == ["advance", "promote"]
+    assert [e[1] for e in hooks.events] == ["start", "advance", "promote"]
     actions = [d["action"] for d in await store.decisions("m")]
     assert actions == ["START", "ADVANCE", "PROMOTE"]
     detail = ctl.detail("m")

@@ -220,7 +220,7 @@ async def test_bad_bodies_and_the_bearer_token(monkeypatch: pytest.MonkeyPatch) 
             assert (await client.post(url, json=item)).status_code == 401
             wrong = {"Authorization": "Bearer s3cret-tokem"}
             assert (await client.post(url, json=item, headers=wrong)).status_code == 401
-            good = {"Authorization": "Bearer s3cret-token"}
+            good = {"Authorization": "Bearer s3cret-token", "Content-Type": "application/json"}
             r = await client.post(url, json=item, headers=good)
             assert r.status_code == 200 and r.json()["results"]["unknown"] == 1
             r = await client.post(url, content=b"{nope", headers=good)

@@ -220,7 +220,7 @@ async def test_on_drift_hold_stops_the_controller_from_advancing(
             ok = await _post_all(session, can.url + "/predict", _docs(6, 10))
     assert set(statuses) == {200} and set(ok) == {200}
     if on_drift == "hold":
-        assert summary["phase"] == "running" and summary["step"] == 0
+        assert summary["phase"] == "running" and summary["step"] == 1  # 1-based
         assert "input drift on fields amount" in summary["status"]
     else:
-        assert summary["step"] == 1 or summary["phase"] == "promoted"
+        assert summary["step"] == 2 or summary["phase"] == "promoted"

@@ -233,8 +233,12 @@ async def test_candidate_down_fails_over_to_production() -> None:
 
 
 async def test_candidate_5xx_fails_over_and_counts_as_candidate_error() -> None:
+    # A 5xx means the candidate may have processed the POST: it is replayed on production
+    # only with `failover_methods: all` (tests/test_conformance_upstream.py has the default).
+    routing = {"override_header": "X-Canary-Arm", "timeout": "5s", "failover_methods": "all"}
     async with fake_pair(candidate={"error_rate": 1.0}) as (p, c):
-        async with running_canary(rollout_config([p], [c], steps=[{"weight": 100}])) as can:
+        cfg = rollout_config([p], [c], steps=[{"weight": 100}], routing=routing)
+        async with running_canary(cfg) as can:
             async with httpx.AsyncClient() as client:
                 r = await client.post(can.url + "/predict", json={"id": "1"})
             acc = await can.samples("m")

@@ -170,6 +170,6 @@ async def test_shadow_step_finds_an_identical_candidate_in_agreement() -> None:
                 return any(m["name"] == "agreement" and m["verdict"] == "OK" for m in d["metrics"])
 
             detail = await _drive(can, client, agreed, 20.0)
-    assert detail["phase"] == "running" and detail["step"] == 0  # still shadowing, healthy
+    assert detail["phase"] == "running" and detail["step"] == 1  # still shadowing, healthy
     agreement = next(m for m in detail["metrics"] if m["name"] == "agreement")
     assert agreement["verdict"] == "OK", agreement

@@ -1,9 +1,14 @@
 """The admin port: /metrics, /healthz, /readyz and /api/v1 (rollouts, operator commands, reload,
 feedback).
 
-Mutating calls (``POST``) need ``Authorization: Bearer TOKEN`` when ``admin.token_env`` is
-set; the token is compared in constant time. Every error is a small JSON object
-``{"error": ...}``; nothing an admin client sends can stop the proxy.
+Mutating calls (every ``POST``: operator commands, reload, feedback) are refused in this
+order: 403 when an ``Origin`` header names another origin than the admin API's own (a web page
+on another site posting through a browser: CSRF), 401 without ``Authorization: Bearer TOKEN``
+when ``admin.token_env`` is set (compared in constant time), 415 unless ``Content-Type`` is
+``application/json`` (which a browser cannot send cross-origin without a CORS preflight, and
+canary answers no preflight). Request bodies are JSON nested at most ``MAX_JSON_DEPTH`` deep.
+Every error is a small JSON object ``{"error": ...}``; nothing an admin client sends can stop
+the proxy.
 """
 
 from __future__ import annotations
@@ -11,13 +16,16 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from canary.config import AdminConfig
 from canary.controller import Controller, UnknownRollout
 from canary.decision import MANUAL_ACTIONS, CommandRejected
 from canary.errors import ConfigError
@@ -32,6 +40,9 @@ log = logging.getLogger("canary.admin")
 Readiness = Callable[[], tuple[bool, str]]
 Reloader = Callable[[], Awaitable[list[str]]]  # raises ConfigError when the file is invalid
 MAX_ADMIN_BODY = 64 * 1024
+MAX_JSON_DEPTH = 64  # arrays and objects inside each other in one request body
+# The bytes that matter for nesting: brackets, and quotes and backslashes (strings).
+_JSON_TOKEN = re.compile(rb'[\[\]{}"\\]')
 
 
 @dataclass
@@ -50,6 +61,106 @@ CONTEXT = web.AppKey("context", AdminContext)
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
+
+
+def warn_if_public(admin: AdminConfig, log_to: logging.Logger = log) -> bool:
+    """Log a loud warning when the admin API is served on a non-loopback address without a
+    token (``admin.allow_public_without_token: true``); return whether it is."""
+    if not admin.public_without_token:
+        return False
+    host, port = admin.listen
+    log_to.warning(
+        "\n%s\nWARNING: the admin API listens on %s:%s WITHOUT A TOKEN "
+        "(admin.allow_public_without_token: true): anyone who can reach this address can "
+        "promote, roll back, pause, reload and post feedback. Set admin.token_env.\n%s",
+        "!" * 78,
+        host,
+        port,
+        "!" * 78,
+    )
+    return True
+
+
+def json_depth(raw: bytes) -> int:
+    """How deeply arrays and objects nest in ``raw`` (JSON text; no full parse, no recursion).
+
+    Linear in ``len(raw)`` whatever the text (a regular expression for whole strings
+    backtracks quadratically on ``"\\"\\"...``). Unbalanced or invalid text gives some
+    number; the parser reports what is wrong with it.
+    """
+    depth = deepest = 0
+    in_string = False
+    escaped_at = -1  # the position a backslash in a string escapes
+    for match in _JSON_TOKEN.finditer(raw):
+        at = match.start()
+        if at == escaped_at:
+            continue
+        token = raw[at]
+        if in_string:
+            if token == 0x5C:  # backslash: the next byte is escaped
+                escaped_at = at + 1
+            elif token == 0x22:  # quote
+                in_string = False
+        elif token == 0x22:
+            in_string = True
+        elif token in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
+
+
+def _too_deep(raw: bytes) -> web.Response | None:
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return None  # cannot nest deeper than it has brackets (counted at C speed)
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        return _error(400, f"request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
+    return None
+
+
+def _same_origin(request: web.Request, origin: str) -> bool:
+    """Whether ``Origin`` names this server: scheme, host and port as the request reached it."""
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path:
+        return False
+    default = 443 if parts.scheme == "https" else 80
+    try:
+        own = urlsplit(f"{request.scheme}://{request.host}")
+        own_port = own.port
+    except ValueError:
+        return False
+    return (
+        parts.scheme == request.scheme
+        and parts.hostname == own.hostname
+        and (port or default) == (own_port or default)
+    )
+
+
+def _refuse_mutation(request: web.Request) -> web.Response | None:
+    """The checks of every mutating call: 403 cross-origin, 401 no token, 415 not JSON."""
+    origin = request.headers.get("Origin")
+    if origin is not None and not _same_origin(request, origin):
+        return _error(
+            403,
+            f"cross-origin request refused (Origin {origin[:100]!r} is not this admin API's "
+            "own); admin calls come from the CLI, scripts or the admin API's own pages",
+        )
+    if not _authorized(request):
+        return _error(401, "a valid bearer token is required for this call")
+    if request.content_type != "application/json":
+        given = request.headers.get("Content-Type")
+        return _error(
+            415,
+            "this call needs Content-Type: application/json"
+            + (f" (got {given[:100]!r})" if given else " (none was sent)")
+            + "; with curl: -H 'Content-Type: application/json' -d '{}'",
+        )
+    return None
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
@@ -133,10 +244,15 @@ async def _json_body(request: web.Request) -> dict[str, Any] | web.Response:
         return _error(413, f"request body exceeds {MAX_ADMIN_BODY} bytes")
     if not raw.strip():
         return {}
+    too_deep = _too_deep(raw)
+    if too_deep is not None:
+        return too_deep
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         return _error(400, f"request body is not valid JSON: {exc}")
+    except RecursionError:  # json_depth bounds nesting; this is a second line of defence
+        return _error(400, "request body is nested too deeply")
     if not isinstance(data, dict):
         return _error(400, "request body must be a JSON object")
     return data
@@ -144,8 +260,9 @@ async def _json_body(request: web.Request) -> dict[str, Any] | web.Response:
 
 async def rollout_action(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    if not _authorized(request):
-        return _error(401, "a valid bearer token is required for this call")
+    refused = _refuse_mutation(request)
+    if refused is not None:
+        return refused
     name, action = request.match_info["name"], request.match_info["action"]
     if action not in MANUAL_ACTIONS:
         return _error(
@@ -173,8 +290,12 @@ async def rollout_action(request: web.Request) -> web.Response:
 
 async def reload_handler(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    if not _authorized(request):
-        return _error(401, "a valid bearer token is required for this call")
+    refused = _refuse_mutation(request)
+    if refused is not None:
+        return refused
+    body = await _json_body(request)  # none is needed; a bad one is still an error
+    if isinstance(body, web.Response):
+        return body
     if ctx.reload is None:
         return _error(409, "canary was not started from a file; there is nothing to reload")
     try:
@@ -195,8 +316,9 @@ async def feedback_handler(request: web.Request) -> web.Response:
     a body that is not JSON or not an object/array (400) or too large (413) is refused.
     """
     ctx = request.app[CONTEXT]
-    if not _authorized(request):
-        return _error(401, "a valid bearer token is required for this call")
+    refused = _refuse_mutation(request)
+    if refused is not None:
+        return refused
     if ctx.recorder is None:
         return _error(409, "this admin app has no recorder to record feedback into")
     if request.content_length is not None and request.content_length > MAX_ADMIN_BODY:
@@ -207,6 +329,9 @@ async def feedback_handler(request: web.Request) -> web.Response:
         return _error(400, "the request body was cut off")
     if len(raw) > MAX_ADMIN_BODY:
         return _error(413, f"request body exceeds {MAX_ADMIN_BODY} bytes; send smaller batches")
+    too_deep = _too_deep(raw)
+    if too_deep is not None:
+        return too_deep
     try:
         parsed = parse_feedback(raw)
     except FeedbackBodyError as exc:

@@ -6,19 +6,30 @@ canary only ever sees seconds, fractions, bytes and :class:`Margin` values.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from canary.config._resource_query import ResourceQuery
 from canary.config._units import (
+    BARE_SIGNALS,
+    PREFIXED_SIGNALS,
     Margin,
     parse_duration,
     parse_listen,
     parse_margin,
     parse_percent,
+    parse_signal,
     parse_size,
     parse_upstream_url,
 )
@@ -37,32 +48,15 @@ _PERCENTILE = re.compile(r"^p(\d{1,2}(?:\.\d+)?)$")
 _NOT_CONTINUOUS = ("error", "feedback", "agreement")
 _ERROR_CLASS = re.compile(r"^([1-5]xx|[1-5]\d\d)$")
 
-SIGNAL_KINDS = ("latency", "ttft", "itl", "tokens_per_s", "error", "cost", "agreement", "feedback")
-SIGNAL_PREFIXES = ("header", "server_timing", "json", "resource")
+SIGNAL_KINDS = tuple(BARE_SIGNALS)
+SIGNAL_PREFIXES = tuple(PREFIXED_SIGNALS)
 _JSON_PATH = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 
 
 def check_signal(value: str) -> str:
-    """Validate a signal string such as ``latency``, ``header:X-Cost`` or ``json:usage.total``."""
-    if value in SIGNAL_KINDS:
-        return value
-    kind, sep, arg = value.partition(":")
-    if not sep or kind not in SIGNAL_PREFIXES:
-        raise ValueError(
-            f"unknown signal {value!r}; expected one of {', '.join(SIGNAL_KINDS)} or "
-            f"{', '.join(p + ':NAME' for p in SIGNAL_PREFIXES)}"
-        )
-    if not arg:
-        raise ValueError(f"signal {value!r} needs a name after '{kind}:'")
-    if kind == "header" and not _HEADER.match(arg):
-        raise ValueError(f"{arg!r} is not a valid header name")
-    if kind == "json" and not _JSON_PATH.match(arg):
-        raise ValueError(f"{arg!r} is not a JSON path such as 'usage.total_tokens'")
-    if kind == "header":
-        return f"header:{arg.lower()}"
-    if kind == "resource":
-        ResourceQuery.parse(value)  # the label selector: ResourceQueryError is a ValueError
-    return value
+    """Validate a signal string such as ``latency``, ``header:X-Cost`` or ``json:usage.total``
+    with the one grammar the proxy also compiles it with; return its canonical key."""
+    return parse_signal(value).key
 
 
 class _Model(BaseModel):
@@ -76,17 +70,65 @@ class ProxyConfig(_Model):
     client_timeout: Duration = 60.0  # a slow client cannot hold a worker longer than this
     replay_buffer: Size = 1024 * 1024  # bodies up to this are buffered: failover and mirroring
     mirror_concurrency: int = Field(64, ge=1)  # shadow requests in flight before dropping more
+    # An upstream response head (status line, fields, interim 1xx heads) beyond this is a 502.
+    max_response_header_size: Size = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    max_response_headers: int = Field(100, ge=1, le=10_000)  # fields in one response head
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback IP literals (127.0.0.0/8, ::1)."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class AdminConfig(_Model):
-    listen: Listen = ("127.0.0.1", 9901)
+    # Declared before ``listen``: its check reads them (pydantic validates in this order).
     token_env: str | None = None
+    # Serve the admin API on a non-loopback address with no token (anyone who can reach it
+    # can promote or roll back): only when set, and canary warns loudly at start.
+    allow_public_without_token: bool = False
+    listen: Listen = ("127.0.0.1", 9901)
+
+    @field_validator("listen")
+    @classmethod
+    def _public_needs_token(cls, v: tuple[str, int], info: ValidationInfo) -> tuple[str, int]:
+        if is_loopback_host(v[0]) or info.data.get("token_env"):
+            return v
+        if "token_env" not in info.data:  # token_env itself is invalid: reported there
+            return v
+        if info.data.get("allow_public_without_token"):
+            return v
+        raise ValueError(
+            f"admin API on non-loopback address {v[0]!r} without a token: set "
+            "admin.token_env (recommended), listen on 127.0.0.1, or set "
+            "admin.allow_public_without_token: true to accept that anyone who can reach "
+            "it can promote, roll back and reload"
+        )
+
+    @property
+    def public_without_token(self) -> bool:
+        """Served on a non-loopback address with no token (allowed explicitly)."""
+        return not self.token_env and not is_loopback_host(self.listen[0])
 
 
 class StateConfig(_Model):
     backend: Literal["sqlite", "memory", "redis"] = "sqlite"
     path: str = "canary-state.db"
     url: str | None = None
+
+    @field_validator("backend")
+    @classmethod
+    def _available(cls, v: str) -> str:
+        if v == "redis":  # part of the file format (DESIGN.md), not implemented yet: say so now
+            raise ValueError(
+                "backend 'redis' is not available in this version yet; use sqlite (the "
+                "default, survives restarts) or memory"
+            )
+        return v
 
     @model_validator(mode="after")
     def _redis_url(self) -> StateConfig:
@@ -184,6 +226,9 @@ class RoutingConfig(_Model):
     sticky: StickyConfig | None = None
     override_header: str | None = None
     failover: bool = True
+    # Which failed candidate requests failover may send to production once the candidate may
+    # have processed them: idempotent methods only (RFC 9110 9.2.2), or all of them.
+    failover_methods: Literal["idempotent", "all"] = "idempotent"
     timeout: Duration = 30.0
     connect_timeout: Duration = 5.0
     read_timeout: Duration | None = None  # longest silence between response bytes

@@ -79,6 +79,11 @@ def _read_exactly(sock: socket.socket, n: int) -> bytes | None:
     return bytes(buf)
 
 
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 class AnalysisChannel:
     """Event-loop side of :func:`serve`: one request at a time, answered in order."""
 
@@ -110,6 +115,20 @@ class AnalysisChannel:
             raise
         return cls(reader, writer, job, theirs)
 
+    @property
+    def alive(self) -> bool:
+        """Open, and the worker's job still running (False once the worker died)."""
+        return not self.closed and not self._job.done()
+
+    def ended(self) -> str:
+        """Why the worker's job ended (for logs), once ``alive`` is False."""
+        if not self._job.done():
+            return "it is still running"
+        if self._job.cancelled():
+            return "cancelled"
+        exc = self._job.exception()
+        return "it returned" if exc is None else f"{type(exc).__name__}: {exc}"
+
     async def analyze(
         self, config: bytes, inputs: bytes, failing_for: float, failing_requests: int
     ) -> Analysis:
@@ -133,9 +152,13 @@ class AnalysisChannel:
 
     async def _answer(self) -> bytes:
         read = asyncio.ensure_future(self._read())
-        await asyncio.wait((read, self._job), return_when=asyncio.FIRST_COMPLETED)
-        if not read.done():  # the job ended first: the worker died or could not start
-            read.cancel()
+        read.add_done_callback(_retrieve)  # also when abandoned below: never "not retrieved"
+        try:
+            await asyncio.wait((read, self._job), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not read.done():  # cancelled meanwhile, or the job ended first
+                read.cancel()
+        if not read.done() or read.cancelled():  # the job ended first: the worker died
             exc = None if self._job.cancelled() else self._job.exception()
             raise ChannelBroken(f"the analysis worker stopped ({exc!r})") from exc
         try:

@@ -3,6 +3,12 @@
 aiohttp's client defaults corrupt a pass-through proxy (DESIGN.md "Data plane notes"): it
 asks for gzip by itself, decompresses and leaves ``Content-Encoding`` in place, adds its own
 User-Agent and Content-Type, and shares cookies between users. All of that is turned off here.
+
+Strictness as in :mod:`canary.proxy.h1_transport`: aiohttp repeats a request on a fresh
+connection only for idempotent methods (RFC 9110 9.2.2), closes a connection that received
+bytes beyond its response, and skips interim 1xx answers; here the response head is bounded
+(``max_fields`` fields of at most ``max_head`` bytes each, aiohttp bounds per field) and a
+status outside 100-599 or an unsolicited 101 is refused.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from canary.errors import UpstreamError
 from canary.proxy.upstream import (
     Timeouts,
     UpstreamConnectError,
+    UpstreamConnectTimeout,
     UpstreamProtocolError,
     UpstreamReset,
     UpstreamTimeout,
@@ -25,6 +32,8 @@ from canary.proxy.upstream import (
 
 
 def _translate(exc: BaseException) -> UpstreamError:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):  # nothing reached the upstream
+        return UpstreamConnectTimeout(str(exc) or "connect to the upstream timed out")
     if isinstance(exc, asyncio.TimeoutError):  # also aiohttp.ServerTimeoutError
         return UpstreamTimeout(str(exc) or "upstream timed out")
     if isinstance(exc, aiohttp.ClientConnectorError):
@@ -139,11 +148,19 @@ class AiohttpTransport:
                 allow_redirects=False,
                 compress=None,
                 chunked=None,
+                max_line_size=timeouts.max_head,
+                max_field_size=timeouts.max_head,
+                max_headers=timeouts.max_fields,
             )
         except UpstreamError:
             raise
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise _translate(exc) from exc
+        if not 100 <= resp.status <= 599 or resp.status == 101:
+            resp.close()  # the connection is not reused
+            if resp.status == 101:
+                raise UpstreamProtocolError("upstream switched protocols (101) unasked")
+            raise UpstreamProtocolError(f"upstream sent an invalid status code {resp.status:03d}")
         return _Response(resp)
 
     async def close(self) -> None:

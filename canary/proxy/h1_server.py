@@ -14,6 +14,16 @@ one write, and still does what the proxy port needs:
   whole head by four times that (431, as nginx's default four large header buffers), a head
   that takes longer than ``client_timeout`` gets 408, idle keep-alive connections close after
   ``keepalive_timeout``; malformed requests get 400 and the connection is closed;
+* framing as strict as nginx and RFC 9112 (see :func:`_check_head`): one Content-Length
+  or one ``Transfer-Encoding: chunked`` and nothing else, no Transfer-Encoding in
+  HTTP/1.0, exactly one valid Host in HTTP/1.1; every refusal closes the connection.
+  httptools' llhttp runs strict (no ``set_dangerous_leniencies``) and refuses by itself bare
+  LF or CR, obs-fold, NUL and other controls, bad tokens, a duplicate or malformed
+  Content-Length, Content-Length with Transfer-Encoding, ``chunked`` not last, bad chunk
+  sizes, extensions and trailers, and bytes after ``Connection: close``; it accepts what
+  :func:`_check_head` refuses (a coding before a final ``chunked``, a second
+  Transfer-Encoding or Host field, Transfer-Encoding in HTTP/1.0, no Host, HTTP/0.9 and 2.0
+  request lines);
 * a graceful stop: no new connections, idle ones closed, in-flight requests finish.
 
 Nothing here knows about rollouts: the handler (``Proxy.handle``) gets the request and must
@@ -25,8 +35,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
+import re
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -152,7 +164,7 @@ class HttpRequest:
         self.raw_path = raw_path
         self.version = version
         self.headers = headers
-        self.host = headers.get("host") or ""
+        self.host = (headers.get("host") or "").rstrip(" \t")  # llhttp keeps trailing OWS
         self.remote = conn.remote
         self.keep_alive = keep_alive
         self.content_length = content_length
@@ -379,6 +391,95 @@ def _normalise(path: str) -> str:
     return "/" + "/".join(out) + tail
 
 
+# Fields a request carries at most once: a second one is refused with 400 (nginx 1.22
+# ngx_http_process_host / ngx_http_process_unique_header_line; RFC 9112 sections 3.2 and 6.1).
+# llhttp refuses a second Content-Length itself.
+_SINGLE_FIELDS = frozenset({"host", "transfer-encoding"})
+_OWS = " \t"
+# RFC 9110 section 7.2 / RFC 3986 section 3.2: Host = uri-host [ ":" port ], without userinfo;
+# uri-host an IP-literal (IPv6 only here, checked by ipaddress) or a reg-name (which covers
+# IPv4 addresses): unreserved / pct-encoded / sub-delims. Stricter than nginx, which takes
+# anything but controls, spaces and "/" (so "a@b" too).
+_HOST = re.compile(
+    r"(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<name>(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*))"
+    r"(?::[0-9]*)?"
+)
+
+
+_HOSTS_SEEN: dict[str, bool] = {}  # Host values already judged (a few per deployment)
+_HOSTS_SEEN_MAX = 4096
+
+
+def _host_ok(value: str) -> bool:
+    """:func:`valid_host` of a Host field value (trailing OWS dropped), remembered: the regex
+    costs microseconds and a keep-alive client sends the same Host every time."""
+    ok = _HOSTS_SEEN.get(value)
+    if ok is None:
+        ok = valid_host(value.strip(_OWS))
+        if len(_HOSTS_SEEN) >= _HOSTS_SEEN_MAX:
+            _HOSTS_SEEN.clear()  # many different values (a scan): bounded, judged afresh
+        _HOSTS_SEEN[value] = ok
+    return ok
+
+
+def valid_host(value: str) -> bool:
+    """A Host field value (or an absolute-form target's authority) a server may accept:
+    RFC 3986 authority syntax without userinfo, and, as nginx, not empty, a bare ".", or
+    with an empty label (``a..b``)."""
+    m = _HOST.fullmatch(value)
+    if m is None:
+        return False
+    ip6 = m.group("ip6")
+    if ip6 is not None:
+        try:
+            ipaddress.IPv6Address(ip6)
+        except ValueError:
+            return False
+        return True
+    name = m.group("name")
+    return name not in ("", ".") and ".." not in name and not name.startswith(".")
+
+
+def _check_head(
+    version: str, first: dict[str, str], duplicate: str | None, authority: str | None
+) -> None:
+    """Refuse a request head whose framing or Host nginx 1.22 (ngx_http_process_request_header)
+    and RFC 9112 refuse, with nginx's status; the connection is closed after the answer.
+
+    * HTTP/2 and later in an HTTP/1 request line: 505 (nginx); HTTP/0.9: 400.
+    * A second Host or Transfer-Encoding field: 400 (nginx; RFC 9112 section 3.2).
+    * HTTP/1.1 without Host, or a Host / absolute-form authority that is not a valid
+      ``uri-host [":" port]``: 400 (RFC 9112 section 3.2, RFC 9110 section 4.2.1).
+    * Transfer-Encoding in an HTTP/1.0 request: 400 (RFC 9112 section 6.1: faulty framing;
+      nginx "client sent HTTP/1.0 request with Transfer-Encoding").
+    * Transfer-Encoding other than exactly ``chunked`` (``identity, chunked``, ``gzip,
+      chunked``, ``identity``...): 501 (nginx; RFC 9112 section 6.1: a server that receives a
+      coding it does not understand responds 501). With Content-Length: 400 (RFC 9112 6.3).
+    """
+    if version != "1.1" and version != "1.0":
+        if version[:1].isdigit() and int(version[0]) >= 2:
+            raise _Refused(505, f"HTTP/{version} is not supported on this port")
+        raise _Refused(400, f"HTTP/{version} requests are not served")
+    if duplicate is not None:
+        raise _Refused(400, f"more than one {duplicate} header")
+    host = first.get("host")
+    if host is None:
+        if version == "1.1":
+            raise _Refused(400, "an HTTP/1.1 request without Host")
+    elif not _host_ok(host):
+        raise _Refused(400, "invalid Host header")
+    if authority is not None and not valid_host(authority):
+        raise _Refused(400, "invalid host in the request target")
+    te = first.get("transfer-encoding")
+    if te is not None:
+        if version != "1.1":
+            raise _Refused(400, "Transfer-Encoding in an HTTP/1.0 request")
+        if te.strip(_OWS).lower() != "chunked":
+            raise _Refused(501, "Transfer-Encoding other than chunked is not implemented")
+        if "content-length" in first:
+            raise _Refused(400, "both Content-Length and Transfer-Encoding")
+
+
 Handler = Callable[[HttpRequest], Awaitable[None]]
 
 
@@ -410,6 +511,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self._url: list[bytes] = []
         self._header_items: list[tuple[str, str]] = []
         self._header_first: dict[str, str] = {}
+        self._duplicate: str | None = None  # a field that must appear once, seen again
         self._head_size = 0
         self._in_head = False
         self._began = False  # a head began during the current read
@@ -456,10 +558,17 @@ class HttpServerProtocol(asyncio.Protocol):
             self.closing = True
         except httptools.HttpParserError as exc:
             cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else exc
-            if isinstance(cause, _HeadTooLarge):
+            if self.closing and self._parsing is None and not self._in_head:
+                # bytes after a request that closes the connection (llhttp: "Data after
+                # Connection: close"): not read, the requests before them are still answered
+                # (RFC 9112 section 9.6)
+                pass
+            elif isinstance(cause, _HeadTooLarge):
                 self._reject(431, self._too_large())
+            elif isinstance(cause, _Refused):
+                self._reject(cause.status, str(cause))
             else:
-                self._reject(400, f"malformed request: {cause}")
+                self._reject(self._parse_error_status(cause), f"malformed request: {cause}")
             # a request whose head was complete is still answered (its body has failed)
         if self._in_head and not self._began and not self.closing:
             # the whole read belongs to a head still incomplete (httptools buffers it)
@@ -498,6 +607,7 @@ class HttpServerProtocol(asyncio.Protocol):
         self._url = []
         self._header_items = []
         self._header_first = {}
+        self._duplicate = None
         self._head_size = 0
         self._set_deadline(self._limits.client_timeout)
 
@@ -506,6 +616,22 @@ class HttpServerProtocol(asyncio.Protocol):
         self._head_size += len(url)
         if self._head_size > self._limits.max_header_size:  # so far only the request line
             raise _HeadTooLarge
+
+    def _parse_error_status(self, exc: BaseException | None) -> int:
+        """The status for an error llhttp found itself: 400, except a Transfer-Encoding it
+        refuses in one field of an HTTP/1.1 request (``chunked, gzip``, ``chunked, chunked``,
+        empty), which nginx answers 501 (HTTP/1.0 or a second field: 400, as :func:`_check_head`).
+        """
+        if not self._in_head or "transfer-encoding" in self._header_first:
+            return 400
+        message = str(exc)
+        if "Transfer-Encoding" not in message or "Content-Length" in message:
+            return 400
+        try:
+            version = self._parser.get_http_version()
+        except Exception:  # the request line was not complete
+            return 400
+        return 501 if version == "1.1" else 400
 
     def _too_large(self) -> str:
         n = self._limits.max_header_size
@@ -524,6 +650,8 @@ class HttpServerProtocol(asyncio.Protocol):
         lk = k.lower()
         if lk not in self._header_first:
             self._header_first[lk] = v
+        elif lk in _SINGLE_FIELDS:
+            self._duplicate = k  # refused once the head is complete (llhttp does Content-Length)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -534,20 +662,25 @@ class HttpServerProtocol(asyncio.Protocol):
         authority = None
         if not raw.startswith("/"):
             raw, authority = _origin_form(raw)
+        version = parser.get_http_version()
+        _check_head(version, first, self._duplicate, authority)
+        method = parser.get_method().decode("ascii")
+        if method == "TRACE":
+            raise _Refused(405, "TRACE is not allowed")  # nginx: 405; it would echo cookies
         length: int | None = None
         cl = first.get("content-length")
         if cl is not None:
             length = int(cl)  # llhttp has checked it is a number
-        # Any Transfer-Encoding (llhttp frames the body by it): read the body as a stream.
+        # Transfer-Encoding is exactly "chunked" (checked above; llhttp frames the body by it)
         chunked = "transfer-encoding" in first
         if parser.should_upgrade() and (chunked or length):
             # httptools stops at an upgrade's head: its body would be lost
             raise httptools.HttpParserError("a request body with Upgrade is not supported")
         req = HttpRequest(
             self,
-            parser.get_method().decode("ascii"),
+            method,
             raw,
-            parser.get_http_version(),
+            version,
             RequestHeaders(self._header_items, first),
             parser.should_keep_alive(),
             None if chunked else length,
@@ -658,13 +791,16 @@ class HttpServerProtocol(asyncio.Protocol):
         self._set_deadline(_LINGER)
 
     def _reject(self, status: int, message: str) -> None:
-        """Answer a request that cannot be parsed, and close. A request being answered keeps
-        its answer; the bad one behind it only closes the connection."""
+        """Answer a request that cannot be parsed, and close. Complete requests received before
+        it (pipelined) keep their answers, in order, the last with ``Connection: close``; the
+        bad one behind them only closes the connection, and nothing after it is read."""
         self.closing = True
-        if self._parsing is not None:
-            self._parsing._fail(BadRequestBody(message))
+        bad = self._parsing
+        if bad is not None:
+            bad._fail(BadRequestBody(message))
+            if self._queue and self._queue[-1] is bad:
+                self._queue.pop()  # its head was read, its body is broken: never served
         self._parsing = None
-        self._queue.clear()
         if self._current is None and not self.lost:
             rid = request_id(None)  # the head could not be read: no client id to trust
             self._server.rejected(status)
@@ -761,6 +897,14 @@ class HttpServerProtocol(asyncio.Protocol):
 
 class _HeadTooLarge(Exception):
     pass
+
+
+class _Refused(Exception):
+    """A request head refused with ``status`` (the connection is closed after the answer)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class BadRequestBody(ValueError):

@@ -10,6 +10,21 @@ Per request it does one write (head and a buffered body together), one parse per
 packet and, for a small response, no waiting beyond the first packet. Timeouts use one timer
 per request that is re-armed lazily: arriving bytes only note the time, and the timer, when it
 fires, checks whether the total or the read deadline has really passed.
+
+Strictness (DESIGN.md "Bad input and failure", nginx 1.22 as the reference):
+
+- A request is sent again on a fresh connection only when it provably did not reach the
+  upstream (a kept-alive connection found closed, or with unexpected bytes, before writing is
+  never written to) or when its method is idempotent (RFC 9110 9.2.2): a kept-alive
+  connection that takes a POST and closes without a byte of answer gives an error, not a
+  second delivery.
+- Any byte that arrives while no response is expected (on an idle connection, or after the
+  response ended, even in the same packet) marks the connection broken: it is closed, never
+  reused, and the response already read stays as it was.
+- Response heads are bounded (``Timeouts.max_head`` bytes for the status line, the fields and
+  any interim 1xx heads together; ``Timeouts.max_fields`` fields), and so are trailers; a
+  status outside 100-599 or an unsolicited ``101`` is a protocol error (502). Interim 1xx
+  answers (100, 103, ...) are skipped.
 """
 
 from __future__ import annotations
@@ -17,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import select
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from typing import cast
 from urllib.parse import urlsplit
@@ -27,8 +43,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from canary.errors import UpstreamError
 from canary.proxy.aiohttp_transport import AiohttpTransport
 from canary.proxy.upstream import (
+    IDEMPOTENT_METHODS,
     Timeouts,
     UpstreamConnectError,
+    UpstreamConnectTimeout,
     UpstreamProtocolError,
     UpstreamReset,
     UpstreamTimeout,
@@ -36,6 +54,10 @@ from canary.proxy.upstream import (
 
 _HIGH_WATER = 256 * 1024  # response bytes buffered before reading from the upstream pauses
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # send Content-Length: 0 when bodiless
+
+
+class _Violation(Exception):
+    """The upstream broke the protocol; the reason is in ``_Conn.failure``."""
 
 
 class _Response:
@@ -46,6 +68,8 @@ class _Response:
         "_chunks",
         "_conn",
         "_error",
+        "_fields",
+        "_framing",
         "_head",
         "_headers_waiter",
         "_interim",
@@ -58,6 +82,7 @@ class _Response:
         "headers",
         "keep_alive",
         "last_activity",
+        "progress",
         "reason",
         "received_any",
         "status",
@@ -92,14 +117,19 @@ class _Response:
         self.complete = False
         self.keep_alive = False
         self.received_any = False
+        self._framing = 0  # bytes fed since the last progress (final head or body bytes)
+        self._fields = 0  # header fields of the current head, or trailer fields
+        self.progress = False
 
     # -- fed by the connection ------------------------------------------------------------
 
     def _headers_complete(self, status: int) -> None:
-        if 100 <= status < 200 and status != 101:  # 100 Continue & co: the answer follows
+        self._fields = 0
+        if 100 <= status < 200:  # 100 Continue, 103 Early Hints & co: the answer follows
             self._interim = True
             self._raw = []
             return
+        self.progress = True
         self.status = status
         self.headers = CIMultiDictProxy(CIMultiDict(self._raw))
         self._raw = []
@@ -112,6 +142,7 @@ class _Response:
     def _body(self, data: bytes) -> None:
         if self.complete:
             return
+        self.progress = True
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > _HIGH_WATER:
@@ -197,8 +228,10 @@ class _Conn(asyncio.Protocol):
         "_drain",
         "_paused_reading",
         "_paused_writing",
+        "_poller",
         "_timer",
         "closed",
+        "failure",
         "idle_since",
         "loop",
         "parser",
@@ -220,29 +253,62 @@ class _Conn(asyncio.Protocol):
         self._paused_reading = False
         self._paused_writing = False
         self._drain: asyncio.Future[None] | None = None
+        self._poller: select.poll | None = None
         self.writing = False  # a streamed request body is still being sent
+        self.failure = ""  # why the upstream's bytes were refused (for the error message)
 
     # -- asyncio.Protocol -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._poller = select.poll()
+            self._poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
 
     def data_received(self, data: bytes) -> None:
         r = self.resp
-        if r is None:  # bytes nobody asked for: the connection's framing is lost
+        if r is None or r.complete:
+            # Bytes nobody asked for (while idle, or after the response ended): the
+            # connection's framing is lost. The response already read stays as it was.
             self.abort()
             return
         r.last_activity = self.loop.time()
         r.received_any = True
         try:
-            self.parser.feed_data(data)
+            self._feed(r, data)
         except httptools.HttpParserUpgrade:
             r._fail(UpstreamProtocolError("upstream switched protocols"))
             self.abort()
-        except httptools.HttpParserError as exc:
-            r._fail(UpstreamProtocolError(f"invalid HTTP response: {exc}"))
+        except (httptools.HttpParserError, _Violation) as exc:
+            r._fail(UpstreamProtocolError(self.failure or f"invalid HTTP response: {exc}"))
             self.abort()
+
+    def _feed(self, r: _Response, data: bytes) -> None:
+        """Parse ``data``, never holding more than ``max_head`` bytes of a head or trailers.
+
+        httptools buffers a header field until it ends, so the limit is enforced on what is
+        fed: at most the room left since the last progress (the end of the final head, or
+        body bytes) is parsed before the head or trailers must have made progress.
+        """
+        limit = r.timeouts.max_head
+        parser = self.parser
+        while data:
+            room = limit - r._framing
+            piece = data if len(data) <= room else data[:room]
+            r.progress = False
+            parser.feed_data(piece)
+            if r.progress:
+                r._framing = 0
+            else:
+                r._framing += len(piece)
+                if r._framing >= limit:
+                    self._violation(f"upstream response head exceeds {limit} bytes")
+            data = data[len(piece) :]
+            if data and (r.complete or self.closed or r._error is not None):
+                self.abort()  # bytes after the end of the response: never reuse it
+                return
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -272,17 +338,39 @@ class _Conn(asyncio.Protocol):
 
     # -- httptools callbacks --------------------------------------------------------------
 
+    def _violation(self, reason: str) -> None:
+        """Refuse the upstream's bytes: the response fails with ``reason`` (a 502)."""
+        self.failure = reason
+        raise _Violation(reason)
+
+    def on_message_begin(self) -> None:
+        r = self.resp
+        if r is None or r.complete or r.status:
+            # A second response to one request (bytes after the end of the answer)
+            self._violation("upstream sent bytes after the end of its response")
+
     def on_status(self, status: bytes) -> None:
         if self.resp is not None:
             self.resp.reason = status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.resp is not None:
-            self.resp._raw.append((name.decode("latin-1"), value.decode("latin-1")))
+        r = self.resp
+        if r is not None:
+            r._fields += 1
+            if r._fields > r.timeouts.max_fields:
+                self._violation(f"upstream response has more than {r.timeouts.max_fields} fields")
+            r._raw.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
-        if self.resp is not None:
-            self.resp._headers_complete(self.parser.get_status_code())
+        r = self.resp
+        if r is None:
+            return
+        status = self.parser.get_status_code()
+        if not 100 <= status <= 599:
+            self._violation(f"upstream sent an invalid status code {status:03d}")
+        if status == 101:  # canary never forwards Upgrade: nobody asked to switch
+            self._violation("upstream switched protocols (101) unasked")
+        r._headers_complete(status)
 
     def on_body(self, body: bytes) -> None:
         if self.resp is not None:
@@ -325,7 +413,7 @@ class _Conn(asyncio.Protocol):
     def _on_timer(self) -> None:
         self._timer = None
         r = self.resp
-        if r is None or r.complete:
+        if r is None or (r.complete and r.status):
             return
         now = self.loop.time()
         due = self._due(r)
@@ -360,6 +448,16 @@ class _Conn(asyncio.Protocol):
         self.resume()
         self.pool.put_back(self)
 
+    def usable(self) -> bool:
+        """True when an idle kept-alive connection can take a request: nothing arrived on it
+        while idle, neither bytes nor a close. The socket itself is asked (one ``poll``), as
+        the loop may not have seen a close that is already there; a connection found closed
+        here was never written to, so any request may go on another one."""
+        if self.closed or self.transport is None or self.transport.is_closing():
+            return False
+        poller = self._poller
+        return poller is None or not poller.poll(0)
+
     def abort(self) -> None:
         if self.transport is not None and not self.closed:
             self.transport.abort()  # no lingering: a half-read response is worthless
@@ -391,7 +489,7 @@ class _Pool:
             conn = idle.pop()
             if conn.closed:
                 continue
-            if now - conn.idle_since > self.idle_timeout:
+            if now - conn.idle_since > self.idle_timeout or not conn.usable():
                 conn.abort()
                 continue
             return conn, True
@@ -406,8 +504,10 @@ class _Pool:
                     if got is not None:
                         self.put_back(got)
                 raise
-            if handed is not None and not handed.closed:
-                return handed, True
+            if handed is not None:
+                if handed.usable():
+                    return handed, True
+                handed.abort()
         self.open += 1
         try:
             async with asyncio.timeout(connect_timeout):
@@ -418,7 +518,7 @@ class _Pool:
             self.open -= 1
             self._wake_one()
             if isinstance(exc, TimeoutError):
-                raise UpstreamTimeout(
+                raise UpstreamConnectTimeout(
                     f"connect to {self.host}:{self.port} timed out after {connect_timeout:g}s"
                 ) from None
             if isinstance(exc, OSError):
@@ -507,6 +607,7 @@ class H1Transport:
         lines.append("\r\n")
         head = "".join(lines).encode("latin-1")
         is_head = method == "HEAD"
+        idempotent = method in IDEMPOTENT_METHODS
         loop = asyncio.get_running_loop()
         fresh = False
         while True:
@@ -527,17 +628,18 @@ class H1Transport:
                 resp.close()
                 if writer is not None:
                     writer.cancel()
-                if (
-                    isinstance(exc, UpstreamReset)
-                    and reused
-                    and not resp.received_any
-                    and not streamed
-                    and not fresh
-                ):
-                    # The upstream had closed this idle connection: nothing was processed, so
-                    # one retry on a new connection is safe.
-                    fresh = True
-                    continue
+                if isinstance(exc, UpstreamReset) and reused and not resp.received_any:
+                    # A kept-alive connection closed without a byte of answer: the upstream
+                    # may have closed it while idle, or read the request and died. Only an
+                    # idempotent request may be sent again (once, on a new connection).
+                    if idempotent and not streamed and not fresh:
+                        fresh = True
+                        continue
+                    if not idempotent:
+                        raise UpstreamReset(
+                            f"{exc} (a kept-alive connection took the request and closed; "
+                            f"{method} is not idempotent, so it is not sent again)"
+                        ) from None
                 raise
             return resp
 

@@ -21,7 +21,11 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Set by the proxy itself on the way up; a client's own values are replaced, not trusted.
-_REWRITTEN_UP = frozenset({"host", "content-length", "x-forwarded-host", "x-forwarded-proto"})
+# Expect too: the proxy's server answers 100-continue itself and sends the upstream the body
+# at once (nginx drops it as well, ngx_http_proxy_headers).
+_REWRITTEN_UP = frozenset(
+    {"host", "content-length", "x-forwarded-host", "x-forwarded-proto", "expect"}
+)
 # Set by the proxy on the way down.
 _REWRITTEN_DOWN = frozenset({"content-length", "x-request-id", "x-canary-arm"})
 

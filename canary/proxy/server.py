@@ -34,12 +34,14 @@ from canary.proxy.h1_server import NO_BODY_STATUSES, BadRequestBody, HttpRequest
 from canary.proxy.headers import downstream_headers, request_id, upstream_headers
 from canary.proxy.routing import ARMS, CANDIDATE, PRODUCTION, ArmChooser, RouteTable, Weights
 from canary.proxy.upstream import (
+    IDEMPOTENT_METHODS,
     RequestBodyTooLarge,
     Timeouts,
     Transport,
     UpstreamConnectError,
     UpstreamPool,
     UpstreamResponse,
+    never_sent,
 )
 
 log = logging.getLogger("canary.proxy")
@@ -109,6 +111,7 @@ class RolloutRoute:
         "counters",
         "extractor",
         "failover",
+        "failover_any_method",
         "feedback",
         "hosts",
         "inputs",
@@ -126,6 +129,7 @@ class RolloutRoute:
         counters: RolloutCounters,
         weights: Weights,
         previous: RolloutRoute | None = None,
+        proxy: ProxyConfig | None = None,
     ) -> None:
         self.name = rollout.name
         self.config = rollout
@@ -160,10 +164,19 @@ class RolloutRoute:
         }
         self.weights = weights
         r = rollout.routing
-        self.timeouts = Timeouts(total=r.timeout, connect=r.connect_timeout, read=r.read_timeout)
+        proxy = proxy if proxy is not None else ProxyConfig()
+        self.timeouts = Timeouts(
+            total=r.timeout,
+            connect=r.connect_timeout,
+            read=r.read_timeout,
+            max_head=proxy.max_response_header_size,
+            max_fields=proxy.max_response_headers,
+        )
         errors = frozenset(s for s in range(100, 600) if r.is_error_status(s))
         self.is_error_status = errors.__contains__  # a set lookup per request, not a parse
         self.failover = r.failover
+        # Replay on production a request the candidate may have processed, whatever its method
+        self.failover_any_method = r.failover_methods == "all"
         self.counters = counters
         # Input health of the request bodies (per process, in memory); None without `inputs`.
         # A reload that leaves `inputs` unchanged keeps the learned baseline and the counts.
@@ -216,7 +229,7 @@ class Proxy:
                 old = self.routes.get(r.name)
                 w = old.weights if old is not None else initial_weights(r)
             routes[r.name] = RolloutRoute(
-                r, self._counters.rollout(r.name), w, self.routes.get(r.name)
+                r, self._counters.rollout(r.name), w, self.routes.get(r.name), config.proxy
             )
             self._export_weights(r.name, w)
         self._proxy_cfg = config.proxy
@@ -353,6 +366,13 @@ class Proxy:
                 and route.failover
                 and replayable
                 and (err is not None or (resp is not None and route.is_error_status(resp.status)))
+                and (
+                    # Sent once more only if the candidate provably never got it, or if a
+                    # second delivery is harmless (RFC 9110 9.2.2), or the config says so.
+                    (err is not None and never_sent(err))
+                    or request.method in IDEMPOTENT_METHODS
+                    or route.failover_any_method
+                )
             ):
                 # The user gets production's answer; the candidate's failure still counts.
                 status = resp.status if resp is not None else 0

@@ -29,6 +29,10 @@ class UpstreamTimeout(UpstreamError):
     kind = "timeout"
 
 
+class UpstreamConnectTimeout(UpstreamTimeout):
+    """The connection was not made in time: nothing reached the upstream."""
+
+
 class UpstreamReset(UpstreamError):
     """The upstream closed the connection before or while answering."""
 
@@ -47,11 +51,31 @@ class RequestBodyTooLarge(UpstreamError):
     kind = "too_large"
 
 
+# RFC 9110 9.2.2: a client may repeat these automatically (aiohttp and nginx use this set).
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+DEFAULT_MAX_HEAD = 64 * 1024  # bytes of a response head (status line, fields, interim heads)
+DEFAULT_MAX_FIELDS = 100  # header fields of one response head (and of its trailers)
+
+
+def never_sent(exc: BaseException) -> bool:
+    """True when ``exc`` proves that no byte of the request reached the upstream.
+
+    Only then may any request, whatever its method, be sent again elsewhere (a failover of a
+    POST); after a reset, a timeout or an answer the upstream may have processed it.
+    """
+    return isinstance(exc, UpstreamConnectError | UpstreamConnectTimeout)
+
+
 @dataclass(frozen=True, slots=True)
 class Timeouts:
+    """Timeouts and response limits of one upstream call (one value per route, hashable)."""
+
     total: float
     connect: float
     read: float | None
+    max_head: int = DEFAULT_MAX_HEAD  # a bigger response head is a protocol error (502)
+    max_fields: int = DEFAULT_MAX_FIELDS  # more header (or trailer) fields: protocol error
 
 
 class UpstreamResponse(Protocol):
@@ -85,7 +109,11 @@ class Transport(Protocol):
         body: bytes | AsyncIterable[bytes] | None,
         timeouts: Timeouts,
     ) -> UpstreamResponse:
-        """Send a request; raise an :class:`UpstreamError` subclass when no response arrives."""
+        """Send a request; raise an :class:`UpstreamError` subclass when no response arrives.
+
+        A transport may send the request again on a fresh connection only when it provably
+        did not reach the upstream, or when ``method`` is in :data:`IDEMPOTENT_METHODS`.
+        """
         ...
 
     async def close(self) -> None: ...

@@ -11,6 +11,7 @@ other (up to the busy timeout) instead of losing an update.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import time
@@ -94,6 +95,10 @@ class SQLiteStore:
         self._conn: sqlite3.Connection | None = None  # touched only on the worker thread
         self._opened = False
         self._closed = False
+        # (st_dev, st_ino) of the file the connection has open, to notice it deleted or
+        # replaced (writes then go to a file nobody will read again).
+        self._identity: tuple[int, int] | None = None
+        self._job_started: float | None = None  # monotonic start of the running call
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
@@ -112,7 +117,70 @@ class SQLiteStore:
     def _call(self, job: Callable[[sqlite3.Connection], T]) -> T:
         if self._conn is None:  # only if close() raced ahead of a queued call
             raise StoreError(f"state store {self.path} is closed")
-        return job(self._conn)
+        self._job_started = time.monotonic()
+        try:
+            return job(self._conn)
+        finally:
+            self._job_started = None
+
+    # -- health ---------------------------------------------------------------------------
+
+    def health(self, stall: float) -> str | None:
+        """Why this store cannot be trusted to write now, or None when it can.
+
+        A call running for more than ``stall`` seconds (a hung disk, e.g. a frozen file
+        system), or the file deleted or replaced since it was opened (SQLite would go on
+        writing into the unlinked inode: nothing would survive a restart). Synchronous and
+        cheap (one ``stat``); it does not wait for the store's worker thread, so it answers
+        while that thread hangs. Run it off the event loop where ``stat`` itself may hang.
+        """
+        started = self._job_started
+        if started is not None and time.monotonic() - started > stall:
+            return (
+                f"a call to state store {self.path} has not finished after "
+                f"{time.monotonic() - started:.1f}s (disk hung?)"
+            )
+        identity = self._identity
+        if identity is None or self._closed:
+            return None
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return f"state file {self.path} was deleted while canary had it open"
+        except OSError as exc:
+            return f"cannot stat state file {self.path}: {exc}"
+        if (st.st_dev, st.st_ino) != identity:
+            return (
+                f"state file {self.path} was replaced by another file while canary had it "
+                "open; restart canary to use it"
+            )
+        return None
+
+    def deleted(self) -> bool:
+        """The file this store opened no longer exists at its path (see :meth:`reopen`)."""
+        return self._identity is not None and not os.path.lexists(self.path)
+
+    async def reopen(self) -> None:
+        """Close the connection and open the path again (a new, empty file if it was deleted).
+
+        The caller writes back what the old file held; raises StoreError.
+        """
+        if self._closed or not self._opened:
+            raise StoreError(f"state store {self.path} is not open")
+        loop = asyncio.get_running_loop()
+
+        def job() -> None:
+            self._disconnect()  # the last connection: SQLite checkpoints and drops its WAL
+            if not os.path.lexists(self.path):
+                for suffix in ("-wal", "-shm"):  # the deleted file's: never replay them
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(self.path + suffix)
+            self._connect()
+
+        try:
+            await loop.run_in_executor(self._executor, job)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot reopen state store {self.path}: {exc}") from exc
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -147,6 +215,9 @@ class SQLiteStore:
             _set_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
             self._migrate(conn)
+            if self.path not in ("", ":memory:") and not self.path.startswith("file:"):
+                st = os.stat(self.path)
+                self._identity = (st.st_dev, st.st_ino)
         except BaseException:
             conn.close()
             raise
