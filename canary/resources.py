@@ -21,8 +21,10 @@ dropped and counted; a failing or hanging endpoint only costs its own (short) ti
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -34,6 +36,7 @@ from canary.decision.analysis import paired_key
 from canary.errors import CanaryError
 from canary.metrics import Metrics
 from canary.observe import Recorder, parse_signal
+from canary.stats import DEFAULT_BATCH_SIZES
 
 __all__ = [
     "DEFAULT_MIN_REQUESTS",
@@ -212,6 +215,8 @@ class ResourceScraper:
         self._prev_requests: dict[str, int | None] = {a: None for a in ARMS}
         # Per paired key: (tick, value) of the last recorded window, for the changes.
         self._last_paired: dict[str, tuple[int, float]] = {}
+        # Per paired key: the last consecutive values (for the batch sums), bounded.
+        self._recent: dict[str, deque[float]] = {}
         self._failing: set[str] = set()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -356,12 +361,23 @@ class ResourceScraper:
 
     def _paired(self, key: str, relative: bool, value: float) -> None:
         pk = paired_key(key, relative)
-        self._recorder.record_value(self.name, "candidate", pk, value)
+        rec = self._recorder
+        rec.record_value(self.name, "candidate", pk, value)
         last = self._last_paired.get(pk)
+        recent = self._recent.setdefault(pk, deque(maxlen=DEFAULT_BATCH_SIZES[-1]))
         if last is not None and last[0] == self.ticks - 1:
             change = paired_key(key, relative, changes=True)
-            self._recorder.record_value(self.name, "candidate", change, value - last[1])
+            rec.record_value(self.name, "candidate", change, value - last[1])
+        else:
+            recent.clear()  # a skipped window: batches hold consecutive windows only
         self._last_paired[pk] = (self.ticks, value)
+        recent.append(value)
+        # Sums of the last b consecutive windows (overlapping batches): the long-run variance
+        # the paired test needs when windows are correlated beyond lag 1.
+        for b in DEFAULT_BATCH_SIZES:
+            if len(recent) >= b:
+                total = math.fsum(itertools.islice(recent, len(recent) - b, None))
+                rec.record_value(self.name, "candidate", paired_key(key, relative, batch=b), total)
 
     async def _scrape(self, url: str) -> dict[str, Reading | None] | _Failed:
         session = self._session

@@ -32,8 +32,22 @@ from canary.resources import (
     counter_increase,
     read_exposition,
 )
-from canary.stats import ArmMoments, Verdict, paired_interval, paired_mean_test
-from canary.stats._paired import DEFAULT_WINDOW_BURN_IN
+from canary.stats import (
+    ArmMoments,
+    Verdict,
+    normal_mixture_radius,
+    normal_mixture_rho2,
+    paired_interval,
+    paired_mean_test,
+)
+from canary.stats._paired import (
+    DEFAULT_BATCH_SIZES,
+    DEFAULT_WINDOW_BURN_IN,
+    DEFAULT_WINDOW_T_OPT,
+    autocorrelation_upper,
+    student_mixture_radius,
+)
+from loadtest import paired_sim
 from tests.conftest import fake_pair, rollout_config, running_canary
 
 MEM = "resource:process_resident_memory_bytes"
@@ -419,24 +433,44 @@ async def test_scrape_failures_are_counted_and_drop_the_window(mode: str, result
 
 
 async def test_scraper_task_runs_on_its_interval_and_stops() -> None:
+    # Bounded by counts and the time that really passed, not by one fixed sleep: on a loaded
+    # machine a round may come late, and the default scrape timeout at this interval (80 ms)
+    # dropped windows; the generous timeout here keeps every round's window. Still fails for
+    # a scraper that does not repeat, runs faster than its interval, is replaced by an
+    # unchanged config, records other than one value per round, or goes on after close().
     async with exporters(2) as (p, c):
         config = _config([p.url], [c.url], [MEMORY], every="100ms")
         recorder, metrics = Recorder(), Metrics()
-        scrapers = ResourceScrapers(recorder, metrics)
+        scrapers = ResourceScrapers(
+            recorder, metrics, factory=lambda r: ResourceScraper(r, recorder, metrics, timeout=5.0)
+        )
         p.set(process_resident_memory_bytes=100.0)
         c.set(process_resident_memory_bytes=140.0)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + 15.0
         await scrapers.apply(config)
         first = scrapers.scrapers["m"]
-        await asyncio.sleep(0.55)
+        assert first.every == 0.1
+        while first.ticks < 4 and loop.time() < deadline:
+            await asyncio.sleep(0.01)
         await scrapers.apply(config)  # unchanged: the same scraper keeps running
         assert scrapers.scrapers["m"] is first
+        while first.ticks < 6 and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        elapsed = loop.time() - started
         await scrapers.close()
+        ticks = first.ticks
+        assert ticks >= 6, ticks  # it repeats on its own, also after the no-op apply
+        # Never faster than its interval: round k starts (k - 1) intervals after the first.
+        assert ticks <= elapsed / 0.1 + 1.5, (ticks, elapsed)
+        await asyncio.sleep(0.05)  # a request close() cancelled may still reach the exporter
         hits = c.hits
-        assert 4 <= hits <= 8, hits
-        await asyncio.sleep(0.25)
+        assert ticks <= hits <= ticks + 1, (ticks, hits)
+        await asyncio.sleep(0.35)  # more than 3 intervals
         assert c.hits == hits  # stopped
         n = _values(recorder, "candidate", paired_key(MEM, True))[0]
-        assert n == hits
+        assert n == ticks  # one value per completed round
 
 
 async def test_reloads_restart_changed_scrapers_and_stop_removed_ones() -> None:
@@ -512,6 +546,47 @@ async def test_a_hanging_metrics_endpoint_never_slows_the_proxy() -> None:
 
 
 # -- analysis routing ------------------------------------------------------------------------
+
+
+async def test_consecutive_windows_are_summed_in_batches_and_a_gap_restarts_them() -> None:
+    async with exporters(2) as (p1, c1):
+        rollout = _rollout([p1.url], [c1.url], [MEMORY])
+        recorder, metrics = Recorder(), Metrics()
+        scraper = ResourceScraper(rollout, recorder, metrics)
+        p1.set(process_resident_memory_bytes=100e6)
+        logs = []
+        for i in range(6):
+            c1.set(process_resident_memory_bytes=100e6 * (1.0 + 0.01 * i))
+            await scraper.tick()
+            logs.append(math.log(1.0 + 0.01 * i))
+        n, total, _ = _values(recorder, "candidate", paired_key(MEM, True, batch=4))
+        # Windows 1-4, 2-5 and 3-6: overlapping sums of 4 consecutive log ratios.
+        assert n == 3
+        assert total == pytest.approx(sum(sum(logs[i : i + 4]) for i in range(3)))
+        assert _values(recorder, "candidate", paired_key(MEM, True, batch=16))[0] == 0
+        scraper.ticks += 1  # a skipped window: the next batch needs 4 new consecutive ones
+        for _ in range(3):
+            await scraper.tick()
+        assert _values(recorder, "candidate", paired_key(MEM, True, batch=4))[0] == 3
+        await scraper.tick()
+        assert _values(recorder, "candidate", paired_key(MEM, True, batch=4))[0] == 4
+
+
+def test_analysis_passes_the_batch_sums_to_the_paired_test() -> None:
+    rollout = _rollout(["http://127.0.0.1:1"], ["http://127.0.0.1:2"], [MEMORY])
+    acc = RolloutAccumulator()
+    # A slowly wandering level that lag-one changes understate: the batches widen the interval.
+    rng = np.random.default_rng(4)
+    level = np.cumsum(0.01 * rng.standard_normal(200))
+    x = math.log(1.1) + level + 0.01 * rng.standard_normal(200)
+    for v in x:
+        acc.candidate.record_value(paired_key(MEM, True), float(v))
+    without = analyze(rollout, acc).metrics[0]
+    for b in (4, 16, 64):
+        for i in range(x.size - b + 1):
+            acc.candidate.record_value(paired_key(MEM, True, batch=b), float(x[i : i + b].sum()))
+    with_batches = analyze(rollout, acc).metrics[0]
+    assert with_batches.upper - with_batches.lower > without.upper - without.lower
 
 
 def test_analysis_routes_resource_metrics_to_the_paired_test() -> None:
@@ -606,8 +681,9 @@ def _simulate(
 ) -> tuple[np.ndarray, np.ndarray]:
     """First window at which each run says WORSE / OK (inf: never), evaluated every window.
 
-    Paired log ratios: ``shift`` + AR(1) noise of marginal sd ``sd``; the very function the
-    test calls (:func:`paired_interval`) on running sums, with the default burn-in and floor.
+    Paired log ratios: ``shift`` + stationary AR(1) noise of marginal sd ``sd``; the very
+    function the test calls (:func:`paired_interval`) on running sums, with the default
+    burn-in and floor, fed what the analysis is fed today (squared changes, no batches).
     """
     rng = np.random.default_rng(seed)
     e = rng.standard_normal((runs, windows))
@@ -639,7 +715,7 @@ def test_paired_test_error_rate_at_the_margin(rho: float) -> None:
     200 windows: wrongly rolled back or promoted in at most ~alpha of the runs.
 
     4000 runs: the binomial sd at 5% is 0.35 pp, so 6.5% is a 4-sigma margin for Monte-Carlo
-    noise; the measured rates are about half of alpha (the boundary is two-sided).
+    noise; the measured rates are well below alpha.
     """
     alpha = 0.05
     worse, ok = _simulate(
@@ -647,6 +723,23 @@ def test_paired_test_error_rate_at_the_margin(rho: float) -> None:
     )
     assert np.isfinite(worse).mean() <= alpha + 0.015
     assert np.isfinite(ok).mean() <= alpha + 0.015
+
+
+@pytest.mark.parametrize(("rho", "alpha"), [(0.6, 0.0125), (0.9, 0.05)])
+def test_paired_test_holds_alpha_when_consecutive_windows_are_correlated(
+    rho: float, alpha: float
+) -> None:
+    """2000 runs of 300 windows at the margin, checked after every window. The allowance
+    that took the autocorrelation from a point estimate plus one standard error erred in
+    2.6-3.0% of the runs at 0.6 and alpha 1.25%, and in 13% at 0.9 and alpha 5%
+    (``loadtest/paired_sim.py``, column "before"); now each error stays below alpha
+    (measured about 0.4% and 3.8%).
+    """
+    worse, ok = _simulate(
+        math.log(1.2), runs=2000, windows=300, sd=0.1, alpha=alpha, rho=rho, seed=17
+    )
+    assert np.isfinite(worse).mean() <= alpha
+    assert np.isfinite(ok).mean() <= alpha
 
 
 def test_paired_test_never_rolls_back_an_equal_candidate() -> None:
@@ -657,28 +750,107 @@ def test_paired_test_never_rolls_back_an_equal_candidate() -> None:
 
 def test_paired_test_power_on_a_40_percent_heavier_candidate() -> None:
     # Per-window noise of 10% (a noisy signal such as CPU per request): rolled back in every
-    # run, most of them right after the burn-in.
+    # run. Not right after the burn-in any more: until about 20 windows the data cannot tell
+    # independent windows from one slowly moving level (median 25 windows at alpha 1.25%).
     worse, ok = _simulate(math.log(1.4), runs=2000, windows=100, sd=0.10, alpha=0.0125, seed=13)
     assert np.isfinite(worse).mean() == 1.0
-    assert np.median(worse) <= 15
+    assert np.median(worse) <= 30
+    assert np.quantile(worse, 0.9) <= 45
     assert not np.isfinite(ok).any()
+
+
+def test_student_mixture_radius_is_lais_sequence_for_independent_windows() -> None:
+    rho2 = normal_mixture_rho2(DEFAULT_WINDOW_T_OPT, 0.05)
+    t = np.array([10.0, 30.0, 300.0])
+    normal = normal_mixture_radius(t, rho2, 0.05)
+    assert student_mixture_radius(t, 1e9, rho2, 0.05) == pytest.approx(normal, rel=1e-6)
+    assert student_mixture_radius(t, np.inf, rho2, 0.05) == pytest.approx(normal)
+    wide = student_mixture_radius(t, t - 1.0, rho2, 0.05)
+    assert np.all(wide > normal) and wide[0] > 1.3 * normal[0]
+    assert math.isinf(float(student_mixture_radius(4.0, 3.0, rho2, 0.05)))
+    # Exact for i.i.d. Gaussian values with the sample sd, from the second value on.
+    x = np.random.default_rng(5).standard_normal((4000, 200))
+    n = np.arange(1, 201.0)
+    mean = x.cumsum(1) / n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sd = np.sqrt(np.maximum((x * x).cumsum(1) - n * mean * mean, 0.0) / (n - 1.0))
+        half = sd * student_mixture_radius(n, n - 1.0, rho2, 0.05)
+    miss = (np.abs(mean) > half)[:, 1:].any(1).mean()
+    assert miss <= 0.05
+
+
+def test_autocorrelation_bound_holds_at_its_level() -> None:
+    beta = 0.05
+    rng = np.random.default_rng(9)
+    e = rng.standard_normal((4000, 300))
+    x = np.empty_like(e)
+    x[:, 0] = e[:, 0]
+    for i in range(1, 300):
+        x[:, i] = 0.6 * x[:, i - 1] + 0.8 * e[:, i]
+    for n in (30, 100, 300):
+        y = x[:, :n]
+        bound = autocorrelation_upper(
+            n, y.var(1, ddof=1), n - 1, (np.diff(y, axis=1) ** 2).sum(1), beta
+        )
+        assert (bound < 0.6).mean() <= 1.3 * beta, n
+    iid = rng.standard_normal((2000, 100))
+    bound = autocorrelation_upper(100, iid.var(1, ddof=1), 99, (np.diff(iid) ** 2).sum(1), beta)
+    assert np.median(bound) < 0.25  # independent windows are recognised as such
+    assert autocorrelation_upper(5, 1.0, 0, 0.0, beta) == 0.0  # no changes: no allowance
+    assert autocorrelation_upper(5, 0.0, 4, 0.0, beta) == 0.0  # no variation: nothing to do
+
+
+def _sliding(x: np.ndarray, b: int) -> np.ndarray:
+    c = np.concatenate([[0.0], x.cumsum()])
+    return c[b:] - c[:-b]
+
+
+def test_batches_catch_a_slow_level_that_lag_one_misses() -> None:
+    """An AR(1) level (0.95) carrying 30% of the variance under white noise: lag 1 sees an
+    autocorrelation of 0.29, the long-run variance is 12.4 times the per-window one. The
+    batch check restores the width the long-run variance calls for."""
+    rng = np.random.default_rng(4)
+    n = 4000
+    a = np.empty(n + 500)
+    a[0] = 0.0
+    for i in range(1, a.size):
+        a[i] = 0.95 * a[i - 1] + math.sqrt(1 - 0.95**2) * rng.standard_normal()
+    x = math.sqrt(0.3) * a[500:] + math.sqrt(0.7) * rng.standard_normal(n)
+    changes = _moments(np.diff(x))
+    batches = {b: _moments(_sliding(x, b)) for b in DEFAULT_BATCH_SIZES}
+    plain = paired_mean_test(_moments(x), 0.1, relative=False, changes=changes)
+    checked = paired_mean_test(_moments(x), 0.1, relative=False, changes=changes, batches=batches)
+    oracle = math.sqrt(12.4) * float(
+        normal_mixture_radius(n, normal_mixture_rho2(DEFAULT_WINDOW_T_OPT, 0.05), 0.05)
+    )
+    width = (checked.upper - checked.lower) / 2
+    assert (plain.upper - plain.lower) / 2 < 0.6 * oracle
+    assert 0.8 * oracle < width < 1.5 * oracle
+    with pytest.raises(ValueError, match="batch lengths"):
+        paired_mean_test(_moments(x), 0.1, relative=False, batches={0: _moments(x)})
+
+
+def test_paired_sim_fast_form_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    paired_sim.main(["--fast", "--runs", "50", "--windows", "40"])
+    out = capsys.readouterr().out
+    assert "False decisions at the margin" in out and "Time to a decision" in out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("alpha", [0.05, 0.0125])
-@pytest.mark.parametrize(("rho", "bound"), [(0.0, 1.0), (0.3, 1.0), (0.6, 3.0)])
-def test_paired_test_error_rate_at_the_margin_full(alpha: float, rho: float, bound: float) -> None:
-    """10,000 runs of 300 windows. Independent windows and a lag-1 autocorrelation of 0.3
-    stay within alpha (the 0.3 row at alpha 1.25% sits right at it: 1.2-1.3%); at 0.6 the
-    AR(1) allowance estimated from few windows falls short (about 2.5 alpha at 1.25%):
-    documented in :func:`canary.stats.paired_interval`, bounded here so a regression shows.
-    Three Monte-Carlo standard deviations are allowed on top of each bound.
-    """
-    worse, ok = _simulate(
-        math.log(1.2), runs=10000, windows=300, sd=0.1, alpha=alpha, rho=rho, seed=21
-    )
-    limit = alpha * bound
-    limit += 3.0 * math.sqrt(limit * (1.0 - limit) / 10000)
-    for rate in (np.isfinite(worse).mean(), np.isfinite(ok).mean()):
-        print(f"alpha {alpha} rho {rho}: {rate:.4f}")
-        assert rate <= limit, (rho, rate)
+@pytest.mark.parametrize("dep", ["ar1-0.0", "ar1-0.3", "ar1-0.6", "ar1-0.8", "ar1-0.9", "ma3",
+                                 "arn-0.7"])  # fmt: skip
+def test_paired_test_error_rate_at_the_margin_full(alpha: float, dep: str) -> None:
+    """5000 runs of 500 windows at the margin (relative, increase), the test fed squared
+    changes and batches as ``loadtest/paired_sim.py`` does: false WORSE and false OK at most
+    alpha, and the upper end of their Wilson 95% interval at most 1.5 alpha."""
+    dependence = next(d for d in paired_sim.DEPENDENCE if d.key == dep)
+    case = paired_sim.CASES[0]
+    rng = np.random.default_rng([21, paired_sim.DEPENDENCE.index(dependence)])
+    running = paired_sim.Running.of(case.values(dependence, rng, 5000, 500))
+    lo, hi = paired_sim.batches_interval(running, alpha, case.floor)
+    for first in paired_sim.first_decisions(lo, hi, case):
+        k = int(np.isfinite(first).sum())
+        print(f"alpha {alpha} {dep}: {k / 5000:.4f}")
+        assert k / 5000 <= alpha, (dep, k)
+        assert paired_sim.wilson(k, 5000)[1] <= 1.5 * alpha, (dep, k)

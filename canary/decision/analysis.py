@@ -27,6 +27,7 @@ from canary.observe import (
     parse_signal,
 )
 from canary.stats import (
+    DEFAULT_BATCH_SIZES,
     DISTRIBUTION_QUANTILES,
     ArmClusters,
     ArmMoments,
@@ -55,14 +56,21 @@ _RATE_SIGNALS = ("feedback", "agreement")
 _PAIRED_ONLY = "agreement"  # shadow-only, production identically 1: the one-sample form
 
 
-def paired_key(signal_key: str, relative: bool, *, changes: bool = False) -> str:
+def paired_key(
+    signal_key: str, relative: bool, *, changes: bool = False, batch: int | None = None
+) -> str:
     """Candidate-arm accumulator key of a resource signal's per-window paired value.
 
     ``log`` holds ``log(c / p)`` per window (relative tolerances), ``diff`` holds ``c - p``
     (absolute ones); with ``changes`` the change of that value since the previous consecutive
-    window (its squares estimate the autocorrelation). Written by ``canary.resources``.
+    window (its squares estimate the autocorrelation); with ``batch`` the sum of the last
+    ``batch`` consecutive values (overlapping batch means: the long-run variance). Written
+    by ``canary.resources``.
     """
-    return f"paired{'_change' if changes else ''}:{'log' if relative else 'diff'}:{signal_key}"
+    scale = "log" if relative else "diff"
+    if batch is not None:
+        return f"paired_batch{batch}:{scale}:{signal_key}"
+    return f"paired{'_change' if changes else ''}:{scale}:{signal_key}"
 
 
 @dataclass(frozen=True)
@@ -218,10 +226,15 @@ def _resource(
             detail=f"no resource windows yet for {key} (scraped from both arms)",
         )
     changes = cand.signals.get(paired_key(key, rel, changes=True))
+    batches = {
+        b: _moments(acc)
+        for b in DEFAULT_BATCH_SIZES
+        if (acc := cand.signals.get(paired_key(key, rel, batch=b))) is not None
+    }
     return paired_mean_test(
         _moments(paired), m.margin.value,
         changes=_moments(changes) if changes is not None else None,
-        relative=rel, direction=direction, alpha=alpha, name=m.name,
+        relative=rel, direction=direction, alpha=alpha, name=m.name, batches=batches or None,
     )  # fmt: skip
 
 

@@ -26,6 +26,7 @@ from canary.observe import (
     SignalAccumulator,
     parse_signal,
 )
+from canary.stats import DEFAULT_BATCH_SIZES
 
 WORKER_NICE = 19  # lowest priority: the proxy's requests come first on a shared core
 _CONFIGS_KEPT = 8  # configs unpickled in the worker, by their bytes (one per reload at most)
@@ -103,6 +104,7 @@ def analysed_keys(rollout: RolloutConfig) -> frozenset[str]:
         rel = m.margin.relative
         keys.add(paired_key(key, rel))
         keys.add(paired_key(key, rel, changes=True))
+        keys.update(paired_key(key, rel, batch=b) for b in DEFAULT_BATCH_SIZES)
     return frozenset(keys)
 
 

@@ -44,7 +44,7 @@ from canary.stats._design_tests import (
     stratified_quantile_test,
 )
 from canary.stats._means import IPWSummary, ipw_summary, mean_interval, mean_test, variance_floor
-from canary.stats._paired import paired_interval, paired_mean_test
+from canary.stats._paired import DEFAULT_BATCH_SIZES, paired_interval, paired_mean_test
 from canary.stats._quantiles import HistogramArrays, quantile_cs, quantile_test
 from canary.stats._rates import error_test, rate_test, srm_test
 from canary.stats._types import (
@@ -59,6 +59,7 @@ from canary.stats._types import (
 )
 
 __all__ = [
+    "DEFAULT_BATCH_SIZES",
     "DISTRIBUTION_QUANTILES",
     "ArmClusters",
     "ArmMoments",
