@@ -294,7 +294,7 @@ def _design_effects(c: _ClusterCdf | None, estimates: FloatArray) -> FloatArray:
     z = ((c.w / c.n_s)[:, None, None] * (below - f_s[:, :, None] * c.n_sg[:, None, :])).sum(
         axis=0
     )  # (2Q, G)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         ratio = np.where(valid & (iid > 0), (z * z).sum(axis=1) * c.factor / iid, 1.0)
     q = estimates.size
     return np.maximum(out, np.maximum(ratio[:q], ratio[q:]))
