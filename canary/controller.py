@@ -56,7 +56,7 @@ from canary.errors import StoreError
 from canary.metrics import Metrics
 from canary.observe import Recorder, RolloutAccumulator
 from canary.stats import MetricResult, Verdict
-from canary.store import Store
+from canary.store import FileBackedStore, Store
 
 log = logging.getLogger("canary.controller")
 
@@ -94,18 +94,6 @@ class Notifier(Protocol):
 
 class UnknownRollout(KeyError):
     """No rollout of that name is configured."""
-
-
-class _Checked(Protocol):
-    """A store that can tell when it cannot be trusted (:meth:`SQLiteStore.health`)."""
-
-    def health(self, stall: float) -> str | None: ...
-
-
-class _Reopenable(Protocol):
-    def deleted(self) -> bool: ...
-
-    async def reopen(self) -> None: ...
 
 
 @dataclass
@@ -244,7 +232,7 @@ class Controller:
             await self._open_channel()
             loop = asyncio.get_running_loop()
             self._task = loop.create_task(self._run(), name="controller")
-            if self._watch_task is None and hasattr(self._store, "health"):
+            if self._watch_task is None and isinstance(self._store, FileBackedStore):
                 self._watch_task = loop.create_task(self._watch_store(), name="store-watch")
 
     async def _open_channel(self) -> None:
@@ -365,28 +353,25 @@ class Controller:
     async def check_store(self) -> None:
         """One health check of the store (the watchdog's step; tests call it directly)."""
         store = self._store
-        if not hasattr(store, "health"):
+        if not isinstance(store, FileBackedStore):
             return
-        checked: _Checked = store  # type: ignore[assignment]
         probe = self._health_probe
         if probe is None or probe.done():
             probe = self._health_probe = asyncio.ensure_future(
-                asyncio.to_thread(checked.health, self._store_timeout)
+                asyncio.to_thread(store.health, self._store_timeout)
             )
         try:
             issue = await asyncio.wait_for(asyncio.shield(probe), self._store_timeout)
         except TimeoutError:
             issue = f"the state store's file does not answer within {self._store_timeout:g}s"
-        if issue and hasattr(store, "deleted") and hasattr(store, "reopen"):
-            reopenable: _Reopenable = store  # type: ignore[assignment]
-            if reopenable.deleted():
-                self._health_issue = issue
-                self._store_health_changed("health")
-                issue = await self._reopen_deleted(reopenable, issue)
+        if issue and store.deleted():
+            self._health_issue = issue
+            self._store_health_changed("health")
+            issue = await self._reopen_deleted(store, issue)
         self._health_issue = issue or ""
         self._store_health_changed("health")
 
-    async def _reopen_deleted(self, store: _Reopenable, issue: str) -> str | None:
+    async def _reopen_deleted(self, store: FileBackedStore, issue: str) -> str | None:
         """Open a deleted state file again and write back everything held in memory; return
         what is still wrong (None: the new file holds it all)."""
         if not self._reopening:  # once, not at every retry

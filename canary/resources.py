@@ -213,10 +213,9 @@ class ResourceScraper:
         # usable baseline) and the arm's request count then.
         self._prev: dict[str, dict[str, tuple[float, ...] | None]] = {a: {} for a in ARMS}
         self._prev_requests: dict[str, int | None] = {a: None for a in ARMS}
-        # Per paired key: (tick, value) of the last recorded window, for the changes.
-        self._last_paired: dict[str, tuple[int, float]] = {}
-        # Per paired key: the last consecutive values (for the batch sums), bounded.
-        self._recent: dict[str, deque[float]] = {}
+        # Per paired key: the tick of its last window and its latest consecutive values (the
+        # last is the previous value for the change; all of them for the batch sums), bounded.
+        self._runs: dict[str, tuple[int, deque[float]]] = {}
         self._failing: set[str] = set()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -363,14 +362,13 @@ class ResourceScraper:
         pk = paired_key(key, relative)
         rec = self._recorder
         rec.record_value(self.name, "candidate", pk, value)
-        last = self._last_paired.get(pk)
-        recent = self._recent.setdefault(pk, deque(maxlen=DEFAULT_BATCH_SIZES[-1]))
-        if last is not None and last[0] == self.ticks - 1:
+        tick, recent = self._runs.get(pk, (-2, deque(maxlen=DEFAULT_BATCH_SIZES[-1])))
+        if tick == self.ticks - 1 and recent:
             change = paired_key(key, relative, changes=True)
-            rec.record_value(self.name, "candidate", change, value - last[1])
+            rec.record_value(self.name, "candidate", change, value - recent[-1])
         else:
-            recent.clear()  # a skipped window: batches hold consecutive windows only
-        self._last_paired[pk] = (self.ticks, value)
+            recent.clear()  # a skipped window: changes and batches need consecutive windows
+        self._runs[pk] = (self.ticks, recent)
         recent.append(value)
         # Sums of the last b consecutive windows (overlapping batches): the long-run variance
         # the paired test needs when windows are correlated beyond lag 1.

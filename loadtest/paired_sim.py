@@ -41,6 +41,7 @@ from canary.stats._paired import (
     paired_interval,
 )
 from canary.stats._types import OK_CODE, WORSE_CODE
+from loadtest.traffic_sim import wilson
 
 SEED = 20240611
 WARM_UP = 200  # windows simulated and dropped so that every run starts stationary
@@ -249,17 +250,6 @@ def first_decisions(
         return np.where(hit.any(axis=1), hit.argmax(axis=1) + 1.0, np.inf)
 
     return first(codes == WORSE_CODE), first(codes == OK_CODE)
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    den = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 # -- the runs -------------------------------------------------------------------------------

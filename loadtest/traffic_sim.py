@@ -28,6 +28,7 @@ Traffic only in memory: nothing is sent anywhere.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -790,15 +791,6 @@ FIRST = (
 )
 
 
-def _tally_json(t: Tally) -> dict[str, Any]:
-    return {"runs": t.runs, "worse": t.worse, "worse0": t.worse0, "ok": t.ok,
-            "decided": t.decided}  # fmt: skip
-
-
-def _tally_of(d: dict[str, Any]) -> Tally:
-    return Tally(d["runs"], d["worse"], d["worse0"], d["ok"], d["decided"])
-
-
 class _Cache:
     """Finished rows on disk (``--cache``): a cut-short run resumes where it stopped."""
 
@@ -810,10 +802,10 @@ class _Cache:
 
     def get(self, key: str) -> tuple[Tally, float] | None:
         hit = self.data.get(key)
-        return None if hit is None else (_tally_of(hit["tally"]), float(hit["seconds"]))
+        return None if hit is None else (Tally(**hit["tally"]), float(hit["seconds"]))
 
     def put(self, key: str, tally: Tally, seconds: float) -> None:
-        self.data[key] = {"tally": _tally_json(tally), "seconds": seconds}
+        self.data[key] = {"tally": dataclasses.asdict(tally), "seconds": seconds}
         if self.path is not None:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.data))

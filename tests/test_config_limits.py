@@ -24,20 +24,7 @@ from canary.config._models import check_signal
 from canary.errors import ConfigError
 from canary.observe.signals import ResponseExtractor, parse_signal
 from canary.runtime import load_config_off_loop
-
-MINIMAL = """\
-rollouts:
-  - name: m
-    production: {endpoints: [http://127.0.0.1:8001]}
-    candidate: {endpoints: [http://127.0.0.1:8002]}
-    steps: [{weight: 5}]
-"""
-
-
-def issues_of(text: str) -> list[tuple[str, str, int | None]]:
-    with pytest.raises(ConfigError) as info:
-        load_config_text(textwrap.dedent(text))
-    return [(i.path, i.message, i.line) for i in info.value.issues]
+from tests.test_config import MINIMAL, issues_of
 
 
 def file_issues(path: Path) -> list[tuple[str, str, int | None]]:

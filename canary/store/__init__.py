@@ -12,11 +12,18 @@ Every failure is raised as :class:`canary.errors.StoreError`.
 from __future__ import annotations
 
 from canary.errors import StoreError
-from canary.store._protocol import DEFAULT_MAX_DECISIONS, Store
+from canary.store._protocol import DEFAULT_MAX_DECISIONS, FileBackedStore, Store
 from canary.store.memory import MemoryStore
 from canary.store.sqlite import SQLiteStore
 
-__all__ = ["DEFAULT_MAX_DECISIONS", "MemoryStore", "SQLiteStore", "Store", "open_store"]
+__all__ = [
+    "DEFAULT_MAX_DECISIONS",
+    "FileBackedStore",
+    "MemoryStore",
+    "SQLiteStore",
+    "Store",
+    "open_store",
+]
 
 DEFAULT_SQLITE_PATH = "canary-state.db"
 

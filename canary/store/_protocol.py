@@ -53,6 +53,24 @@ class Store(Protocol):
         """Return the sorted names of the rollouts with any state, samples or decisions."""
 
 
+@runtime_checkable
+class FileBackedStore(Protocol):
+    """A store whose file can go bad under it (hang, deletion): what the controller's
+    watchdog asks (:class:`~canary.store.SQLiteStore` implements it; memory has no file)."""
+
+    def health(self, stall: float) -> str | None:
+        """Why the store cannot be trusted to write now, or None; synchronous and cheap."""
+        ...
+
+    def deleted(self) -> bool:
+        """The file the store opened no longer exists at its path."""
+        ...
+
+    async def reopen(self) -> None:
+        """Open the path again (the caller writes back what the old file held)."""
+        ...
+
+
 def encode(value: dict[str, Any], what: str) -> str:
     """Serialise ``value`` compactly; StoreError naming ``what`` when it is not valid JSON."""
     try:
