@@ -35,6 +35,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from canary.analyzer import worker
+from canary.analyzer.channel import AnalysisChannel, AnalysisFailed, ChannelBroken
 from canary.config import Config, RolloutConfig, WebhookConfig
 from canary.decision import (
     Action,
@@ -49,10 +51,8 @@ from canary.decision import (
     fingerprint,
     progress,
     transition,
-    worker,
 )
-from canary.decision.channel import AnalysisChannel, AnalysisFailed, ChannelBroken
-from canary.errors import StoreError
+from canary.errors import StoreError, UnknownRollout
 from canary.metrics import Metrics
 from canary.observe import Recorder, RolloutAccumulator
 from canary.stats import MetricResult, Verdict
@@ -90,10 +90,6 @@ class Notifier(Protocol):
         hooks: Sequence[WebhookConfig],
         payload: Mapping[str, Any],
     ) -> int: ...
-
-
-class UnknownRollout(KeyError):
-    """No rollout of that name is configured."""
 
 
 @dataclass
@@ -236,7 +232,7 @@ class Controller:
                 self._watch_task = loop.create_task(self._watch_store(), name="store-watch")
 
     async def _open_channel(self) -> None:
-        """Serve analyses over a socket to the pool's worker (see :mod:`canary.decision.channel`).
+        """Serve analyses over a socket to the pool's worker (see :mod:`canary.analyzer.channel`).
 
         Opened here, not in :meth:`load`: the job holds the worker until :meth:`stop` closes
         the channel, and only a started controller is sure to be stopped before the pool is

@@ -33,6 +33,17 @@ class ConfigError(CanaryError):
         super().__init__(head + ":\n" + "\n".join(f"  - {i}" for i in issues))
 
 
+class ClientError(CanaryError):
+    """The client is at fault: its request is malformed, too large, or stopped arriving.
+
+    ``status`` is the HTTP status canary answers with (when an answer can still be sent).
+    Never counted against an upstream or an arm: the upstream did nothing wrong.
+    """
+
+    status: int = 400
+    kind = "client"  # short label for metrics and logs; subclasses refine it
+
+
 class UpstreamError(CanaryError):
     """An upstream endpoint could not be reached or answered badly."""
 
@@ -41,6 +52,18 @@ class UpstreamError(CanaryError):
 
 class StoreError(CanaryError):
     """The state store failed."""
+
+
+class AnalysisError(CanaryError):
+    """The analysis could not be run where it was asked to (e.g. its worker process died)."""
+
+
+class UnknownRollout(CanaryError, KeyError):
+    """No rollout of that name is configured."""
+
+
+class CommandRejected(CanaryError, ValueError):
+    """An operator command that the rollout's phase does not allow (e.g. resume a promoted one)."""
 
 
 class AdminError(CanaryError):

@@ -16,16 +16,16 @@ from aiohttp import web
 
 from canary.admin import make_admin_app
 from canary.admin.app import warn_if_public
+from canary.analyzer.worker import init_worker
 from canary.config import Config
 from canary.config._loader import load_config_result
 from canary.controller import Controller
-from canary.decision.worker import init_worker
 from canary.errors import CanaryError, ConfigError, ConfigIssue
 from canary.metrics import Metrics
 from canary.observe import Recorder
+from canary.observe.resources import ResourceScrapers
 from canary.proxy import H1Transport, Proxy, Weights
 from canary.proxy.h1_server import HttpServer, ServerLimits
-from canary.resources import ResourceScrapers
 from canary.store import Store, open_store
 from canary.webhooks import WebhookSender
 

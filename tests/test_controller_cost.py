@@ -17,11 +17,8 @@ import numpy as np
 import pytest
 import yaml
 
-from canary.config import Config, RolloutConfig, load_config_text
-from canary.controller import Controller
-from canary.decision import Analysis, Phase, analyze
-from canary.decision.channel import AnalysisChannel, ChannelBroken
-from canary.decision.worker import (
+from canary.analyzer.channel import AnalysisChannel, ChannelBroken
+from canary.analyzer.worker import (
     analysed_keys,
     analyze_packed,
     init_worker,
@@ -29,6 +26,9 @@ from canary.decision.worker import (
     pack_inputs,
     unpack_inputs,
 )
+from canary.config import Config, RolloutConfig, load_config_text
+from canary.controller import Controller
+from canary.decision import Analysis, Phase, analyze
 from canary.metrics import Metrics
 from canary.observe import Observation, Recorder, RolloutAccumulator
 from canary.store import MemoryStore

@@ -10,7 +10,8 @@ import yaml
 from pydantic import ValidationError
 
 from canary.config import FeedbackConfig, RolloutConfig, load_config_text
-from canary.feedback import (
+from canary.observe import Recorder
+from canary.observe.feedback import (
     MAX_ITEMS,
     TOMBSTONES,
     FeedbackBodyError,
@@ -22,7 +23,6 @@ from canary.feedback import (
     same_json,
     store_for,
 )
-from canary.observe import Recorder
 from tests.conftest import rollout_config
 
 

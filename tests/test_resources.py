@@ -24,7 +24,7 @@ from canary.decision.analysis import analyze, paired_key
 from canary.errors import CanaryError, ConfigError
 from canary.metrics import Metrics
 from canary.observe import Recorder, RolloutAccumulator
-from canary.resources import (
+from canary.observe.resources import (
     Reading,
     ResourceQuery,
     ResourceScraper,

@@ -29,9 +29,9 @@ from canary.config import AdminConfig
 from canary.controller import Controller, UnknownRollout
 from canary.decision import MANUAL_ACTIONS, CommandRejected
 from canary.errors import ConfigError
-from canary.feedback import FeedbackBodyError, join_feedback, parse_feedback
 from canary.metrics import Metrics
 from canary.observe import Recorder
+from canary.observe.feedback import FeedbackBodyError, join_feedback, parse_feedback
 from canary.proxy.routing import ARMS
 from canary.proxy.server import Proxy
 

@@ -2,7 +2,7 @@
 
 Parsed where the rollout file is validated (so ``canary validate``, start-up and reloads all
 reject a selector that cannot be read, with its key path and line) and used by the scrapers
-(:mod:`canary.resources`) to pick series from an exposition.
+(:mod:`canary.observe.resources`) to pick series from an exposition.
 """
 
 from __future__ import annotations

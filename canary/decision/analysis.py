@@ -65,7 +65,7 @@ def paired_key(
     (absolute ones); with ``changes`` the change of that value since the previous consecutive
     window (its squares estimate the autocorrelation); with ``batch`` the sum of the last
     ``batch`` consecutive values (overlapping batch means: the long-run variance). Written
-    by ``canary.resources``.
+    by ``canary.observe.resources``.
     """
     scale = "log" if relative else "diff"
     if batch is not None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from canary.config import RolloutConfig
 from canary.decision.analysis import Analysis
 from canary.decision.state import Action, Decision, Evidence, Phase, RolloutState
+from canary.errors import CommandRejected
 from canary.stats import MetricResult, Verdict
 
 # The candidate "fails hard" when every one of its requests failed for this long and at least
@@ -34,10 +35,6 @@ HARD_FAILURE_SECONDS = 2.0
 HARD_FAILURE_REQUESTS = 5
 
 MANUAL_ACTIONS = ("pause", "resume", "promote", "rollback")
-
-
-class CommandRejected(ValueError):
-    """An operator command that does not apply in the rollout's current phase."""
 
 
 @dataclass(frozen=True)

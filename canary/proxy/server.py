@@ -17,7 +17,6 @@ from urllib.parse import urlsplit
 
 from canary.config import Config, ProxyConfig, RolloutConfig
 from canary.errors import UpstreamError
-from canary.feedback import FeedbackStore, record_ripe, same_json, store_for
 from canary.metrics import Metrics, RolloutCounters, bump
 from canary.observe import (
     NO_CLUSTER,
@@ -29,6 +28,7 @@ from canary.observe import (
     ResponseExtractor,
     ResponseInspector,
 )
+from canary.observe.feedback import FeedbackStore, record_ripe, same_json, store_for
 from canary.observe.inputs import InputMonitor
 from canary.proxy.h1_server import NO_BODY_STATUSES, BadRequestBody, HttpRequest
 from canary.proxy.headers import downstream_headers, request_id, upstream_headers

@@ -50,7 +50,7 @@ __all__ = [
     "resource_metrics",
 ]
 
-log = logging.getLogger("canary.resources")
+log = logging.getLogger("canary.observe.resources")
 
 DEFAULT_MIN_REQUESTS = 10
 """Requests an arm must have had in a window for a per-request (counter) value."""

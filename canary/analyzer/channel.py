@@ -24,8 +24,8 @@ import traceback
 from concurrent.futures import Executor
 from typing import Any
 
+from canary.analyzer.worker import analyze_packed
 from canary.decision.analysis import Analysis
-from canary.decision.worker import analyze_packed
 
 _HEADER = struct.Struct("!Q")
 
