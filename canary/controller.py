@@ -54,7 +54,7 @@ from canary.decision import (
 )
 from canary.errors import StoreError, UnknownRollout
 from canary.metrics import Metrics
-from canary.observe import Recorder, RolloutAccumulator
+from canary.observe import Recorder, RolloutAccumulator, Weights
 from canary.stats import MetricResult, Verdict
 from canary.store import FileBackedStore, Store
 
@@ -79,7 +79,7 @@ _EVENTS = {
 
 
 class WeightSink(Protocol):
-    def __call__(self, rollout: str, candidate: float, shadow: bool) -> None: ...
+    def __call__(self, rollout: str, weights: Weights) -> None: ...
 
 
 class Notifier(Protocol):
@@ -201,7 +201,7 @@ class Controller:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def load(self) -> dict[str, tuple[float, bool]]:
+    async def load(self) -> dict[str, Weights]:
         """Restore (or start) every configured rollout; return the weights to serve.
 
         Also starts the analysis process: the pool starts it at its first job, which takes tens
@@ -220,7 +220,7 @@ class Controller:
                 log.exception("could not start the analysis process")
         return self.weights()
 
-    def weights(self) -> dict[str, tuple[float, bool]]:
+    def weights(self) -> dict[str, Weights]:
         return {n: ro.state.weights(ro.config) for n, ro in self._rollouts.items()}
 
     async def start(self) -> None:
@@ -644,8 +644,9 @@ class Controller:
     async def _apply(self, ro: _Rollout, decision: Decision, new: RolloutState, now: float) -> None:
         cfg, name = ro.config, ro.config.name
         ro.state = new
-        candidate, shadow = new.weights(cfg)
-        self._apply_weights(name, candidate, shadow)  # the data plane acts first
+        weights = new.weights(cfg)
+        candidate, shadow = weights
+        self._apply_weights(name, weights)  # the data plane acts first
         entry = self._entry(ro, decision, now)
         ro.decisions.append(entry)
         self._metrics.decisions.labels(name, decision.action.value).inc()
@@ -722,7 +723,7 @@ class Controller:
 
     # -- configuration --------------------------------------------------------------------
 
-    async def apply_config(self, config: Config) -> dict[str, tuple[float, bool]]:
+    async def apply_config(self, config: Config) -> dict[str, Weights]:
         """Adopt a reloaded config; return every rollout's weights for the proxy.
 
         A rollout whose endpoints changed starts over (new samples, step 1); one whose

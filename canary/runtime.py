@@ -22,9 +22,9 @@ from canary.config._loader import load_config_result
 from canary.controller import Controller
 from canary.errors import CanaryError, ConfigError, ConfigIssue
 from canary.metrics import Metrics
-from canary.observe import Recorder
+from canary.observe import Recorder, Weights
 from canary.observe.resources import ResourceScrapers
-from canary.proxy import H1Transport, Proxy, Weights
+from canary.proxy import H1Transport, Proxy
 from canary.proxy.h1_server import HttpServer, ServerLimits
 from canary.store import Store, open_store
 from canary.webhooks import WebhookSender
@@ -96,9 +96,9 @@ class Runtime:
         self.proxy_port: int | None = None
         self.admin_port: int | None = None
 
-    def _apply_weights(self, rollout: str, candidate: float, shadow: bool) -> None:
+    def _apply_weights(self, rollout: str, weights: Weights) -> None:
         if rollout in self.proxy.routes:
-            self.proxy.set_weights(rollout, Weights(candidate=candidate, shadow=shadow))
+            self.proxy.set_weights(rollout, weights)
 
     def _input_drift(self, rollout: str) -> list[str]:
         """Fields drifted in this process's input health (only asked of `on_drift: hold`); the
@@ -142,9 +142,7 @@ class Runtime:
         await self.store.open()
         self._started.append("store")
         weights = await self.controller.load()
-        self.proxy.apply_config(
-            self.config, {n: Weights(candidate=c, shadow=s) for n, (c, s) in weights.items()}
-        )
+        self.proxy.apply_config(self.config, weights)
         await self.webhooks.start()
         self._started.append("webhooks")
         pcfg = self.config.proxy
@@ -213,9 +211,7 @@ class Runtime:
         if new.state != self.config.state:
             log.warning("state settings changed: restart canary to apply them")
         weights = await self.controller.apply_config(new)
-        self.proxy.apply_config(
-            new, {n: Weights(candidate=c, shadow=s) for n, (c, s) in weights.items()}
-        )
+        self.proxy.apply_config(new, weights)
         await self.resources.apply(new)
         self.config = new
         log.info("configuration reloaded from %s", self.config_path)

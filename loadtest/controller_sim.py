@@ -57,9 +57,9 @@ from canary.config import Config, load_config_text
 from canary.controller import Controller
 from canary.decision import Phase
 from canary.metrics import Metrics
-from canary.observe import CANDIDATE, Observation, Recorder
+from canary.observe import CANDIDATE, Observation, Recorder, Weights
 from canary.observe.record import ERROR_STATUS
-from canary.proxy.routing import ArmChooser, Weights
+from canary.proxy.routing import ArmChooser
 from canary.store.memory import MemoryStore
 from loadtest.traffic_sim import Condition, _drift, median_interval, wilson
 
@@ -246,10 +246,10 @@ async def _drive(s: Scenario, traffic: Traffic, rand: Callable[[], float]) -> Ou
     served: dict[str, Weights] = {}
     history: list[float] = []
 
-    def apply_weights(rollout: str, candidate: float, shadow: bool) -> None:  # runtime's sink
-        served[rollout] = Weights(candidate=candidate, shadow=shadow)
-        if not history or history[-1] != candidate:
-            history.append(candidate)
+    def apply_weights(rollout: str, weights: Weights) -> None:  # runtime's sink
+        served[rollout] = weights
+        if not history or history[-1] != weights.candidate:
+            history.append(weights.candidate)
 
     controller = Controller(
         config,
@@ -260,8 +260,8 @@ async def _drive(s: Scenario, traffic: Traffic, rand: Callable[[], float]) -> Ou
         clock=clock.wall,
         monotonic=clock.monotonic,
     )
-    for name, (candidate, shadow) in (await controller.load()).items():
-        apply_weights(name, candidate, shadow)
+    for name, weights in (await controller.load()).items():
+        apply_weights(name, weights)
     chooser = ArmChooser(rollout_config, rand)
     choose, record = chooser.choose, recorder.record
     headers, (lat_p, lat_c), (err_p, err_c) = traffic.headers, traffic.latency, traffic.error
@@ -304,8 +304,8 @@ async def _drive(s: Scenario, traffic: Traffic, rand: Callable[[], float]) -> Ou
                 if state.step == step and summary["step_samples"] >= share * s.min_requests:
                     pending_ops.remove(op)
                     weights_now = await controller.apply_config(build_config(s, new_weights))
-                    for name, (candidate, shadow) in weights_now.items():
-                        apply_weights(name, candidate, shadow)
+                    for name, weights in weights_now.items():
+                        apply_weights(name, weights)
         return _ended(controller, done, history)
     finally:
         await controller.stop()

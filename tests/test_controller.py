@@ -19,7 +19,7 @@ from canary.controller import Controller, UnknownRollout
 from canary.decision import CommandRejected, Phase
 from canary.errors import StoreError
 from canary.metrics import Metrics
-from canary.observe import Observation, Recorder, RolloutAccumulator
+from canary.observe import Observation, Recorder, RolloutAccumulator, Weights
 from canary.store import MemoryStore
 from tests.conftest import rollout_config
 
@@ -36,7 +36,8 @@ class Sink:
     def __init__(self) -> None:
         self.calls: list[tuple[str, float, bool]] = []
 
-    def __call__(self, rollout: str, candidate: float, shadow: bool) -> None:
+    def __call__(self, rollout: str, weights: Weights) -> None:
+        candidate, shadow = weights
         self.calls.append((rollout, candidate, shadow))
 
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from canary.proxy import Weights
+from canary.observe import Weights
 from canary.proxy.routing import sticky_hash
 from loadtest.fake_model import GZIP_BODY, FakeModelConfig, running_fake_model
 from tests.conftest import fake_pair, rollout_config, running_canary

@@ -9,11 +9,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from canary.config import MatchConfig, load_config_text
+from canary.observe import Weights
 from canary.proxy.headers import downstream_headers, request_id, upstream_headers
 from canary.proxy.routing import (
     ArmChooser,
     RouteTable,
-    Weights,
     cookie_value,
     sticky_hash,
     sticky_point,

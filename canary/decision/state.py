@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from canary.config import RolloutConfig
+from canary.observe.record import Weights
 
 STATE_VERSION = 1
 
@@ -116,14 +117,14 @@ class RolloutState:
             updated_at=now,
         )
 
-    def weights(self, rollout: RolloutConfig) -> tuple[float, bool]:
-        """(candidate percent, shadow) the proxy should serve in this state."""
+    def weights(self, rollout: RolloutConfig) -> Weights:
+        """The split the proxy should serve in this state."""
         if self.phase is Phase.PROMOTED:
-            return 100.0, False
+            return Weights(100.0, False)
         if self.phase is Phase.ROLLED_BACK:
-            return 0.0, False
+            return Weights(0.0, False)
         step = rollout.steps[min(self.step, len(rollout.steps) - 1)]
-        return step.candidate_weight, step.is_shadow
+        return Weights(step.candidate_weight, step.is_shadow)
 
     def with_(self, **changes: Any) -> RolloutState:
         return replace(self, **changes)

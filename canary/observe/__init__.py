@@ -28,6 +28,7 @@ from canary.observe.record import (
     NO_CLUSTER,
     PRODUCTION,
     Observation,
+    Weights,
 )
 from canary.observe.signals import (
     JsonPath,
@@ -63,6 +64,7 @@ __all__ = [
     "RolloutAccumulator",
     "Signal",
     "SignalAccumulator",
+    "Weights",
     "coarse_bucket",
     "coarse_upper",
     "cost_per_1000",

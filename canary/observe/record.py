@@ -9,10 +9,42 @@ feedback join that may keep ``request_id``, ``arm`` and ``prediction`` for a bou
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 PRODUCTION = "production"
 CANDIDATE = "candidate"
 ARMS = (PRODUCTION, CANDIDATE)
+
+
+class _Split(NamedTuple):
+    candidate: float
+    shadow: bool
+
+
+class Weights(_Split):
+    """Traffic split of one rollout: percent of live traffic the candidate answers.
+
+    ``shadow`` mirrors production's requests to the candidate while users keep getting
+    production's answers (``candidate`` is then 0). The one type the split travels as, from
+    the rollout state (:meth:`canary.decision.RolloutState.weights`) through the controller
+    to the proxy, which reads the current value once per request (immutable: nothing to
+    lock). A tuple, so ``candidate, shadow = weights`` unpacks it.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, candidate: float = 0.0, shadow: bool = False) -> Weights:
+        if not 0.0 <= candidate <= 100.0:
+            raise ValueError(f"candidate weight must be within 0..100, got {candidate!r}")
+        if shadow and candidate:
+            raise ValueError("a shadow split sends no live traffic to the candidate")
+        return super().__new__(cls, candidate, shadow)
+
+    def fraction(self, arm: str) -> float:
+        """Probability with which a randomly routed request goes to ``arm``."""
+        c = self.candidate / 100.0
+        return c if arm == CANDIDATE else 1.0 - c
+
 
 # Values of Observation.error; None means a complete response outside the error classes.
 ERROR_CONNECT = "connect"  # could not connect to the upstream

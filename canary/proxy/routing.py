@@ -14,34 +14,7 @@ from http.cookies import CookieError, SimpleCookie
 from typing import Protocol
 
 from canary.config import MatchConfig, RolloutConfig
-from canary.observe.record import CLUSTERS, NO_CLUSTER
-
-PRODUCTION = "production"
-CANDIDATE = "candidate"
-ARMS = (PRODUCTION, CANDIDATE)
-
-
-@dataclass(frozen=True, slots=True)
-class Weights:
-    """Traffic split of one rollout: percent of live traffic the candidate answers.
-
-    ``shadow`` mirrors production's requests to the candidate while users keep getting
-    production's answers (``candidate`` is then 0).
-    """
-
-    candidate: float = 0.0
-    shadow: bool = False
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.candidate <= 100.0:
-            raise ValueError(f"candidate weight must be within 0..100, got {self.candidate!r}")
-        if self.shadow and self.candidate:
-            raise ValueError("a shadow split sends no live traffic to the candidate")
-
-    def fraction(self, arm: str) -> float:
-        """Probability with which a randomly routed request goes to ``arm``."""
-        c = self.candidate / 100.0
-        return c if arm == CANDIDATE else 1.0 - c
+from canary.observe.record import ARMS, CANDIDATE, CLUSTERS, NO_CLUSTER, PRODUCTION, Weights
 
 
 @dataclass(frozen=True, slots=True)

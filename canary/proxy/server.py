@@ -27,12 +27,13 @@ from canary.observe import (
     Recorder,
     ResponseExtractor,
     ResponseInspector,
+    Weights,
 )
 from canary.observe.feedback import FeedbackStore, record_ripe, same_json, store_for
 from canary.observe.inputs import InputMonitor
 from canary.proxy.h1_server import NO_BODY_STATUSES, BadRequestBody, HttpRequest
 from canary.proxy.headers import downstream_headers, request_id, upstream_headers
-from canary.proxy.routing import ARMS, CANDIDATE, PRODUCTION, ArmChooser, RouteTable, Weights
+from canary.proxy.routing import ARMS, CANDIDATE, PRODUCTION, ArmChooser, RouteTable
 from canary.proxy.upstream import (
     IDEMPOTENT_METHODS,
     RequestBodyTooLarge,
