@@ -478,3 +478,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+__all__ = [
+    "ADMIN_TOKEN_ENV",
+    "ADMIN_URL_ENV",
+    "CLOSED_PIPE_EXIT",
+    "build_parser",
+    "main",
+    "resolve_admin",
+]

@@ -90,3 +90,17 @@ class AdminError(CanaryError):
         if self.issues:
             message += "".join(f"\n  - {i}" for i in self.issues)
         super().__init__(message)
+
+
+__all__ = [
+    "AdminError",
+    "AnalysisError",
+    "CanaryError",
+    "ClientError",
+    "CommandRejected",
+    "ConfigError",
+    "ConfigIssue",
+    "StoreError",
+    "UnknownRollout",
+    "UpstreamError",
+]

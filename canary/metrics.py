@@ -23,11 +23,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 import canary
+from canary.signals import ARMS, NO_ANSWER_CLASS
 
 if TYPE_CHECKING:
     from canary.observe.inputs import InputMonitor
-
-ARMS = ("production", "candidate")
 
 # Buckets for request latency and time to first byte: 1 ms .. 60 s, denser where models live.
 LATENCY_BUCKETS = (
@@ -122,7 +121,7 @@ class ProxyCollector(Collector):
         requests = CounterMetricFamily(
             "canary_requests",
             "Requests answered per rollout and arm, by HTTP status class of the upstream "
-            "answer ('none' when there was no answer).",
+            f"answer ('{NO_ANSWER_CLASS}' when there was no answer).",
             labels=["rollout", "arm", "code_class"],
         )
         errors = CounterMetricFamily(
@@ -452,3 +451,16 @@ class Metrics:
             ["rollout", "arm", "metric"],
             registry=r,
         )
+
+
+__all__ = [
+    "LATENCY_BUCKETS",
+    "ArmCounters",
+    "HistogramCounts",
+    "InputCollector",
+    "Metrics",
+    "ProxyCollector",
+    "ProxyCounters",
+    "RolloutCounters",
+    "bump",
+]

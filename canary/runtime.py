@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import multiprocessing
@@ -14,8 +15,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from canary.admin import make_admin_app
-from canary.admin.app import warn_if_public
+from canary.admin import make_admin_app, warn_if_public
+from canary.analyzer import InlineAnalyzer, WorkerAnalyzer
 from canary.analyzer.worker import init_worker
 from canary.config import Config
 from canary.config._loader import load_config_result
@@ -24,10 +25,11 @@ from canary.errors import CanaryError, ConfigError, ConfigIssue
 from canary.metrics import Metrics
 from canary.observe import Recorder, Weights
 from canary.observe.resources import ResourceScrapers
-from canary.proxy import H1Transport, Proxy
-from canary.proxy.h1_server import HttpServer, ServerLimits
+from canary.proxy import H1Transport, HttpServer, Proxy, ServerLimits
 from canary.store import Store, open_store
 from canary.webhooks import WebhookSender
+
+__all__ = ["RELOAD_TIMEOUT", "Runtime", "load_config_off_loop", "serve"]
 
 log = logging.getLogger("canary.runtime")
 
@@ -82,15 +84,18 @@ class Runtime:
             self.metrics,
             self._apply_weights,
             notifier=self.webhooks,
-            executor=self._analysis_pool,
-            input_drift=self._input_drift,
+            analyzer=InlineAnalyzer()
+            if self._analysis_pool is None
+            else WorkerAnalyzer(self._analysis_pool, self.metrics),
+            input_health=self.recorder.input_health,
         )
         # Background scrapers of rollouts with resource: metrics (never on the request path).
         self.resources = ResourceScrapers(self.recorder, self.metrics)
-        self._runners: list[web.BaseRunner] = []
         self._proxy_server: HttpServer | None = None
         self._ready = False
-        self._started: list[str] = []
+        # What start() started, each part with its own stop; stop() unwinds it in reverse.
+        self._stack = contextlib.AsyncExitStack()
+        self._proxy_closing = contextlib.AsyncExitStack()  # closes the proxy once (see _start)
         self._background: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
         self.proxy_port: int | None = None
@@ -99,14 +104,6 @@ class Runtime:
     def _apply_weights(self, rollout: str, weights: Weights) -> None:
         if rollout in self.proxy.routes:
             self.proxy.set_weights(rollout, weights)
-
-    def _input_drift(self, rollout: str) -> list[str]:
-        """Fields drifted in this process's input health (only asked of `on_drift: hold`); the
-        tests rerun at each analysis (well under a millisecond), so a decision sees fresh ones."""
-        route = self.proxy.routes.get(rollout)
-        if route is None or route.inputs is None or route.inputs.on_drift != "hold":
-            return []
-        return route.inputs.drifted_fields(max_age=0.0)
 
     def readiness(self) -> tuple[bool, str]:
         if not self._ready:
@@ -131,6 +128,7 @@ class Runtime:
         return token
 
     async def start(self) -> None:
+        """Start every part; when one fails, stop what started (in reverse) and raise."""
         try:
             await self._start()
         except BaseException:
@@ -138,20 +136,28 @@ class Runtime:
             raise
 
     async def _start(self) -> None:
+        """Start the parts in an order whose reverse is the order they must stop in.
+
+        Unwound (by :meth:`stop`, or a failed start) from the last registered: scrapers
+        first, so their last windows are in the controller's last flush; the controller's
+        loop (it decides nothing while the proxy drains); the proxy port, which drains
+        in-flight requests, ends the proxy's background work and upstream connections and
+        then has the controller write what those requests recorded; the admin app (it
+        answers, "not ready", during the drain); webhooks; the store; the analysis pool.
+        """
         token = self._admin_token()
+        stack = self._stack
+        stack.callback(self._shutdown_analysis_pool)
+        # The proxy exists since __init__ (its label ticker may run): it is closed once, by
+        # the proxy port's orderly close below, or here when the start fails before that.
+        self._proxy_closing.push_async_callback(self._close_proxy)
+        await stack.enter_async_context(self._proxy_closing)
         await self.store.open()
-        self._started.append("store")
+        stack.push_async_callback(self.store.close)
+        await self.webhooks.start()  # deliveries fired before the start wait, so start first
+        stack.push_async_callback(self.webhooks.close)
         weights = await self.controller.load()
         self.proxy.apply_config(self.config, weights)
-        await self.webhooks.start()
-        self._started.append("webhooks")
-        pcfg = self.config.proxy
-        limits = ServerLimits(
-            max_header_size=pcfg.max_header_size, client_timeout=pcfg.client_timeout
-        )
-        self._proxy_server = HttpServer(self.proxy.handle, limits, self._rejected)
-        host, port = pcfg.listen
-        self.proxy_port = await self._proxy_server.listen(host, port)
 
         admin_app = make_admin_app(
             self.proxy,
@@ -160,18 +166,30 @@ class Runtime:
             controller=self.controller,
             reload=self.reload_async if self.config_path is not None else None,
             token=token,
+            feedback=self.proxy,
             recorder=self.recorder,
         )
         admin_runner = web.AppRunner(admin_app, handle_signals=False, access_log=None)
         await admin_runner.setup()
-        self._runners.append(admin_runner)
+        stack.push_async_callback(admin_runner.cleanup)
         ahost, aport = self.config.admin.listen
         await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
         self.admin_port = _bound_port(admin_runner)
         warn_if_public(self.config.admin)
+
+        pcfg = self.config.proxy
+        limits = ServerLimits(
+            max_header_size=pcfg.max_header_size, client_timeout=pcfg.client_timeout
+        )
+        self._proxy_server = HttpServer(self.proxy.handle, limits, self._rejected)
+        host, port = pcfg.listen
+        self.proxy_port = await self._proxy_server.listen(host, port)
+        stack.push_async_callback(self._close_proxy_port)
         if self.run_controller:
             await self.controller.start()
-        self._started.append("controller")
+        # Without the loop too: stopping writes the last samples (a clean stop loses nothing).
+        stack.push_async_callback(self.controller.stop)
+        stack.push_async_callback(self.resources.close)  # safe on scrapers partly started
         await self.resources.apply(self.config)
         self._ready = True
         for r in self.config.rollouts:
@@ -235,25 +253,24 @@ class Runtime:
         task.add_done_callback(self._background.discard)
 
     async def stop(self) -> None:
+        """Stop what :meth:`start` started, in reverse (see :meth:`_start`); every part is
+        stopped even when an earlier one fails to (its error is raised once all have run)."""
         self._ready = False
-        await self.resources.close()  # before the controller's last flush: keep its windows
-        if "controller" in self._started:
-            await self.controller.stop()  # the last samples reach the store
-        if self._proxy_server is not None:
-            await self._proxy_server.close()  # in-flight requests finish
+        await self._stack.aclose()
+
+    async def _close_proxy_port(self) -> None:
+        server = self._proxy_server
+        if server is not None:
+            await server.close()  # in-flight requests finish
             self._proxy_server = None
-        for runner in reversed(self._runners):
-            await runner.cleanup()
-        self._runners.clear()
+        await self._proxy_closing.aclose()  # mirrors still running count as lost, ticker stops
+        await self.controller.flush()  # what the drained requests recorded
+
+    async def _close_proxy(self) -> None:
         await self.proxy.close()
         await self.transport.close()
-        if "controller" in self._started:
-            await self.controller.flush()  # what the drained requests recorded
-        if "webhooks" in self._started:
-            await self.webhooks.close()
-        if "store" in self._started:
-            await self.store.close()
-        self._started.clear()
+
+    def _shutdown_analysis_pool(self) -> None:
         if self._analysis_pool is not None:
             self._analysis_pool.shutdown(wait=True, cancel_futures=True)
             self._analysis_pool = None

@@ -53,13 +53,15 @@ from typing import Any
 import numpy as np
 import yaml
 
+from canary.admin.views import rollout_detail, rollout_summary
 from canary.config import Config, load_config_text
 from canary.controller import Controller
 from canary.decision import Phase
 from canary.metrics import Metrics
-from canary.observe import CANDIDATE, Observation, Recorder, Weights
+from canary.observe import Observation, Recorder, Weights
 from canary.observe.record import ERROR_STATUS
 from canary.proxy.routing import ArmChooser
+from canary.signals import CANDIDATE
 from canary.store.memory import MemoryStore
 from loadtest.traffic_sim import Condition, _drift, median_interval, wilson
 
@@ -300,7 +302,7 @@ async def _drive(s: Scenario, traffic: Traffic, rand: Callable[[], float]) -> Ou
                 return _ended(controller, done, history)
             for op in list(pending_ops):
                 step, share, new_weights = op
-                summary = controller.summary(NAME)
+                summary = rollout_summary(controller.view(NAME))
                 if state.step == step and summary["step_samples"] >= share * s.min_requests:
                     pending_ops.remove(op)
                     weights_now = await controller.apply_config(build_config(s, new_weights))
@@ -313,7 +315,7 @@ async def _drive(s: Scenario, traffic: Traffic, rand: Callable[[], float]) -> Ou
 
 
 def _ended(controller: Controller, requests: int, history: Sequence[float]) -> Outcome:
-    detail = controller.detail(NAME)
+    detail = rollout_detail(controller.view(NAME))
     weights = tuple(history)
     state = controller.state(NAME)
     cand = detail["samples"]["candidate"]

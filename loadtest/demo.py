@@ -21,6 +21,7 @@ import httpx
 import uvloop
 import yaml
 
+from canary.admin.views import rollout_detail
 from canary.config import load_config_text
 from canary.runtime import Runtime
 from loadtest.fake_model import FakeModelConfig, running_fake_model
@@ -112,7 +113,7 @@ async def _drive(
     )
 
     async def fetch() -> dict[str, Any]:
-        return runtime.controller.detail(ROLLOUT)
+        return rollout_detail(runtime.controller.view(ROLLOUT))
 
     watcher = Watcher(fetch, sys.stdout)
     detail: dict[str, Any] = {}

@@ -113,6 +113,7 @@ import httpx
 import uvloop
 import yaml
 
+from canary.admin.views import rollout_detail
 from canary.config import load_config_text
 from canary.runtime import Runtime
 from loadtest.fake_model import FakeModelConfig, running_fake_model, true_label
@@ -839,7 +840,7 @@ async def _run_inprocess(
             stack.push_async_callback(_cancel, labelling)
 
         async def fetch() -> dict[str, Any]:
-            return runtime.controller.detail(ROLLOUT)
+            return rollout_detail(runtime.controller.view(ROLLOUT))
 
         watcher = Watcher(fetch, out)
         down_at: float | None = None

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from canary.admin.views import rollout_summary
 from canary.config import load_config, load_config_text
 from canary.errors import CanaryError
 from canary.runtime import Runtime
@@ -167,7 +168,7 @@ async def test_the_controller_promotes_an_identical_candidate_on_live_traffic() 
             statuses: list[int] = []
             while time.monotonic() < deadline:
                 statuses += await _traffic(client, can.url, 20)
-                summary = can.runtime.controller.summary("m")
+                summary = rollout_summary(can.runtime.controller.view("m"))
                 if summary["phase"] == "promoted":
                     break
             detail = (await client.get(can.admin + "/api/v1/rollouts/m")).json()
@@ -209,7 +210,10 @@ async def test_cli_against_the_real_admin_api(capsys: pytest.CaptureFixture[str]
                 main, ["rollback", "m", "--reason", "bad canary", "--admin", can.admin]
             )
             assert code == 0 and "rolled_back" in capsys.readouterr().out
-            assert can.runtime.controller.summary("m")["phase"] == "rolled_back"
-            assert "bad canary" in can.runtime.controller.summary("m")["last_decision"]["reason"]
+            assert rollout_summary(can.runtime.controller.view("m"))["phase"] == "rolled_back"
+            assert (
+                "bad canary"
+                in rollout_summary(can.runtime.controller.view("m"))["last_decision"]["reason"]
+            )
             code = await asyncio.to_thread(main, ["promote", "m", "--admin", can.admin])
             assert code == 5 and "new candidate" in capsys.readouterr().err

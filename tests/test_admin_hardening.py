@@ -32,7 +32,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-import canary.controller
+import canary.controller.loop
 from canary.admin.app import MAX_JSON_DEPTH, json_depth, warn_if_public
 from canary.cli import main
 from canary.config import AdminConfig, load_config_text
@@ -294,7 +294,7 @@ async def test_readyz_is_503_while_a_store_write_hangs_and_recovers(
 ) -> None:
     """A write that does not finish (here: another process holds SQLite's write lock; in
     production a frozen or hung disk) makes canary unready within the store timeout."""
-    monkeypatch.setattr(canary.controller, "STORE_TIMEOUT", 0.5)
+    monkeypatch.setattr(canary.controller.loop, "STORE_TIMEOUT", 0.5)
     db = tmp_path / "state.db"
     async with fake_pair() as (p, c):
         async with (
@@ -404,6 +404,7 @@ _FD_SCRIPT = textwrap.dedent(
     """
     import asyncio, json, os, resource, signal, sys, time, yaml
     from prometheus_client.parser import text_string_to_metric_families
+    from canary.admin.views import rollout_detail
     from canary.config import load_config_text
     from canary.runtime import Runtime
 
@@ -424,7 +425,7 @@ _FD_SCRIPT = textwrap.dedent(
         try:
             ctl = rt.controller
             await ctl.evaluate(force=True)
-            out["channel_at_start"] = ctl._channel is not None
+            out["channel_at_start"] = ctl.analyzer._channel is not None
             out["up_at_start"] = metric(rt, "canary_analysis_worker_up")
             hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
             limit = len(os.listdir("/proc/self/fd")) + 32
@@ -459,8 +460,8 @@ _FD_SCRIPT = textwrap.dedent(
             out["ok"] = metric(rt, "canary_analysis_worker_restarts_total", result="ok")
             out["up"] = metric(rt, "canary_analysis_worker_up")
             await ctl.evaluate(force=True)
-            out["channel"] = ctl._channel is not None
-            out["analysis"] = ctl.detail("m")["metrics"][0]["verdict"]
+            out["channel"] = ctl.analyzer._channel is not None
+            out["analysis"] = rollout_detail(ctl.view("m"))["metrics"][0]["verdict"]
         finally:
             await rt.stop()
         print("RESULT " + json.dumps(out))

@@ -22,8 +22,9 @@ from canary.config import load_config, load_config_text
 from canary.config._loader import MAX_DEPTH, MAX_FILE_BYTES, MAX_ISSUES, MAX_NODES, MAX_QUOTE
 from canary.config._models import check_signal
 from canary.errors import ConfigError
-from canary.observe.signals import ResponseExtractor, parse_signal
+from canary.observe.extract import ResponseExtractor
 from canary.runtime import load_config_off_loop
+from canary.signals import parse_signal
 from tests.test_config import MINIMAL, issues_of
 
 

@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import yaml
 
+from canary.admin.views import rollout_detail, rollout_summary
+from canary.analyzer import WorkerAnalyzer
 from canary.config import Config, WebhookConfig, load_config_text
-from canary.controller import Controller, UnknownRollout
+from canary.controller import Controller
 from canary.decision import CommandRejected, Phase
-from canary.errors import StoreError
+from canary.errors import StoreError, UnknownRollout
 from canary.metrics import Metrics
 from canary.observe import Observation, Recorder, RolloutAccumulator, Weights
 from canary.store import MemoryStore
@@ -140,7 +142,7 @@ async def test_a_good_candidate_advances_and_is_promoted() -> None:
     assert [e[1] for e in hooks.events] == ["start", "advance", "promote"]
     actions = [d["action"] for d in await store.decisions("m")]
     assert actions == ["START", "ADVANCE", "PROMOTE"]
-    detail = ctl.detail("m")
+    detail = rollout_detail(ctl.view("m"))
     assert detail["metrics"][0]["verdict"] == "OK"
     assert detail["last_decision"]["action"] == "PROMOTE"
     assert (
@@ -197,7 +199,10 @@ async def test_state_and_samples_survive_a_restart_on_the_same_store() -> None:
     assert await ctl2.load() == {"m": (50.0, False)}
     assert ctl2.state("m") == ctl.state("m")
     assert ctl2.totals("m").to_dict() == before
-    assert [d["action"] for d in ctl2.detail("m")["decisions"]] == ["START", "ADVANCE"]
+    assert [d["action"] for d in rollout_detail(ctl2.view("m"))["decisions"]] == [
+        "START",
+        "ADVANCE",
+    ]
 
 
 async def test_changed_endpoints_start_a_new_rollout_but_thresholds_do_not() -> None:
@@ -248,7 +253,7 @@ async def test_store_outage_holds_decisions_and_recovers_without_losing_samples(
     await ctl.flush()
     await ctl.evaluate(force=True)
     assert not ctl.store_ok and ctl.state("m").phase is Phase.RUNNING and sink.calls == []
-    assert "state store is unavailable" in ctl.summary("m")["status"]
+    assert "state store is unavailable" in rollout_summary(ctl.view("m"))["status"]
     assert metrics.registry.get_sample_value("canary_store_up") == 0.0
     store.down = False
     await ctl.flush()
@@ -283,7 +288,8 @@ async def test_flushes_and_commands_do_not_wait_for_a_running_analysis() -> None
     store = MemoryStore()
     await store.open()
     rec, metrics, executor = Recorder(), Metrics(), _GatedExecutor()
-    ctl = Controller(_config(), store, rec, metrics, Sink(), notifier=Hooks(), executor=executor)
+    analyzer = WorkerAnalyzer(executor, metrics)
+    ctl = Controller(_config(), store, rec, metrics, Sink(), notifier=Hooks(), analyzer=analyzer)
     await ctl.load()
     _feed(rec, 800, 10, slow=3.0, seed=1)  # a candidate the analysis would roll back
     await ctl.flush()
@@ -299,14 +305,15 @@ async def test_flushes_and_commands_do_not_wait_for_a_running_analysis() -> None
     executor.shutdown()
     # The analysis finished after the pause: a paused rollout takes no automatic action.
     assert ctl.state("m").phase is Phase.PAUSED
-    assert ctl.detail("m")["metrics"][0]["verdict"] == "WORSE"
+    assert rollout_detail(ctl.view("m"))["metrics"][0]["verdict"] == "WORSE"
 
 
 async def test_an_analysis_of_a_config_replaced_meanwhile_is_dropped() -> None:
     store = MemoryStore()
     await store.open()
     rec, metrics, executor = Recorder(), Metrics(), _GatedExecutor()
-    ctl = Controller(_config(), store, rec, metrics, Sink(), notifier=Hooks(), executor=executor)
+    analyzer = WorkerAnalyzer(executor, metrics)
+    ctl = Controller(_config(), store, rec, metrics, Sink(), notifier=Hooks(), analyzer=analyzer)
     await ctl.load()
     _feed(rec, 800, 10, slow=3.0, seed=1)
     await ctl.flush()

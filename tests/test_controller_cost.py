@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import yaml
 
+from canary.admin.views import rollout_detail
+from canary.analyzer import WorkerAnalyzer
 from canary.analyzer.channel import AnalysisChannel, ChannelBroken
 from canary.analyzer.worker import (
     analysed_keys,
@@ -160,17 +162,23 @@ class _DeadExecutor(Executor):
 async def _controller(
     executor: Executor | None, config: Config | None = None
 ) -> tuple[Controller, Recorder, MemoryStore]:
-    store, rec = MemoryStore(), Recorder()
+    store, rec, metrics = MemoryStore(), Recorder(), Metrics()
     await store.open()
-    ctl = Controller(config or _config(), store, rec, Metrics(), lambda *_: None, executor=executor)
+    analyzer = None if executor is None else WorkerAnalyzer(executor, metrics)
+    ctl = Controller(config or _config(), store, rec, metrics, lambda *_: None, analyzer=analyzer)
     await ctl.load()
     return ctl, rec, store
+
+
+def _worker(ctl: Controller) -> WorkerAnalyzer:
+    assert isinstance(ctl.analyzer, WorkerAnalyzer)
+    return ctl.analyzer
 
 
 async def _decisions(executor: Executor | None, *, start: bool) -> list[tuple[str, int]]:
     ctl, rec, _ = await _controller(executor)
     if start:
-        await ctl._open_channel()  # what start() does, without the timer loop
+        await ctl.analyzer.start()  # what start() does, without the timer loop
     out = []
     for i in range(6):
         _feed(rec, 600, 10 if ctl.state("m").step == 0 else 50, slow=1.5, seed=i)
@@ -192,13 +200,13 @@ async def test_decisions_are_the_same_through_the_channel_the_executor_and_inlin
 
 async def test_a_dead_worker_falls_back_to_the_event_loop(caplog: Any) -> None:
     ctl, rec, _ = await _controller(_DeadExecutor())
-    await ctl._open_channel()
-    assert ctl._channel is not None
+    await ctl.analyzer.start()
+    assert _worker(ctl)._channel is not None
     _feed(rec, 600, 10, seed=1)
     await ctl.flush()
     await ctl.evaluate(force=True)
-    assert ctl._channel is None and ctl._executor is None
-    assert ctl.detail("m")["metrics"][0]["n_candidate"] > 0  # analysed here instead
+    assert _worker(ctl)._channel is None and _worker(ctl)._executor is None
+    assert rollout_detail(ctl.view("m"))["metrics"][0]["n_candidate"] > 0  # analysed here instead
     assert "the analysis process died" in caplog.text
     await ctl.stop()
 
@@ -206,14 +214,14 @@ async def test_a_dead_worker_falls_back_to_the_event_loop(caplog: Any) -> None:
 async def test_a_worker_that_stops_answering_falls_back_to_the_event_loop() -> None:
     executor = ThreadPoolExecutor(1)
     ctl, rec, _ = await _controller(executor)
-    await ctl._open_channel()
-    assert ctl._channel is not None
-    ctl._channel._theirs.shutdown(socket.SHUT_RDWR)  # the worker's end goes away
+    await ctl.analyzer.start()
+    assert _worker(ctl)._channel is not None
+    _worker(ctl)._channel._theirs.shutdown(socket.SHUT_RDWR)  # the worker's end goes away
     _feed(rec, 600, 10, seed=1)
     await ctl.flush()
     await asyncio.wait_for(ctl.evaluate(force=True), 5.0)
-    assert ctl._channel is None
-    assert ctl.detail("m")["metrics"][0]["n_candidate"] > 0
+    assert _worker(ctl)._channel is None
+    assert rollout_detail(ctl.view("m"))["metrics"][0]["n_candidate"] > 0
     await ctl.stop()
     executor.shutdown()
 

@@ -10,6 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from canary.config import FeedbackConfig, RolloutConfig, load_config_text
+from canary.errors import ClientError
 from canary.observe import Recorder
 from canary.observe.feedback import (
     MAX_ITEMS,
@@ -129,6 +130,14 @@ def test_parse_feedback_bounds_the_batch() -> None:
     with pytest.raises(FeedbackBodyError) as exc:
         parse_feedback(b"[" + b",".join([b"{}"] * (MAX_ITEMS + 1)) + b"]")
     assert exc.value.status == 413 and f"at most {MAX_ITEMS}" in str(exc.value)
+
+
+def test_an_unreadable_feedback_body_is_a_client_error() -> None:
+    # The client-error branch of the one exception tree: answered with its status, never
+    # counted against an arm.
+    with pytest.raises(ClientError) as exc:
+        parse_feedback(b"{not json")
+    assert isinstance(exc.value, FeedbackBodyError) and exc.value.status == 400
 
 
 def test_same_json_is_json_equality() -> None:

@@ -1,5 +1,5 @@
-"""Input health (canary/observe/inputs.py): counting, baselines, the drift tests, the config
-keys and the policy hook. No servers; seeded numpy for every simulation."""
+"""Input health (canary/observe/inputs.py, canary/stats/_inputs.py): counting, baselines, the
+drift tests, the config keys and the policy hook. No servers; seeded numpy for every simulation."""
 
 from __future__ import annotations
 
@@ -18,13 +18,8 @@ from canary.config import InputsConfig, load_config_text
 from canary.decision import Action, RolloutState, analyze, decide
 from canary.errors import ConfigError
 from canary.observe import RolloutAccumulator
-from canary.observe.inputs import (
-    CHECKS_PER_FIELD,
-    MIN_MEAN_SAMPLES,
-    InputMonitor,
-    mean_shift_cs,
-    proportion_shift_cs,
-)
+from canary.observe.inputs import CHECKS_PER_FIELD, InputMonitor
+from canary.stats import MIN_MEAN_SAMPLES, mean_shift_cs, proportion_shift_cs
 from tests.conftest import rollout_config
 
 FIELDS = ["amount", "country", "features.age"]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from canary.admin.views import rollout_summary
 from canary.config import load_config_text
 from tests.conftest import fake_pair, rollout_config, running_canary
 
@@ -216,7 +217,7 @@ async def test_on_drift_hold_stops_the_controller_from_advancing(
             assert monitor is not None and monitor.drifted_fields(max_age=0) == ["amount"]
             assert time.monotonic() - started < 2.5, "the drift must show before min_duration"
             await asyncio.sleep(max(0.0, started + 4.0 - time.monotonic()))
-            summary = can.runtime.controller.summary("m")
+            summary = rollout_summary(can.runtime.controller.view("m"))
             ok = await _post_all(session, can.url + "/predict", _docs(6, 10))
     assert set(statuses) == {200} and set(ok) == {200}
     if on_drift == "hold":

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from canary.observe.cost import ArmCost, Pricing, RateEstimator, cost_per_1000
-from canary.observe.signals import ResponseExtractor
+from canary.observe.extract import ResponseExtractor
 
 
 def _steady(rate: float, seconds: float, est: RateEstimator, t0: float = 0.0) -> float:

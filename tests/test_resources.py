@@ -20,18 +20,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.parser import text_string_to_metric_families
 
 from canary.config import Config, RolloutConfig, load_config_text
-from canary.decision.analysis import analyze, paired_key
+from canary.decision.analysis import analyze
 from canary.errors import CanaryError, ConfigError
 from canary.metrics import Metrics
 from canary.observe import Recorder, RolloutAccumulator
 from canary.observe.resources import (
     Reading,
-    ResourceQuery,
     ResourceScraper,
     ResourceScrapers,
     counter_increase,
     read_exposition,
 )
+from canary.signals import ResourceQuery, paired_key
 from canary.stats import (
     ArmMoments,
     Verdict,
@@ -296,6 +296,68 @@ async def test_gauge_windows_are_paired_and_averaged_over_endpoints() -> None:
             )
             == 2
         )
+
+
+class _Family:
+    """One fake metric family: what ``labels(...).inc()`` / ``.set()`` did, by label values."""
+
+    def __init__(self, seen: dict[tuple[str, ...], float]) -> None:
+        self.seen = seen
+        self.key: tuple[str, ...] = ()
+
+    def labels(self, *labelvalues: str) -> _Family:
+        child = _Family(self.seen)
+        child.key = labelvalues
+        return child
+
+    def inc(self, amount: float = 1) -> None:
+        self.seen[self.key] = self.seen.get(self.key, 0.0) + amount
+
+    def set(self, value: float) -> None:
+        self.seen[self.key] = value
+
+
+class _Arm:
+    def __init__(self) -> None:
+        self.requests: dict[str, int] = {}
+
+
+class _Counts:
+    def __init__(self) -> None:
+        self.arms = {"production": _Arm(), "candidate": _Arm()}
+
+    def rollout(self, name: str) -> _Counts:
+        return self
+
+
+class _FakeMetrics:
+    """A ScrapeMetrics that is not canary.metrics.Metrics: the scraper only needs the seam."""
+
+    def __init__(self) -> None:
+        self.counters = _Counts()
+        self.scrapes: dict[tuple[str, ...], float] = {}
+        self.windows: dict[tuple[str, ...], float] = {}
+        self.values: dict[tuple[str, ...], float] = {}
+        self.resource_scrapes = _Family(self.scrapes)
+        self.resource_windows = _Family(self.windows)
+        self.resource_value = _Family(self.values)
+
+
+async def test_the_scraper_reports_through_any_scrape_metrics() -> None:
+    async with exporters(2) as (p, c):
+        rollout = _rollout([p.url], [c.url], [MEMORY])
+        recorder, fake = Recorder(), _FakeMetrics()
+        scraper = ResourceScraper(rollout, recorder, fake)
+        p.set(process_resident_memory_bytes=100e6)
+        c.set(process_resident_memory_bytes=120e6)
+        await scraper.tick()
+        assert fake.scrapes == {("m", "production", "ok"): 1.0, ("m", "candidate", "ok"): 1.0}
+        assert fake.windows == {("m", "memory", "recorded"): 1.0}
+        assert fake.values == {
+            ("m", "production", "memory"): 100e6,
+            ("m", "candidate", "memory"): 120e6,
+        }
+        assert _values(recorder, "candidate", paired_key(MEM, True))[0] == 1
 
 
 async def test_counter_windows_become_per_request_rates_and_survive_resets() -> None:

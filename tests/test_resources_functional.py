@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from canary.admin.views import rollout_detail
 from tests.conftest import Canary, fake_pair, rollout_config, running_canary
 
 MEMORY = {
@@ -67,7 +68,7 @@ async def traffic(url: str) -> AsyncIterator[list[int]]:
 async def _wait(canary: Canary, until: Any, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        detail: dict[str, Any] = canary.runtime.controller.detail("m")
+        detail: dict[str, Any] = rollout_detail(canary.runtime.controller.view("m"))
         if until(detail) or time.monotonic() > deadline:
             return detail
         await asyncio.sleep(0.05)

@@ -1,5 +1,9 @@
-"""Admin HTTP app: /metrics, /healthz, /readyz, /api/v1."""
+"""The admin port: /metrics, /healthz, /readyz and /api/v1 (aiohttp).
 
-from canary.admin.app import make_admin_app
+It sees the data plane only through the narrow protocols :class:`RolloutRouting` and
+:class:`FeedbackStores` that the runtime hands it, never the proxy itself.
+"""
 
-__all__ = ["make_admin_app"]
+from canary.admin.app import FeedbackStores, RolloutRouting, make_admin_app, warn_if_public
+
+__all__ = ["FeedbackStores", "RolloutRouting", "make_admin_app", "warn_if_public"]

@@ -19,21 +19,37 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from canary.admin.views import rollout_detail, rollout_summary
 from canary.config import AdminConfig
-from canary.controller import Controller, UnknownRollout
-from canary.decision import MANUAL_ACTIONS, CommandRejected
-from canary.errors import ConfigError
+from canary.controller import Controller
+from canary.decision import MANUAL_ACTIONS
+from canary.errors import CommandRejected, ConfigError, UnknownRollout
 from canary.metrics import Metrics
 from canary.observe import Recorder
-from canary.observe.feedback import FeedbackBodyError, join_feedback, parse_feedback
-from canary.proxy.routing import ARMS
-from canary.proxy.server import Proxy
+from canary.observe.feedback import (
+    FeedbackBodyError,
+    FeedbackStore,
+    join_feedback,
+    parse_feedback,
+)
+
+__all__ = [
+    "MAX_ADMIN_BODY",
+    "MAX_JSON_DEPTH",
+    "FeedbackStores",
+    "Readiness",
+    "Reloader",
+    "RolloutRouting",
+    "json_depth",
+    "make_admin_app",
+    "warn_if_public",
+]
 
 log = logging.getLogger("canary.admin")
 
@@ -45,14 +61,43 @@ MAX_JSON_DEPTH = 64  # arrays and objects inside each other in one request body
 _JSON_TOKEN = re.compile(rb'[\[\]{}"\\]')
 
 
+class RolloutRouting(Protocol):
+    """What the admin API shows of the data plane per rollout, as JSON-ready values.
+
+    The runtime hands the proxy (:class:`canary.proxy.Proxy` implements it); the admin API
+    never sees the proxy's per-rollout objects, so either side can change them alone.
+    """
+
+    def routing(self, rollout: str) -> dict[str, Any] | None:
+        """``{"match", "endpoints", "healthy_endpoints"}``; None when it is not served."""
+        ...
+
+    def input_health(self, rollout: str) -> dict[str, Any] | None:
+        """The input-health report; None without ``inputs`` (or when it is not served)."""
+        ...
+
+
+class FeedbackStores(Protocol):
+    """Where ``POST /api/v1/feedback`` finds the answers its labels are about."""
+
+    def feedback_stores(self) -> list[FeedbackStore]:
+        """One store per rollout that takes feedback."""
+        ...
+
+    def feedback_entries(self) -> dict[str, int]:
+        """Answers waiting for a label, per rollout that takes feedback (for /metrics)."""
+        ...
+
+
 @dataclass
 class AdminContext:
-    proxy: Proxy
+    routing: RolloutRouting
     metrics: Metrics
     ready: Readiness
     controller: Controller | None = None
     reload: Reloader | None = None
     token: str | None = None
+    feedback: FeedbackStores | None = None  # the stores labels are joined to
     recorder: Recorder | None = None  # where joined feedback goes
 
 
@@ -167,9 +212,9 @@ async def metrics_handler(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     entries = ctx.metrics.feedback_entries
     entries.clear()  # read at scrape time, so rollouts removed by a reload disappear
-    for name, route in ctx.proxy.routes.items():
-        if route.feedback is not None:
-            entries.labels(name).set(len(route.feedback))
+    if ctx.feedback is not None:
+        for name, n in ctx.feedback.feedback_entries().items():
+            entries.labels(name).set(n)
     body = generate_latest(ctx.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -186,24 +231,15 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
-def _routing(proxy: Proxy, name: str) -> dict[str, Any]:
-    route = proxy.routes[name]
-    cfg = route.config
-    return {
-        "match": {"path_prefix": cfg.match.path_prefix, "host": cfg.match.host},
-        "endpoints": {arm: list(route.pools[arm].endpoints) for arm in ARMS},
-        "healthy_endpoints": {arm: route.pools[arm].healthy_count() for arm in ARMS},
-    }
-
-
 def _summary(ctx: AdminContext, name: str, detail: bool) -> dict[str, Any]:
     assert ctx.controller is not None
-    out = ctx.controller.detail(name) if detail else ctx.controller.summary(name)
-    if name in ctx.proxy.routes:
-        out.update(_routing(ctx.proxy, name))
+    view = ctx.controller.view(name)
+    out = rollout_detail(view) if detail else rollout_summary(view)
+    routing = ctx.routing.routing(name)
+    if routing is not None:
+        out.update(routing)
         if detail:  # input health: per-field summaries, drift checks (None without `inputs`)
-            monitor = ctx.proxy.routes[name].inputs
-            out["inputs"] = None if monitor is None else monitor.report().to_dict()
+            out["inputs"] = ctx.routing.input_health(name)
     return out
 
 
@@ -319,7 +355,7 @@ async def feedback_handler(request: web.Request) -> web.Response:
     refused = _refuse_mutation(request)
     if refused is not None:
         return refused
-    if ctx.recorder is None:
+    if ctx.recorder is None or ctx.feedback is None:
         return _error(409, "this admin app has no recorder to record feedback into")
     if request.content_length is not None and request.content_length > MAX_ADMIN_BODY:
         return _error(413, f"request body exceeds {MAX_ADMIN_BODY} bytes; send smaller batches")
@@ -336,25 +372,28 @@ async def feedback_handler(request: web.Request) -> web.Response:
         parsed = parse_feedback(raw)
     except FeedbackBodyError as exc:
         return _error(exc.status, str(exc))
-    stores = [r.feedback for r in ctx.proxy.routes.values() if r.feedback is not None]
-    report = join_feedback(parsed, stores, ctx.recorder)
+    report = join_feedback(parsed, ctx.feedback.feedback_stores(), ctx.recorder)
     for (rollout, result), n in report.counts.items():
         ctx.metrics.feedback.labels(rollout, result).inc(n)
     return web.json_response(report.to_json())
 
 
 def make_admin_app(
-    proxy: Proxy,
+    routing: RolloutRouting,
     metrics: Metrics,
     ready: Readiness,
     *,
     controller: Controller | None = None,
     reload: Reloader | None = None,
     token: str | None = None,
+    feedback: FeedbackStores | None = None,
     recorder: Recorder | None = None,
 ) -> web.Application:
+    """The admin app; ``feedback`` and ``recorder`` together enable ``POST /api/v1/feedback``."""
     app = web.Application(client_max_size=MAX_ADMIN_BODY)
-    app[CONTEXT] = AdminContext(proxy, metrics, ready, controller, reload, token, recorder=recorder)
+    app[CONTEXT] = AdminContext(
+        routing, metrics, ready, controller, reload, token, feedback=feedback, recorder=recorder
+    )
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -26,15 +26,17 @@ from typing import Any
 
 from canary.analyzer.worker import analyze_packed
 from canary.decision.analysis import Analysis
+from canary.errors import AnalysisError
+from canary.observe.inputs import InputHealth
 
 _HEADER = struct.Struct("!Q")
 
 
-class ChannelBroken(Exception):
+class ChannelBroken(AnalysisError):
     """The worker is gone, or the channel was closed: analyse elsewhere."""
 
 
-class AnalysisFailed(Exception):
+class AnalysisFailed(AnalysisError):
     """The analysis raised in the worker (the message carries its traceback)."""
 
 
@@ -45,7 +47,7 @@ def serve(sock: socket.socket) -> None:
             data = _receive(sock)
             if data is None:
                 return
-            config, inputs, failing_for, failing_requests = pickle.loads(data)
+            config, inputs, failing_for, failing_requests, input_health = pickle.loads(data)
             try:
                 result: tuple[str, Any] = (
                     "ok",
@@ -54,6 +56,7 @@ def serve(sock: socket.socket) -> None:
                         inputs,
                         failing_for=failing_for,
                         failing_requests=failing_requests,
+                        input_health=input_health,
                     ),
                 )
             except Exception:
@@ -130,13 +133,18 @@ class AnalysisChannel:
         return "it returned" if exc is None else f"{type(exc).__name__}: {exc}"
 
     async def analyze(
-        self, config: bytes, inputs: bytes, failing_for: float, failing_requests: int
+        self,
+        config: bytes,
+        inputs: bytes,
+        failing_for: float,
+        failing_requests: int,
+        input_health: InputHealth | None = None,
     ) -> Analysis:
         """Run :func:`analyze_packed` in the worker; ChannelBroken or AnalysisFailed."""
         async with self._lock:
             if self.closed:
                 raise ChannelBroken("the analysis channel is closed")
-            request = (config, inputs, failing_for, failing_requests)
+            request = (config, inputs, failing_for, failing_requests, input_health)
             data = pickle.dumps(request, pickle.HIGHEST_PROTOCOL)
             try:
                 self._writer.write(_HEADER.pack(len(data)) + data)
@@ -181,3 +189,6 @@ class AnalysisChannel:
         with contextlib.suppress(Exception, asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._job), timeout)
         self._theirs.close()  # after the job: in a thread pool it is the worker's own socket
+
+
+__all__ = ["AnalysisChannel", "AnalysisFailed", "ChannelBroken", "serve"]

@@ -1,11 +1,13 @@
 """The analysis worker process that ``canary run`` runs the statistics in, and what it is sent.
 
-The controller ships each analysis as two byte strings it builds on the event loop: the
-rollout's config, pickled once per config object, and :func:`pack_inputs` of its totals: only
-the parts of the accumulators that :func:`~canary.decision.analysis.analyze` reads, as plain
-tuples and dicts. Bytes cost the executor's feeder thread a copy, not a pickling of the object
-graph (which held the GIL, and so the proxy's requests, for about half a millisecond per
-analysis), and they are a snapshot: flushes may go on while they travel.
+:class:`~canary.analyzer.WorkerAnalyzer` ships each analysis as two byte strings it builds on
+the event loop: the rollout's config, pickled once per config object, and :func:`pack_inputs`
+of its totals: only the parts of the accumulators that
+:func:`~canary.decision.analysis.analyze` reads, as plain tuples and dicts (the small rest of
+the job, the hard-failure clock and the input health, travels as it is). Bytes cost the
+executor's feeder thread a copy, not a pickling of the object graph (which held the GIL, and
+so the proxy's requests, for about half a millisecond per analysis), and they are a snapshot:
+flushes may go on while they travel.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import threading
 import time
 
 from canary.config import RolloutConfig
-from canary.decision.analysis import Analysis, analyze, paired_key
+from canary.decision.analysis import Analysis, analyze
 from canary.observe import (
     ArmAccumulator,
     ClusterCells,
@@ -24,8 +26,9 @@ from canary.observe import (
     Moments,
     RolloutAccumulator,
     SignalAccumulator,
-    parse_signal,
 )
+from canary.observe.inputs import InputHealth
+from canary.signals import paired_key, parse_signal
 from canary.stats import DEFAULT_BATCH_SIZES
 
 WORKER_NICE = 19  # lowest priority: the proxy's requests come first on a shared core
@@ -156,7 +159,12 @@ def _unpack_arm(arm: ArmAccumulator, packed: _PackedArm) -> None:
 
 
 def analyze_packed(
-    config: bytes, inputs: bytes, *, failing_for: float = 0.0, failing_requests: int = 0
+    config: bytes,
+    inputs: bytes,
+    *,
+    failing_for: float = 0.0,
+    failing_requests: int = 0,
+    input_health: InputHealth | None = None,
 ) -> Analysis:
     """:func:`analyze` of what the controller shipped (runs in the worker)."""
     rollout = _configs.get(config)
@@ -169,4 +177,18 @@ def analyze_packed(
         unpack_inputs(inputs),
         failing_for=failing_for,
         failing_requests=failing_requests,
+        input_health=input_health,
     )
+
+
+__all__ = [
+    "WORKER_NICE",
+    "analysed_keys",
+    "analyze_packed",
+    "init_worker",
+    "pack_config",
+    "pack_inputs",
+    "unpack_inputs",
+    "warm",
+    "watch_parent",
+]

@@ -23,7 +23,6 @@ from canary.config._models import (
     StickyConfig,
     WebhookConfig,
 )
-from canary.config._resource_query import ResourceQuery, ResourceQueryError
 from canary.config._units import Margin, parse_duration, parse_margin, parse_size
 
 __all__ = [
@@ -41,8 +40,6 @@ __all__ = [
     "MetricConfig",
     "PricingConfig",
     "ProxyConfig",
-    "ResourceQuery",
-    "ResourceQueryError",
     "ResourcesConfig",
     "RolloutConfig",
     "RoutingConfig",

@@ -660,3 +660,18 @@ def load_config_result(path: str) -> tuple[Config | None, list[ConfigIssue]]:
         return load_config(path), []
     except ConfigError as exc:
         return None, exc.issues
+
+
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_FILE_BYTES",
+    "MAX_ISSUES",
+    "MAX_NODES",
+    "MAX_QUOTE",
+    "decode_config",
+    "load_config",
+    "load_config_result",
+    "load_config_text",
+    "parse_yaml_text",
+    "read_config_text",
+]

@@ -22,17 +22,54 @@ from pydantic import (
 )
 
 from canary.config._units import (
-    BARE_SIGNALS,
-    PREFIXED_SIGNALS,
     Margin,
     parse_duration,
     parse_listen,
     parse_margin,
     parse_percent,
-    parse_signal,
     parse_size,
     parse_upstream_url,
 )
+from canary.signals import (
+    AGREEMENT,
+    CANDIDATE,
+    PRODUCTION,
+    RATE_SIGNALS,
+    is_continuous,
+    is_resource,
+    is_token,
+    json_path_segments,
+    parse_prediction,
+    parse_signal,
+)
+
+__all__ = [
+    "INPUT_TYPES",
+    "AdminConfig",
+    "AnalysisConfig",
+    "ArmConfig",
+    "Config",
+    "FeedbackConfig",
+    "InputBaselineConfig",
+    "InputFieldBaseline",
+    "InputToleranceConfig",
+    "InputsConfig",
+    "MatchConfig",
+    "MetricConfig",
+    "PricingConfig",
+    "ProxyConfig",
+    "ResourcesConfig",
+    "RolloutConfig",
+    "RoutingConfig",
+    "ShadowStep",
+    "StateConfig",
+    "StepConfig",
+    "StickyConfig",
+    "WebhookConfig",
+    "WebhookEvent",
+    "check_signal",
+    "is_loopback_host",
+]
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
@@ -42,15 +79,10 @@ UpstreamURL = Annotated[str, BeforeValidator(parse_upstream_url)]
 MarginValue = Annotated[Margin, BeforeValidator(parse_margin)]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
-_HEADER = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _STAT = re.compile(r"^(mean|rate|distribution|p(\d{1,2}(?:\.\d+)?))$")
 _PERCENTILE = re.compile(r"^p(\d{1,2}(?:\.\d+)?)$")
-_NOT_CONTINUOUS = ("error", "feedback", "agreement")
 _ERROR_CLASS = re.compile(r"^([1-5]xx|[1-5]\d\d)$")
-
-SIGNAL_KINDS = tuple(BARE_SIGNALS)
-SIGNAL_PREFIXES = tuple(PREFIXED_SIGNALS)
-_JSON_PATH = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+_RATE_NAMES = f"{', '.join(RATE_SIGNALS[:-1])} and {RATE_SIGNALS[-1]}"
 
 
 def check_signal(value: str) -> str:
@@ -150,7 +182,7 @@ class PricingConfig(_Model):
     @field_validator("header")
     @classmethod
     def _header(cls, v: str | None) -> str | None:
-        if v is not None and not _HEADER.match(v):
+        if v is not None and not is_token(v):
             raise ValueError(f"{v!r} is not a valid header name")
         return v
 
@@ -217,7 +249,7 @@ class StickyConfig(_Model):
     def _one(self) -> StickyConfig:
         if (self.header is None) == (self.cookie is None):
             raise ValueError("sticky needs exactly one of 'header' or 'cookie'")
-        if self.header is not None and not _HEADER.match(self.header):
+        if self.header is not None and not is_token(self.header):
             raise ValueError(f"{self.header!r} is not a valid header name")
         return self
 
@@ -238,7 +270,7 @@ class RoutingConfig(_Model):
     @field_validator("override_header")
     @classmethod
     def _override(cls, v: str | None) -> str | None:
-        if v is not None and not _HEADER.match(v):
+        if v is not None and not is_token(v):
             raise ValueError(f"{v!r} is not a valid header name")
         return v
 
@@ -365,17 +397,15 @@ class MetricConfig(_Model):
         if self.stat == "distribution":
             if self.margin.relative is False:
                 raise ValueError("a distribution tolerance must be relative, such as '10%'")
-            if self.signal in _NOT_CONTINUOUS or self.signal.startswith("resource:"):
+            if not is_continuous(self.signal):
                 raise ValueError(
                     f"stat 'distribution' compares the values of a per-request signal such as "
                     f"latency or ttft, not {self.signal!r}"
                 )
         elif self.quantiles is not None:
             raise ValueError("'quantiles' applies only to stat: distribution")
-        if self.stat == "rate" and self.signal not in ("error", "feedback", "agreement"):
-            raise ValueError(
-                f"stat 'rate' applies to error, feedback and agreement, not {self.signal!r}"
-            )
+        if self.stat == "rate" and self.signal not in RATE_SIGNALS:
+            raise ValueError(f"stat 'rate' applies to {_RATE_NAMES}, not {self.signal!r}")
         return self
 
     @property
@@ -545,8 +575,12 @@ class InputsConfig(_Model):
     @classmethod
     def _paths(cls, v: list[str]) -> list[str]:
         for path in v:
-            if not _JSON_PATH.match(path):
-                raise ValueError(f"{path!r} is not a JSON path such as 'amount' or 'features.age'")
+            try:
+                json_path_segments(path)
+            except ValueError:
+                raise ValueError(
+                    f"{path!r} is not a JSON path such as 'amount' or 'features.age'"
+                ) from None
         dup = sorted({p for p in v if v.count(p) > 1})
         if dup:
             raise ValueError(f"duplicate fields {dup}")
@@ -588,8 +622,8 @@ class RolloutConfig(_Model):
     @field_validator("prediction")
     @classmethod
     def _prediction(cls, v: str | None) -> str | None:
-        if v is not None and (not v.startswith("json:") or not _JSON_PATH.match(v[5:])):
-            raise ValueError(f"prediction must be 'json:PATH' such as 'json:prediction', got {v!r}")
+        if v is not None:
+            parse_prediction(v)  # the path the proxy reads it from; ValueError says why not
         return v
 
     @model_validator(mode="after")
@@ -598,18 +632,15 @@ class RolloutConfig(_Model):
         if any(b < a for a, b in itertools.pairwise(weights)):
             raise ValueError(f"step weights must not decrease, got {weights}")
         for m in self.analysis.metrics:
-            if m.signal.startswith("resource:"):
-                for arm_name, arm in (
-                    ("production", self.production),
-                    ("candidate", self.candidate),
-                ):
+            if is_resource(m.signal):
+                for arm_name, arm in ((PRODUCTION, self.production), (CANDIDATE, self.candidate)):
                     if arm.resources is None:
                         raise ValueError(
                             f"metric {m.name!r} uses {m.signal!r}; add 'resources: "
                             f"{{scrape: /metrics, every: 5s}}' to {arm_name}"
                         )
         for m in self.analysis.metrics:
-            if m.signal == "agreement":
+            if m.signal == AGREEMENT:
                 if self.prediction is None:
                     raise ValueError(
                         f"metric {m.name!r} uses 'agreement', which compares the arms' "

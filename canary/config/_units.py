@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Final
 from urllib.parse import urlsplit
 
-from canary.config._resource_query import ResourceQuery
+__all__ = [
+    "Margin",
+    "parse_duration",
+    "parse_listen",
+    "parse_margin",
+    "parse_percent",
+    "parse_size",
+    "parse_upstream_url",
+]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -124,101 +131,3 @@ def parse_upstream_url(value: object) -> str:
     except ValueError:
         raise ValueError(f"bad port in URL {value!r}") from None
     return value.rstrip("/")
-
-
-# --- signal strings ---------------------------------------------------------------------------
-# The one grammar of signal strings: the rollout file is validated with it (MetricConfig.signal)
-# and the proxy compiles its extractors with it (canary.observe.signals re-exports it).
-
-# Where a signal's value comes from.
-SOURCE_PROXY: Final = "proxy"  # measured by the proxy itself: latency, ttft, error
-SOURCE_DERIVED: Final = "derived"  # computed at finish from measured and extracted values
-SOURCE_RESPONSE: Final = "response"  # read from the response: header, Server-Timing, JSON
-SOURCE_EXTERNAL: Final = "external"  # not per response: scraped, posted later or paired
-
-# Bare signal names and the source of each.
-BARE_SIGNALS: Final[dict[str, str]] = {
-    "latency": SOURCE_PROXY,
-    "ttft": SOURCE_PROXY,
-    "error": SOURCE_PROXY,
-    "tokens_per_s": SOURCE_DERIVED,
-    "itl": SOURCE_DERIVED,  # inter-token latency of a stream, seconds per token
-    "cost": SOURCE_DERIVED,
-    "feedback": SOURCE_EXTERNAL,  # ground truth joined later on request id
-    "agreement": SOURCE_EXTERNAL,  # shadow steps: candidate's prediction == production's
-}
-# NAME-taking signal kinds and the source of each.
-PREFIXED_SIGNALS: Final[dict[str, str]] = {
-    "header": SOURCE_RESPONSE,
-    "server_timing": SOURCE_RESPONSE,
-    "json": SOURCE_RESPONSE,
-    "resource": SOURCE_EXTERNAL,  # scraped from the arm's Prometheus endpoint
-}
-_EXPECTED = ", ".join([*BARE_SIGNALS, *(f"{k}:NAME" for k in PREFIXED_SIGNALS)])
-
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token (header and metric names)
-_JSON_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
-
-
-@dataclass(frozen=True, slots=True)
-class Signal:
-    """A parsed signal string.
-
-    ``key`` is the canonical form used in :attr:`Observation.signals` and the accumulators:
-    the input with header names lower-cased (HTTP header names are case-insensitive), so
-    ``header:X-Model-Cost`` and ``header:x-model-cost`` are the same signal.
-    """
-
-    kind: str  # a BARE_SIGNALS name or a PREFIXED_SIGNALS kind
-    arg: str  # the NAME after the colon; "" for bare signals
-    key: str
-    source: str  # SOURCE_PROXY | SOURCE_DERIVED | SOURCE_RESPONSE | SOURCE_EXTERNAL
-
-    @property
-    def per_request(self) -> bool:
-        """True when the signal has a value per request (everything but resource/feedback)."""
-        return self.source != SOURCE_EXTERNAL
-
-
-def parse_signal(text: str) -> Signal:
-    """Parse and classify a signal string; raise ValueError naming what is wrong."""
-    if not isinstance(text, str) or not text:
-        raise ValueError(f"a signal must be a non-empty string, got {text!r}")
-    kind, sep, arg = text.partition(":")
-    if not sep:
-        source = BARE_SIGNALS.get(text)
-        if source is None:
-            hint = " (it needs a NAME, e.g. 'header:X-Cost')" if text in PREFIXED_SIGNALS else ""
-            raise ValueError(f"unknown signal {text!r}{hint}; expected one of {_EXPECTED}")
-        return Signal(text, "", text, source)
-    if kind in BARE_SIGNALS:
-        raise ValueError(f"signal {kind!r} takes no argument, got {text!r}")
-    source = PREFIXED_SIGNALS.get(kind)
-    if source is None:
-        raise ValueError(f"unknown signal kind {kind!r} in {text!r}; expected one of {_EXPECTED}")
-    if not arg:
-        raise ValueError(f"signal {text!r} needs a name after '{kind}:'")
-    if kind == "header":
-        if not _TOKEN.fullmatch(arg):
-            raise ValueError(f"{arg!r} in {text!r} is not a valid HTTP header name")
-        return Signal(kind, arg.lower(), f"header:{arg.lower()}", source)
-    if kind == "server_timing":
-        if not _TOKEN.fullmatch(arg):
-            raise ValueError(f"{arg!r} in {text!r} is not a valid Server-Timing metric name")
-    elif kind == "json":
-        json_path_segments(arg)  # raises ValueError with the reason
-    elif kind == "resource":
-        ResourceQuery.parse(text)  # the name and label selector; a ResourceQueryError says why
-    return Signal(kind, arg, text, source)
-
-
-def json_path_segments(text: str) -> list[str]:
-    """The segments of a dot path into JSON (``usage.total_tokens``, ``choices.0.score``)."""
-    segments = text.split(".")
-    for seg in segments:
-        if not _JSON_SEGMENT.fullmatch(seg):
-            raise ValueError(
-                f"{text!r} is not a JSON path: segments are separated by '.' and made of "
-                f"letters, digits, '_' and '-' (e.g. 'usage.total_tokens', 'choices.0.score')"
-            )
-    return segments

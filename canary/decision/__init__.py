@@ -5,15 +5,26 @@ from canary.decision.policy import (
     HARD_FAILURE_REQUESTS,
     HARD_FAILURE_SECONDS,
     MANUAL_ACTIONS,
-    CommandRejected,
     StepProgress,
     command,
     decide,
     evidence,
     progress,
+    track_failures,
     transition,
 )
-from canary.decision.state import Action, Decision, Evidence, Phase, RolloutState, fingerprint
+from canary.decision.state import (
+    Action,
+    Decision,
+    Evidence,
+    Phase,
+    RolloutState,
+    fingerprint,
+    log_entry,
+    step_fields,
+    upgrade_entry,
+)
+from canary.errors import CommandRejected
 
 __all__ = [
     "HARD_FAILURE_REQUESTS",
@@ -32,7 +43,11 @@ __all__ = [
     "decide",
     "evidence",
     "fingerprint",
+    "log_entry",
     "metric_alpha",
     "progress",
+    "step_fields",
+    "track_failures",
     "transition",
+    "upgrade_entry",
 ]

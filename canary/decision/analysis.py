@@ -24,8 +24,9 @@ from canary.observe import (
     RolloutAccumulator,
     SignalAccumulator,
     coarse_upper,
-    parse_signal,
 )
+from canary.observe.inputs import FieldDrift, InputHealth, drift_checks
+from canary.signals import is_resource, paired_key, parse_signal
 from canary.stats import (
     DEFAULT_BATCH_SIZES,
     DISTRIBUTION_QUANTILES,
@@ -56,23 +57,6 @@ _RATE_SIGNALS = ("feedback", "agreement")
 _PAIRED_ONLY = "agreement"  # shadow-only, production identically 1: the one-sample form
 
 
-def paired_key(
-    signal_key: str, relative: bool, *, changes: bool = False, batch: int | None = None
-) -> str:
-    """Candidate-arm accumulator key of a resource signal's per-window paired value.
-
-    ``log`` holds ``log(c / p)`` per window (relative tolerances), ``diff`` holds ``c - p``
-    (absolute ones); with ``changes`` the change of that value since the previous consecutive
-    window (its squares estimate the autocorrelation); with ``batch`` the sum of the last
-    ``batch`` consecutive values (overlapping batch means: the long-run variance). Written
-    by ``canary.observe.resources``.
-    """
-    scale = "log" if relative else "diff"
-    if batch is not None:
-        return f"paired_batch{batch}:{scale}:{signal_key}"
-    return f"paired{'_change' if changes else ''}:{scale}:{signal_key}"
-
-
 @dataclass(frozen=True)
 class Analysis:
     """Everything the policy needs from the data, computed once per interval.
@@ -90,6 +74,9 @@ class Analysis:
     failing_for, failing_requests
         How long, and over how many requests, every candidate request has failed (0 when the
         last one succeeded): the hard-failure guard.
+    inputs
+        The input-health drift checks per field of ``inputs.fields`` (empty without
+        ``inputs`` or without a snapshot of them): what ``inputs.on_drift: hold`` reads.
     """
 
     metrics: tuple[MetricResult, ...]
@@ -98,10 +85,16 @@ class Analysis:
     observed: dict[str, int]
     failing_for: float = 0.0
     failing_requests: int = 0
+    inputs: tuple[FieldDrift, ...] = ()
 
     @property
     def candidate_observed(self) -> int:
         return self.observed.get("candidate", 0)
+
+    @property
+    def drifted_inputs(self) -> tuple[str, ...]:
+        """The request-body fields whose drift check flags a shift from their baseline."""
+        return tuple(f.field for f in self.inputs if f.drifted)
 
     def all_results(self) -> list[MetricResult]:
         out = [*self.metrics, self.srm]
@@ -121,8 +114,10 @@ def analyze(
     *,
     failing_for: float = 0.0,
     failing_requests: int = 0,
+    input_health: InputHealth | None = None,
 ) -> Analysis:
-    """Evaluate every configured test on ``acc`` (cumulative since the rollout started)."""
+    """Evaluate every configured test on ``acc`` (cumulative since the rollout started) and,
+    given a snapshot of the rollout's input health, its drift checks."""
     cfg = rollout.analysis
     alpha = metric_alpha(rollout)
     sticky = rollout.routing.sticky is not None
@@ -154,6 +149,11 @@ def analyze(
         observed={"production": acc.production.observed, "candidate": acc.candidate.observed},
         failing_for=failing_for,
         failing_requests=failing_requests,
+        inputs=(
+            drift_checks(rollout.inputs, input_health)
+            if rollout.inputs is not None and input_health is not None
+            else ()
+        ),
     )
 
 
@@ -168,7 +168,7 @@ def _metric(
     margin = m.margin
     direction = Direction.INCREASE if m.higher_is_worse else Direction.DECREASE
     key = parse_signal(m.signal).key
-    if key.startswith("resource:"):
+    if is_resource(key):
         return _resource(m, key, cand, direction, alpha)
     p_acc, c_acc = prod.signals.get(key), cand.signals.get(key)
     if p_acc is None or c_acc is None:
@@ -309,3 +309,6 @@ def _no_data(
         alpha=alpha,
         detail=f"no {m.signal} values from {' and '.join(missing)} yet",
     )
+
+
+__all__ = ["NET_VALUE_NAME", "SRM_NAME", "Analysis", "analyze", "metric_alpha"]

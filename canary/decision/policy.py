@@ -11,8 +11,8 @@ Order of the rules (DESIGN.md "Decision semantics"):
    every request for a few seconds), then any metric WORSE, then a provably negative net value.
 3. ``max_duration`` over: ``on_inconclusive`` (rollback, hold or promote; not promote while
    held by input drift).
-3a. Input drift with ``inputs.on_drift: hold``: CONTINUE (no advance, no promotion) while the
-   drift lasts.
+3a. Input drift (the analysis's input-health checks) with ``inputs.on_drift: hold``: CONTINUE
+   (no advance, no promotion) while the drift lasts.
 4. The step's ``min_requests``, ``min_duration`` and the analysis ``burn_in`` met: ADVANCE,
    or at the last step PROMOTE once every metric (or the net value) is OK.
 5. Otherwise CONTINUE, saying what it waits for.
@@ -101,12 +101,14 @@ def decide(
     analysis: Analysis,
     now: float,
     *,
-    input_drift: Sequence[str] = (),
+    input_drift: Sequence[str] | None = None,
 ) -> Decision:
     """What the data calls for now (operator commands are :func:`command`).
 
-    ``input_drift`` names the request-body fields whose input-health test flags a shift; with
-    ``inputs.on_drift: hold`` they stop automatic advances and promotions (not rollbacks).
+    The request-body fields whose input-health check flags a shift
+    (``analysis.drifted_inputs``; ``input_drift`` names them instead when given) stop
+    automatic advances and promotions with ``inputs.on_drift: hold`` (never rollbacks); with
+    ``report`` they never hold.
     """
     if state.phase is Phase.PROMOTED:
         return Decision(Action.CONTINUE, "promoted: the candidate serves 100%")
@@ -138,7 +140,7 @@ def decide(
     if analysis.net is not None and analysis.net.verdict is Verdict.WORSE:
         return _rollback(f"the trade-off is net negative: {analysis.net.explain()}", analysis.net)
 
-    held = _input_hold(rollout, input_drift)
+    held = _input_hold(rollout, analysis.drifted_inputs if input_drift is None else input_drift)
     if now >= state.deadline and not (held and rollout.analysis.on_inconclusive == "promote"):
         policy = rollout.analysis.on_inconclusive
         why = (
@@ -219,6 +221,48 @@ def evidence(r: MetricResult) -> Evidence:
     )
 
 
+def track_failures(
+    state: RolloutState,
+    observed: int,
+    errors: int,
+    now: float,
+    *,
+    previous_check: float | None = None,
+) -> RolloutState:
+    """The hard-failure clock after a check of the candidate's cumulative ``observed`` and
+    ``errors`` counts at ``now`` (the same object when nothing changed).
+
+    New requests that all failed start the clock (at ``previous_check``, the last check of
+    this process, when the first of them may have been sent; else at ``now``) or add to it;
+    one success among them stops it. The clock lives in the persisted state, so a restart
+    keeps it; ``previous_check`` does not (the time the process was down is not failing time).
+    """
+    if state.failure_observed is None:  # stored by a canary that kept the clock in memory
+        return state.with_(failure_observed=observed, failure_errors=errors)
+    since, count = state.failing_since, state.failing_requests
+    new_obs, new_err = observed - state.failure_observed, errors - state.failure_errors
+    if new_obs > 0:
+        if new_err >= new_obs:
+            if since is None:
+                since = previous_check or now
+            count += new_obs
+        else:
+            since, count = None, 0
+    if (since, count, observed, errors) == (
+        state.failing_since,
+        state.failing_requests,
+        state.failure_observed,
+        state.failure_errors,
+    ):
+        return state
+    return state.with_(
+        failing_since=since,
+        failing_requests=count,
+        failure_observed=observed,
+        failure_errors=errors,
+    )
+
+
 def command(state: RolloutState, action: str, reason: str | None = None) -> Decision:
     """Validate an operator command against the current phase; raise CommandRejected."""
     phase = state.phase
@@ -295,3 +339,17 @@ def _dur(seconds: float) -> str:
         return f"{m}m{s:02d}s"
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m"
+
+
+__all__ = [
+    "HARD_FAILURE_REQUESTS",
+    "HARD_FAILURE_SECONDS",
+    "MANUAL_ACTIONS",
+    "StepProgress",
+    "command",
+    "decide",
+    "evidence",
+    "progress",
+    "track_failures",
+    "transition",
+]

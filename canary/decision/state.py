@@ -88,6 +88,14 @@ class RolloutState:
         (the step's own samples are the count now minus this).
     paused_at
         When an operator paused it (None when not paused).
+    failing_since, failing_requests
+        The hard-failure clock (:func:`~canary.decision.policy.track_failures`): since when,
+        and over how many requests, every candidate request has failed (None and 0 when the
+        last one succeeded). Kept here so that a restart does not reset it.
+    failure_observed, failure_errors
+        The candidate's observation and error counts at the last check of that clock (the
+        next check diffs against them). None: not counted yet, a state stored by a canary that
+        kept the clock in memory; its next check only takes the counts.
     """
 
     name: str
@@ -102,6 +110,10 @@ class RolloutState:
     last_action: str = Action.START.value
     reason: str = "rollout started"
     updated_at: float = 0.0
+    failing_since: float | None = None
+    failing_requests: int = 0
+    failure_observed: int | None = None
+    failure_errors: int = 0
 
     @classmethod
     def start(cls, rollout: RolloutConfig, now: float) -> RolloutState:
@@ -115,6 +127,7 @@ class RolloutState:
             step_started_at=now,
             step_base=0,
             updated_at=now,
+            failure_observed=0,  # counted from the first request on
         )
 
     def weights(self, rollout: RolloutConfig) -> Weights:
@@ -125,6 +138,10 @@ class RolloutState:
             return Weights(0.0, False)
         step = rollout.steps[min(self.step, len(rollout.steps) - 1)]
         return Weights(step.candidate_weight, step.is_shadow)
+
+    def failing_for(self, now: float) -> float:
+        """How long every candidate request has failed (0 when the last one succeeded)."""
+        return 0.0 if self.failing_since is None else now - self.failing_since
 
     def with_(self, **changes: Any) -> RolloutState:
         return replace(self, **changes)
@@ -148,6 +165,50 @@ class RolloutState:
         return cls(**values)
 
 
+def step_fields(step: int, steps: int) -> dict[str, int]:
+    """How users see a step: ``step`` 1-based of ``steps`` (as the CLI, the logs and
+    ``canary_rollout_step`` show it), and ``step_index``, the 0-based index into ``steps:``."""
+    index = max(0, min(step, steps - 1))
+    return {"step": index + 1, "steps": steps, "step_index": index}
+
+
+def log_entry(
+    rollout: RolloutConfig,
+    state: RolloutState,
+    decision: Decision,
+    now: float,
+    *,
+    production: int,
+    candidate: int,
+) -> dict[str, Any]:
+    """The decision-log record of ``decision`` taken at ``now`` (``state`` is the state after
+    it; ``production``/``candidate`` the arms' observation counts): what the store keeps, the
+    admin API lists and webhooks send, so its keys are a persisted format."""
+    weight, shadow = state.weights(rollout)
+    entry: dict[str, Any] = {
+        "at": now,
+        "action": decision.action.value,
+        "reason": decision.reason,
+        "manual": decision.manual,
+        "phase": state.phase.value,
+        **step_fields(state.step, len(rollout.steps)),
+        "weights": {"production": 100.0 - weight, "candidate": weight},
+        "shadow": shadow,
+        "samples": {"production": production, "candidate": candidate},
+    }
+    if decision.evidence is not None:
+        entry["evidence"] = decision.evidence.to_dict()
+    return entry
+
+
+def upgrade_entry(entry: dict[str, Any], steps: int) -> dict[str, Any]:
+    """A decision-log entry as stored by a canary before ``step`` was 1-based (it has no
+    ``step_index``), in today's form; newer entries unchanged."""
+    if "step_index" in entry or not isinstance(entry.get("step"), int):
+        return entry
+    return {**entry, **step_fields(entry["step"], steps)}
+
+
 def fingerprint(rollout: RolloutConfig) -> str:
     """Identity of a rollout's arms: changing an endpoint starts a new rollout."""
     text = "|".join(
@@ -163,3 +224,17 @@ def _finite_or_none(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
+
+
+__all__ = [
+    "STATE_VERSION",
+    "Action",
+    "Decision",
+    "Evidence",
+    "Phase",
+    "RolloutState",
+    "fingerprint",
+    "log_entry",
+    "step_fields",
+    "upgrade_entry",
+]

@@ -3,7 +3,11 @@
 Pure Python on the proxy's hot path (no aiohttp types, no I/O, no locks, bounded memory).
 The proxy compiles one :class:`ResponseExtractor` per rollout, inspects each response with
 it, builds an :class:`Observation` and records it into the :class:`Recorder`; the controller
-reads merged :class:`RolloutAccumulator` snapshots.
+reads merged :class:`RolloutAccumulator` snapshots. The sources that are not per response
+write through the same recorder from their own modules: :mod:`canary.observe.feedback`
+(delayed labels), :mod:`canary.observe.resources` (scraped Prometheus metrics) and
+:mod:`canary.observe.inputs` (input health). Signal and arm names are
+:mod:`canary.signals`'s.
 """
 
 from canary.observe.accumulators import (
@@ -18,35 +22,21 @@ from canary.observe.accumulators import (
     coarse_upper,
 )
 from canary.observe.cost import ArmCost, Pricing, RateEstimator, cost_per_1000
-from canary.observe.histogram import LogHistogram
-from canary.observe.inputs import InputMonitor, InputReport
-from canary.observe.record import (
-    ARMS,
-    CANDIDATE,
-    CLUSTERS,
-    ERROR_KINDS,
-    NO_CLUSTER,
-    PRODUCTION,
-    Observation,
-    Weights,
-)
-from canary.observe.signals import (
+from canary.observe.extract import (
     JsonPath,
     ResponseExtractor,
     ResponseInspector,
-    Signal,
     parse_server_timing,
-    parse_signal,
 )
+from canary.observe.histogram import LogHistogram
+from canary.observe.inputs import InputMonitor, InputReport
+from canary.observe.record import CLUSTERS, ERROR_KINDS, NO_CLUSTER, Observation, Weights
 
 __all__ = [
-    "ARMS",
-    "CANDIDATE",
     "CLUSTERS",
     "COARSE_SHIFT",
     "ERROR_KINDS",
     "NO_CLUSTER",
-    "PRODUCTION",
     "ArmAccumulator",
     "ArmCost",
     "ClusterCells",
@@ -62,12 +52,10 @@ __all__ = [
     "ResponseExtractor",
     "ResponseInspector",
     "RolloutAccumulator",
-    "Signal",
     "SignalAccumulator",
     "Weights",
     "coarse_bucket",
     "coarse_upper",
     "cost_per_1000",
     "parse_server_timing",
-    "parse_signal",
 ]

@@ -12,18 +12,16 @@ propensity (one per rollout step), one histogram bucket per distinct value magni
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from canary.observe.histogram import DEFAULT_RELATIVE_ACCURACY, MIN_POSITIVE, LogHistogram
-from canary.observe.record import (
-    ARMS,
-    CANDIDATE,
-    CLUSTERS,
-    ERROR_STATUS,
-    NO_CLUSTER,
-    PRODUCTION,
-    Observation,
-)
+from canary.observe.inputs import InputHealth, InputMonitor
+from canary.observe.record import CLUSTERS, ERROR_STATUS, NO_CLUSTER, Observation
+from canary.signals import ARMS, CANDIDATE, OTHER_STATUS_CLASS, PRODUCTION, status_class_labels
+
+if TYPE_CHECKING:
+    from canary.config import RolloutConfig
 
 FORMAT_VERSION = 3  # 2: per-propensity routing counts; 3: histograms per stratum, clusters
 _READABLE_VERSIONS = (2, 3)
@@ -33,8 +31,8 @@ _COARSE_NEG = -(1 << 41)  # minus the bucket of |value|: below zero, ascending w
 _INF = math.inf
 _log = math.log
 _ceil = math.ceil
-# status // 100 -> class label; anything outside 100..599 is "other".
-_STATUS_CLASS = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
+# status // 100 -> class label; an answer outside 100..599 is "other" (index 0).
+_STATUS_CLASS = status_class_labels(OTHER_STATUS_CLASS)
 
 
 class Moments:
@@ -383,7 +381,7 @@ class ArmAccumulator:
         status = obs.status
         if status:
             self.answered += 1
-            label = _STATUS_CLASS[status // 100] if 100 <= status < 600 else "other"
+            label = _STATUS_CLASS[status // 100 if 100 <= status < 600 else 0]
             self.status_classes[label] = self.status_classes.get(label, 0) + 1
         error = obs.error
         g = obs.cluster
@@ -565,14 +563,19 @@ class RolloutAccumulator:
 
 
 class Recorder:
-    """The live accumulators of every rollout in this process.
+    """The live accumulators of every rollout in this process, and its input-health monitors.
 
     Single-threaded by design (one asyncio loop): :meth:`record` and :meth:`swap` never run
     at the same time, and ``swap`` replaces the live dict in one attribute assignment, so a
     flusher takes deltas without locks.
+
+    Input health (:mod:`canary.observe.inputs`) is per process and never flushed: the recorder
+    keeps one :class:`~canary.observe.inputs.InputMonitor` per rollout with ``inputs``
+    (:meth:`apply_inputs` on each (re)load), the proxy counts request bodies into it, and
+    :meth:`input_health` snapshots it for the rollout's analysis.
     """
 
-    __slots__ = ("_live", "accuracy")
+    __slots__ = ("_inputs", "_live", "accuracy")
 
     def __init__(
         self,
@@ -583,6 +586,7 @@ class Recorder:
         self._live: dict[str, RolloutAccumulator] = {
             name: RolloutAccumulator(accuracy) for name in rollouts
         }
+        self._inputs: dict[str, InputMonitor] = {}
 
     def record(self, obs: Observation) -> None:
         acc = self._live.get(obs.rollout)
@@ -631,3 +635,49 @@ class Recorder:
         old = self._live
         self._live = {name: RolloutAccumulator(self.accuracy) for name in old}
         return old
+
+    # -- input health -------------------------------------------------------------------------
+
+    def apply_inputs(self, rollouts: Iterable[RolloutConfig]) -> dict[str, InputMonitor]:
+        """Adopt the input-health settings of the configured ``rollouts`` (every (re)load).
+
+        A rollout keeps its monitor (learned baseline and counts) while its ``inputs`` are
+        unchanged, gets a new one when they change, and loses it without ``inputs`` or when it
+        is no longer configured. Not tied to :meth:`remove`: a rollout restarted with new
+        endpoints keeps its clients' baseline. Returns the monitors by rollout (the proxy's
+        routes and the metrics keep them).
+        """
+        monitors: dict[str, InputMonitor] = {}
+        for r in rollouts:
+            if r.inputs is None:
+                continue
+            monitor = self._inputs.get(r.name)
+            if monitor is None or monitor.config != r.inputs:
+                monitor = InputMonitor(r.name, r.inputs)
+            monitors[r.name] = monitor
+        self._inputs = monitors
+        return dict(monitors)
+
+    def input_monitor(self, rollout: str) -> InputMonitor | None:
+        """The input-health monitor of ``rollout`` (None without ``inputs``)."""
+        return self._inputs.get(rollout)
+
+    def input_health(self, rollout: str) -> InputHealth | None:
+        """A frozen snapshot of ``rollout``'s input counts (O(fields)) for its analysis
+        (``canary.decision.analyze(..., input_health=...)``); None without ``inputs``."""
+        monitor = self._inputs.get(rollout)
+        return monitor.snapshot() if monitor is not None else None
+
+
+__all__ = [
+    "COARSE_SHIFT",
+    "FORMAT_VERSION",
+    "ArmAccumulator",
+    "ClusterCells",
+    "Moments",
+    "Recorder",
+    "RolloutAccumulator",
+    "SignalAccumulator",
+    "coarse_bucket",
+    "coarse_upper",
+]

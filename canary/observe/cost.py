@@ -10,13 +10,14 @@ arm's own, is deliberate: it prices each arm as if it served all traffic, so a c
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from canary.observe.signals import parse_number
+from canary.observe.extract import parse_number
+from canary.signals import is_token
 
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+__all__ = ["ArmCost", "Pricing", "RateEstimator", "cost_per_1000"]
+
 _LN2 = math.log(2.0)
 
 
@@ -41,7 +42,7 @@ class Pricing:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         if not (isinstance(self.replicas, int) and self.replicas >= 1):
             raise ValueError(f"replicas must be an integer >= 1, got {self.replicas!r}")
-        if self.header is not None and not _TOKEN.fullmatch(self.header):
+        if self.header is not None and not is_token(self.header):
             raise ValueError(f"header must be an HTTP header name, got {self.header!r}")
 
     @property

@@ -44,11 +44,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from canary.config import FeedbackConfig, RolloutConfig
-from canary.errors import CanaryError
+from canary.errors import ClientError
 from canary.observe.record import NO_CLUSTER
+from canary.signals import FEEDBACK
 
 __all__ = [
-    "FEEDBACK_SIGNAL",
     "MAX_ITEMS",
     "RESULTS",
     "TOMBSTONES",
@@ -68,7 +68,6 @@ __all__ = [
     "uses_feedback",
 ]
 
-FEEDBACK_SIGNAL = "feedback"
 MAX_ITEMS = 10_000
 """Items per ``POST /api/v1/feedback`` body (the body is also bounded in bytes)."""
 TOMBSTONES = 10_000
@@ -89,8 +88,11 @@ _KINDS: tuple[Kind, ...] = ("label", "correct", "reward")
 _KEYS = frozenset(("request_id", *_KINDS))
 
 
-class FeedbackBodyError(CanaryError):
-    """A feedback body that cannot be read at all (not JSON, wrong shape, too large)."""
+class FeedbackBodyError(ClientError):
+    """A feedback body that cannot be read at all (not JSON, wrong shape, too large): the
+    client's fault, answered with ``status`` (400, or 413 for too many items)."""
+
+    kind = "feedback_body"
 
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
@@ -424,7 +426,7 @@ class FeedbackStore:
 def uses_feedback(rollout: RolloutConfig) -> bool:
     """True when the rollout can use feedback: a ``feedback`` metric or a ``prediction``."""
     return rollout.prediction is not None or any(
-        m.signal == FEEDBACK_SIGNAL for m in rollout.analysis.metrics
+        m.signal == FEEDBACK for m in rollout.analysis.metrics
     )
 
 
@@ -509,9 +511,7 @@ def join_feedback(
                 continue
             result, rollout = r, store.rollout
             for arm, value, propensity, cluster in values:
-                recorder.record_value(
-                    store.rollout, arm, FEEDBACK_SIGNAL, value, propensity, cluster
-                )
+                recorder.record_value(store.rollout, arm, FEEDBACK, value, propensity, cluster)
             break
         report.count(rollout, result)
     for store in found:
@@ -523,5 +523,5 @@ def record_ripe(store: FeedbackStore, recorder: ValueRecorder) -> int:
     """Record the values of ``store``'s matured answers; return how many."""
     ripe = store.take_ripe()
     for arm, value, propensity, cluster in ripe:
-        recorder.record_value(store.rollout, arm, FEEDBACK_SIGNAL, value, propensity, cluster)
+        recorder.record_value(store.rollout, arm, FEEDBACK, value, propensity, cluster)
     return len(ripe)

@@ -114,3 +114,10 @@ class LogHistogram:
         h.zero = int(data["zero"])
         h.count = int(data["count"])
         return h
+
+
+__all__ = [
+    "DEFAULT_RELATIVE_ACCURACY",
+    "MIN_POSITIVE",
+    "LogHistogram",
+]

@@ -4,26 +4,24 @@ For each field of ``inputs.fields`` the proxy counts, per request, the field's J
 (number, string, bool, null, missing, object, array) and, for numbers, the count, sum, sum of
 squares, minimum and maximum. A baseline is either learned from the first
 ``baseline.requests`` inspected requests (then frozen) or given in the config; after it, a
-sequential drift test per field compares the requests since the baseline with it:
-
-- the **mean** of the numeric values: an asymptotic confidence sequence on the difference of
-  means (:func:`mean_shift_cs`), flagged when it lies wholly beyond ``tolerance.mean``
-  baseline standard deviations;
-- the **null rate** (null or missing) and the **share of each other type**: beta-mixture
-  confidence sequences on proportions (:func:`proportion_shift_cs`), flagged when the
-  difference lies wholly beyond ``tolerance.rate``.
-
-Every check is anytime-valid and ``alpha`` is split equally over all of them
-(``alpha / (7 x fields)``), so the probability that a field is ever flagged while the inputs
-are within the tolerances is at most ``alpha``, however often the tests are evaluated.
+sequential drift test per field compares the requests since the baseline with it: the mean
+of the numeric values (within ``tolerance.mean`` baseline standard deviations), the null rate
+(null or missing) and the share of each other type (within ``tolerance.rate``), every test
+anytime-valid, with ``alpha`` split over all of them (the statistics are
+:func:`canary.stats.shift_checks`).
 
 :meth:`InputMonitor.observe` is the only hot-path call: one ``json.loads`` of a buffered body
 up to ``max_body`` bytes and O(number of fields) integer and float updates, no I/O, no
-allocation that stays. The tests run lazily, at most once per second, when the metrics, the
-admin API or the controller ask (:meth:`InputMonitor.report`).
+allocation that stays. :meth:`InputMonitor.snapshot` copies the counts into a frozen,
+picklable :class:`InputHealth` (O(fields)); :func:`drift_checks` turns a config and a snapshot
+into the checks. That one function serves both readers, so they cannot disagree: the rollout
+analysis (``canary.decision.analyze(..., input_health=snapshot)``, which the policy's
+``inputs.on_drift: hold`` reads) and :meth:`InputMonitor.report` (the metrics and the admin
+API; it reruns the checks at most once per :data:`EVALUATE_EVERY` seconds).
 
 The state is per process and in memory only: it is not in the shared store, a restart
-starts a new baseline, and a reload keeps it only while the rollout's ``inputs`` are unchanged.
+starts a new baseline, and a reload keeps it only while the rollout's ``inputs`` are unchanged
+(:meth:`canary.observe.Recorder.apply_inputs`).
 """
 
 from __future__ import annotations
@@ -36,174 +34,29 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
-import numpy as np
-from numpy.typing import ArrayLike, NDArray
-from scipy import special
-
-from canary.observe.signals import JsonPath
-from canary.stats import bernoulli_cs, normal_mixture_radius, normal_mixture_rho2
+from canary.observe.extract import JsonPath
+from canary.stats import shift_checks
 
 if TYPE_CHECKING:
-    from canary.config import InputsConfig
+    from canary.config import InputFieldBaseline, InputsConfig
 
 log = logging.getLogger("canary.inputs")
-
-FloatArray = NDArray[np.float64]
 
 TYPES: Final = ("number", "string", "bool", "null", "missing", "object", "array")
 NUMBER, STRING, BOOL, NULL, MISSING, OBJECT, ARRAY = range(len(TYPES))
 SHARE_TYPES: Final = ("number", "string", "bool", "object", "array")  # null/missing: null rate
-CHECKS_PER_FIELD: Final = 2 + len(SHARE_TYPES)  # mean, null rate, one share per other type
+CHECKS: Final = ("mean", "null_rate", *(f"type:{t}" for t in SHARE_TYPES))  # per field, in order
+CHECKS_PER_FIELD: Final = len(CHECKS)  # mean, null rate, one share per other type
 RESULTS: Final = ("inspected", "unparseable", "not_inspected", "too_large")
 INSPECTED, UNPARSEABLE, NOT_INSPECTED, TOO_LARGE = range(len(RESULTS))
 
-MIN_MEAN_SAMPLES: Final = 30  # numeric values per window before the mean is tested
 EVALUATE_EVERY: Final = 1.0  # seconds a report's drift tests are reused
-T_OPT: Final = 1000.0  # requests at which the mean's confidence sequence is tightest
 
 _MISSING: Final = object()
 _WHITESPACE: Final = b" \t\r\n"
-
-
-# -- statistics (pure, vectorised: the tests simulate them for thousands of runs at once) ----
-
-
-def mean_shift_cs(
-    n: ArrayLike,
-    mean: ArrayLike,
-    var: ArrayLike,
-    base_mean: ArrayLike,
-    base_std: ArrayLike,
-    base_n: ArrayLike,
-    alpha: float,
-    t_opt: float = T_OPT,
-) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """Anytime-valid interval for the shift of a mean from its baseline.
-
-    Parameters
-    ----------
-    n, mean, var : array_like
-        Count, mean and (population) variance of the values since the baseline.
-    base_mean, base_std : array_like
-        Mean and standard deviation of the baseline.
-    base_n : array_like
-        Number of values the baseline was learned from, or ``inf`` when it was given (then
-        it is taken as exact and the whole ``alpha`` goes to the current values).
-    alpha : float
-        Level: the interval misses the true shift at any time with probability <= alpha
-        (asymptotically).
-    t_opt : float
-        Number of values at which the sequence is tightest.
-
-    Returns
-    -------
-    estimate, lower, upper : ndarray
-        :math:`\\bar x_n - m_b` and the bounds on :math:`\\mu - \\mu_b` (``-inf``/``inf`` when
-        ``n`` is 0).
-
-    Notes
-    -----
-    The values since the baseline get the one-sample Gaussian-mixture asymptotic confidence
-    sequence
-
-    .. math:: \\bar x_n \\pm \\hat\\sigma_n\\, g_n, \\qquad
-              g_n = \\sqrt{\\frac{2(n\\rho^2 + 1)}{n^2\\rho^2}
-              \\log\\frac{\\sqrt{n\\rho^2 + 1}}{a}}
-
-    (:func:`canary.stats.normal_mixture_radius`), with :math:`\\hat\\sigma_n^2` the sample
-    variance floored by the baseline's (a small sample that has not yet seen the tails has a
-    too small variance; the floor only widens the interval, so the sequence stays valid).
-    A learned baseline is one fixed sample of ``base_n`` values taken before the current
-    ones: its mean gets the fixed-sample interval :math:`m_b \\pm z_{1-\\alpha/4}
-    s_b/\\sqrt{n_b}`, the current sequence is built at :math:`a = \\alpha/2`, and the union
-    bound makes :math:`[\\bar x_n - m_b - h_n - h_b,\\ \\bar x_n - m_b + h_n + h_b]` a
-    (1 - alpha) sequence for :math:`\\mu - \\mu_b`. A given baseline is exact: :math:`a =
-    \\alpha`, :math:`h_b = 0`.
-
-    References
-    ----------
-    Waudby-Smith, Arbour, Sinha, Kennedy & Ramdas (2024), "Time-uniform central limit theory
-    and asymptotic confidence sequences", Ann. Statist., Theorem 2.2 (Gaussian-mixture
-    AsympCS for the mean of i.i.d. observations) and Sec. 2.3 (tuning rho).
-    """
-    nn, m, v, mb, sb, nb = np.broadcast_arrays(
-        *(np.asarray(x, dtype=float) for x in (n, mean, var, base_mean, base_std, base_n))
-    )
-    learned = np.isfinite(nb)
-    est = m - mb
-    with np.errstate(divide="ignore", invalid="ignore"):
-        g = np.where(
-            learned,
-            normal_mixture_radius(nn, normal_mixture_rho2(t_opt, alpha / 2.0), alpha / 2.0),
-            normal_mixture_radius(nn, normal_mixture_rho2(t_opt, alpha), alpha),
-        )
-        z = float(special.ndtri(1.0 - alpha / 4.0))
-        half_b = np.where(learned, z * sb / np.sqrt(np.where(learned, nb, 1.0)), 0.0)
-        half = g * np.sqrt(np.maximum(v, sb * sb)) + half_b
-    half = np.where(nn > 0, half, np.inf)
-    return est, est - half, est + half
-
-
-def proportion_shift_cs(
-    n: ArrayLike,
-    k: ArrayLike,
-    base_n: ArrayLike,
-    base_k: ArrayLike,
-    base_p: ArrayLike,
-    alpha: float,
-) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """Anytime-valid interval for the shift of a proportion from its baseline.
-
-    Parameters
-    ----------
-    n, k : array_like
-        Requests since the baseline and how many of them had the property.
-    base_n, base_k : array_like
-        The same for a learned baseline; ``base_n = inf`` when the baseline was given.
-    base_p : array_like
-        The given baseline proportion (used where ``base_n`` is ``inf``).
-    alpha : float
-        Level of the two-sided sequence.
-
-    Returns
-    -------
-    estimate, lower, upper : ndarray
-        :math:`k/n - p_b` and bounds on :math:`p - p_b`.
-
-    Notes
-    -----
-    The same construction as :func:`canary.stats.rate_test` on the difference scale: the
-    beta-mixture confidence sequence of :func:`canary.stats.bernoulli_cs` for each sample at
-    ``alpha / 2`` (for the current one; the learned baseline is one of its fixed times) and
-    :math:`[l - u_b,\\ u - l_b]` by the union bound. A given baseline proportion is exact:
-    the current sequence gets the whole ``alpha`` and :math:`[l - p_b,\\ u - p_b]`.
-
-    References
-    ----------
-    Robbins (1970), Ann. Math. Statist. 41(5), Sec. 3 (beta mixture); Howard, Ramdas,
-    McAuliffe & Sekhon (2021), Ann. Statist. 49(2), Prop. 7.
-    """
-    nn, kk, nb, kb, pb = np.broadcast_arrays(
-        *(np.asarray(x, dtype=float) for x in (n, k, base_n, base_k, base_p))
-    )
-    shape = nn.shape
-    nn, kk, nb, kb, pb = (np.atleast_1d(x).ravel() for x in (nn, kk, nb, kb, pb))
-    learned = np.isfinite(nb)
-    lower, upper = np.empty_like(nn), np.empty_like(nn)
-    if learned.any():
-        i = learned
-        lo, hi = bernoulli_cs(nn[i], kk[i], alpha / 2.0)
-        lo_b, hi_b = bernoulli_cs(nb[i], kb[i], alpha / 2.0)
-        lower[i], upper[i] = lo - hi_b, hi - lo_b
-    if not learned.all():
-        i = ~learned
-        lo, hi = bernoulli_cs(nn[i], kk[i], alpha)
-        lower[i], upper[i] = lo - pb[i], hi - pb[i]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p_now = np.where(nn > 0, kk / np.where(nn > 0, nn, 1.0), np.nan)
-        p_base = np.where(learned, kb / np.where(learned & (nb > 0), nb, 1.0), pb)
-    est = p_now - p_base
-    return est.reshape(shape), lower.reshape(shape), upper.reshape(shape)
+# The null rate is checked even when nothing was ever null (0 is a finding); a type share
+# only when that type was seen on either side.
+_KEEP_UNSEEN: Final = (True, *(False for _ in SHARE_TYPES))
 
 
 # -- per-request accumulation (the hot path) -------------------------------------------------
@@ -222,9 +75,8 @@ class _Window:
         self.lo = math.inf
         self.hi = -math.inf
 
-    @property
-    def requests(self) -> int:
-        return sum(self.counts)
+    def snapshot(self) -> WindowCounts:
+        return WindowCounts(tuple(self.counts), self.n_num, self.s, self.q, self.lo, self.hi)
 
 
 class _Field:
@@ -236,6 +88,47 @@ class _Field:
         self.shift: float | None = None  # first number seen: keeps the sums well conditioned
         self.base = _Window()
         self.now = _Window()
+
+
+# -- snapshots (what the analysis ships) -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WindowCounts:
+    """A field's counts over one window, as of a snapshot."""
+
+    types: tuple[int, ...]  # requests per JSON type, in the order of TYPES
+    numbers: int  # finite numeric values
+    total: float  # sum of (x - shift) over them
+    total_sq: float  # sum of (x - shift)**2
+    min: float  # inf when there is no number
+    max: float  # -inf when there is no number
+
+    @property
+    def requests(self) -> int:
+        return sum(self.types)
+
+
+@dataclass(frozen=True, slots=True)
+class FieldCounts:
+    """One configured field: its baseline and current windows."""
+
+    path: str
+    shift: float | None  # first number seen; the windows' sums are of (x - shift)
+    baseline: WindowCounts  # the learned baseline (empty when it is given in the config)
+    current: WindowCounts  # the requests since the baseline
+
+
+@dataclass(frozen=True, slots=True)
+class InputHealth:
+    """A frozen, picklable snapshot of a rollout's input counts: everything the drift checks
+    read (:func:`drift_checks`), nothing that refers to the live monitor."""
+
+    rollout: str
+    learning: bool  # the baseline is still being learned (no drift test yet)
+    baseline_requests: int  # inspected requests in the learned baseline so far
+    requests: tuple[int, ...]  # by result, in the order of RESULTS
+    fields: tuple[FieldCounts, ...]  # in the order of ``inputs.fields``
 
 
 # -- reports (read side) ---------------------------------------------------------------------
@@ -303,6 +196,18 @@ class DriftCheck:
 
 
 @dataclass(frozen=True)
+class FieldDrift:
+    """The drift checks of one field (none while the baseline is learned or without data)."""
+
+    field: str
+    checks: tuple[DriftCheck, ...]
+
+    @property
+    def drifted(self) -> bool:
+        return any(c.drifted for c in self.checks)
+
+
+@dataclass(frozen=True)
 class FieldReport:
     field: str
     values: dict[str, int]  # every request since start, by type (the metrics' counters)
@@ -360,6 +265,120 @@ def _num(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
+# -- the drift checks (one function for the analysis, the metrics and the admin API) ----------
+
+
+def drift_checks(config: InputsConfig, health: InputHealth) -> tuple[FieldDrift, ...]:
+    """The drift checks of every field of ``health`` against the baseline of ``config``.
+
+    One vectorised :func:`canary.stats.shift_checks` call for all fields, at ``config.alpha``
+    split over ``CHECKS_PER_FIELD x fields`` checks. Pure: the same snapshot and config give
+    the same checks wherever they run (the monitor's reports, the analysis worker). Fields get
+    no checks while the baseline is learned, and none when the snapshot's fields are not the
+    config's (a snapshot taken across a reload).
+    """
+    fields = health.fields
+    if health.learning or not fields or [f.path for f in fields] != list(config.fields):
+        return tuple(FieldDrift(f.path, ()) for f in fields)
+    given = config.baseline.fields
+    props = 1 + len(SHARE_TYPES)
+    n = [[f.current.requests] * props for f in fields]
+    k = [_proportion_counts(f.current) for f in fields]
+    base_n: Any
+    base_k: Any
+    base_p: Any
+    if given is None:
+        base_n = [[f.baseline.requests] * props for f in fields]
+        base_k = [_proportion_counts(f.baseline) for f in fields]
+        base_p = 0.0
+    else:
+        base_n, base_k = math.inf, 0.0
+        base_p = [_given_shares(given[f.path]) for f in fields]
+    current = [_moments(f.current, f.shift) for f in fields]
+    baseline = [
+        _baseline_moments(f.baseline, f.shift) if given is None else _given_moments(given[f.path])
+        for f in fields
+    ]
+    r = shift_checks(
+        n=n,
+        k=k,
+        base_n=base_n,
+        base_k=base_k,
+        base_p=base_p,
+        keep_unseen=_KEEP_UNSEEN,
+        numbers=[c[0] for c in current],
+        mean=[c[1] for c in current],
+        var=[c[2] for c in current],
+        base_numbers=[b[0] for b in baseline],
+        base_mean=[b[1] for b in baseline],
+        base_std=[b[2] for b in baseline],
+        alpha=config.alpha,
+        mean_tolerance=config.tolerance.mean,
+        rate_tolerance=config.tolerance.rate.value,
+    )
+    return tuple(
+        FieldDrift(
+            f.path,
+            tuple(
+                DriftCheck(
+                    check=name,
+                    estimate=float(r.estimate[i, j]),
+                    lower=float(r.lower[i, j]),
+                    upper=float(r.upper[i, j]),
+                    tolerance=float(r.tolerance[i, j]),
+                    samples=int(r.samples[i, j]),
+                    drifted=bool(r.drifted[i, j]),
+                )
+                for j, name in enumerate(CHECKS)
+                if r.shown[i, j]
+            ),
+        )
+        for i, f in enumerate(fields)
+    )
+
+
+def _proportion_counts(w: WindowCounts) -> list[int]:
+    """Null-or-missing count, then the count of each of SHARE_TYPES."""
+    c = w.types
+    return [c[NULL] + c[MISSING], c[NUMBER], c[STRING], c[BOOL], c[OBJECT], c[ARRAY]]
+
+
+def _given_shares(g: InputFieldBaseline) -> list[float]:
+    """A given baseline's null rate and type shares, in the order of _proportion_counts
+    (``nan`` where the config gives none: that check is skipped)."""
+    p = [math.nan] * (1 + len(SHARE_TYPES))
+    if g.null_rate is not None:
+        p[0] = g.null_rate
+    if g.types is not None:
+        p[1:] = [g.types.get(t, 0.0) for t in SHARE_TYPES]
+        if g.null_rate is None:
+            p[0] = g.types.get("null", 0.0) + g.types.get("missing", 0.0)
+    return p
+
+
+def _moments(w: WindowCounts, shift: float | None) -> tuple[float, float, float]:
+    """Count, mean and population variance of the window's numbers (nan without any)."""
+    if not w.numbers or shift is None:
+        return 0.0, math.nan, math.nan
+    m = w.total / w.numbers
+    return float(w.numbers), shift + m, max(w.total_sq / w.numbers - m * m, 0.0)
+
+
+def _baseline_moments(w: WindowCounts, shift: float | None) -> tuple[float, float, float]:
+    """Count, mean and sample standard deviation of a learned baseline's numbers."""
+    if w.numbers < 2 or shift is None:
+        return float(w.numbers), math.nan, math.nan
+    var = max(w.total_sq - w.total * w.total / w.numbers, 0.0) / (w.numbers - 1)
+    return float(w.numbers), shift + w.total / w.numbers, math.sqrt(var)
+
+
+def _given_moments(g: InputFieldBaseline) -> tuple[float, float, float]:
+    """A given baseline: exact (infinitely many values), nan when no mean is given."""
+    mean = g.mean if g.mean is not None else math.nan
+    std = g.std if g.std is not None else math.nan
+    return math.inf, mean, std
+
+
 # -- the monitor -----------------------------------------------------------------------------
 
 
@@ -367,7 +386,6 @@ class InputMonitor:
     """Input health of one rollout: :meth:`observe` per request, :meth:`report` to read."""
 
     __slots__ = (
-        "_base_cache",
         "_base_n",
         "_checks",
         "_checks_at",
@@ -403,8 +421,7 @@ class InputMonitor:
         self._target = config.baseline.requests
         self._learning = self._target is not None
         self._base_n = 0  # inspected requests in the learned baseline
-        self._base_cache: tuple[FloatArray, FloatArray] | None = None  # frozen baseline arrays
-        self._checks: tuple[tuple[DriftCheck, ...], ...] | None = None
+        self._checks: tuple[FieldDrift, ...] | None = None  # as of _checks_at
         self._checks_at = -math.inf
         self._flagged: set[str] = set()
 
@@ -502,50 +519,63 @@ class InputMonitor:
     def learning(self) -> bool:
         return self._learning
 
+    def snapshot(self) -> InputHealth:
+        """The counts as of now, copied (O(fields)): what the rollout analysis ships."""
+        return InputHealth(
+            rollout=self.rollout,
+            learning=self._learning,
+            baseline_requests=self._base_n,
+            requests=tuple(self._results),
+            fields=tuple(
+                FieldCounts(f.path, f.shift, f.base.snapshot(), f.now.snapshot())
+                for f in self._fields
+            ),
+        )
+
     def drifted_fields(self, max_age: float = EVALUATE_EVERY) -> list[str]:
         """Fields whose drift test flags a shift now (tests rerun when older than ``max_age``)."""
         return list(self.report(max_age).drifted)
 
     def report(self, max_age: float = EVALUATE_EVERY) -> InputReport:
-        """Counts and summaries as of now; the drift tests are rerun when older than
-        ``max_age`` seconds (0 reruns them)."""
+        """Counts and summaries as of now; the drift tests (:func:`drift_checks`) are rerun
+        when older than ``max_age`` seconds (0 reruns them)."""
+        health = self.snapshot()
         now = self._clock()
         if self._checks is None or now - self._checks_at >= max_age:
-            self._checks = self._run_checks()
+            self._checks = drift_checks(self.config, health)
             self._checks_at = now
             self._log_changes(self._checks)
-        fields = []
-        for f, checks in zip(self._fields, self._checks, strict=True):
-            fields.append(
-                FieldReport(
-                    field=f.path,
-                    values={
-                        t: f.base.counts[i] + f.now.counts[i]
-                        for i, t in enumerate(TYPES)
-                        if f.base.counts[i] + f.now.counts[i]
-                    },
-                    baseline=self._baseline_summary(f),
-                    current=_summary(f.now, f.shift),
-                    checks=checks,
-                )
+        fields = tuple(
+            FieldReport(
+                field=f.path,
+                values={
+                    t: f.baseline.types[i] + f.current.types[i]
+                    for i, t in enumerate(TYPES)
+                    if f.baseline.types[i] + f.current.types[i]
+                },
+                baseline=self._baseline_summary(f),
+                current=_summary(f.current, f.shift),
+                checks=drift.checks,
             )
+            for f, drift in zip(health.fields, self._checks, strict=True)
+        )
         return InputReport(
             rollout=self.rollout,
-            learning=self._learning,
+            learning=health.learning,
             baseline_source="config" if self._given is not None else "learned",
-            baseline_requests=None if self._given is not None else self._base_n,
+            baseline_requests=None if self._given is not None else health.baseline_requests,
             baseline_target=self._target,
-            requests=dict(zip(RESULTS, self._results, strict=True)),
-            fields=tuple(fields),
+            requests=dict(zip(RESULTS, health.requests, strict=True)),
+            fields=fields,
             alpha=self.alpha,
             on_drift=self.on_drift,
             tested_at=self._checks_at,
             drifted=tuple(r.field for r in fields if r.drifted),
         )
 
-    def _baseline_summary(self, f: _Field) -> WindowSummary:
+    def _baseline_summary(self, f: FieldCounts) -> WindowSummary:
         if self._given is None:
-            return _summary(f.base, f.shift)
+            return _summary(f.baseline, f.shift)
         g = self._given[f.path]
         types: dict[str, float] = {t: v for t, v in (g.types or {}).items()}
         null_rate = g.null_rate
@@ -553,155 +583,54 @@ class InputMonitor:
             null_rate = types.get("null", 0.0) + types.get("missing", 0.0)
         return WindowSummary(None, types, null_rate, None, g.mean, g.std, None, None)
 
-    def _log_changes(self, checks: tuple[tuple[DriftCheck, ...], ...]) -> None:
-        for f, field_checks in zip(self._fields, checks, strict=True):
-            hits = [c for c in field_checks if c.drifted]
-            if hits and f.path not in self._flagged:
-                self._flagged.add(f.path)
+    def _log_changes(self, checks: tuple[FieldDrift, ...]) -> None:
+        for drift in checks:
+            hits = [c for c in drift.checks if c.drifted]
+            if hits and drift.field not in self._flagged:
+                self._flagged.add(drift.field)
                 log.warning(
                     "rollout %s: input drift on field %s: %s",
                     self.rollout,
-                    f.path,
+                    drift.field,
                     "; ".join(c.explain() for c in hits),
                 )
-            elif not hits and f.path in self._flagged:
-                self._flagged.discard(f.path)
-                log.info("rollout %s: field %s is back within tolerance", self.rollout, f.path)
-
-    # -- the drift tests ------------------------------------------------------------------------
-
-    def _baseline_arrays(self) -> tuple[FloatArray, FloatArray]:
-        """Per field and proportion check, (n, k) of the learned baseline; cached once frozen."""
-        if self._base_cache is not None:
-            return self._base_cache
-        n = np.array([[f.base.requests] * (1 + len(SHARE_TYPES)) for f in self._fields], float)
-        k = np.array([_proportion_counts(f.base) for f in self._fields], float)
-        if not self._learning:
-            self._base_cache = (n, k)
-        return n, k
-
-    def _run_checks(self) -> tuple[tuple[DriftCheck, ...], ...]:
-        nf = len(self._fields)
-        if self._learning or nf == 0:
-            return tuple(() for _ in self._fields)
-        a = self.alpha / (CHECKS_PER_FIELD * nf)
-        tol_mean = self.config.tolerance.mean
-        tol_rate = self.config.tolerance.rate.value
-        names = ("null_rate", *(f"type:{t}" for t in SHARE_TYPES))
-        cur_n = np.array([[f.now.requests] * len(names) for f in self._fields], float)
-        cur_k = np.array([_proportion_counts(f.now) for f in self._fields], float)
-        if self._given is None:
-            base_n, base_k = self._baseline_arrays()
-            base_p = np.zeros_like(base_n)
-        else:
-            base_n = np.full_like(cur_n, np.inf)
-            base_k = np.zeros_like(cur_n)
-            base_p = np.full_like(cur_n, np.nan)
-            for i, f in enumerate(self._fields):
-                g = self._given[f.path]
-                if g.null_rate is not None:
-                    base_p[i, 0] = g.null_rate
-                if g.types is not None:
-                    shares = [g.types.get(t, 0.0) for t in SHARE_TYPES]
-                    base_p[i, 1:] = shares
-                    if g.null_rate is None:
-                        base_p[i, 0] = g.types.get("null", 0.0) + g.types.get("missing", 0.0)
-        est, lo, hi = proportion_shift_cs(cur_n, cur_k, base_n, base_k, base_p, a)
-
-        out: list[tuple[DriftCheck, ...]] = []
-        for i, f in enumerate(self._fields):
-            checks: list[DriftCheck] = []
-            mean_check = self._mean_check(f, a, tol_mean)
-            if mean_check is not None:
-                checks.append(mean_check)
-            n_now = int(cur_n[i, 0])
-            for j, name in enumerate(names):
-                if n_now == 0 or math.isnan(est[i, j]):
-                    continue  # no data yet, or nothing given for this check
-                if j > 0 and cur_k[i, j] == 0 and _base_share(base_n, base_k, base_p, i, j) == 0:
-                    continue  # a type never seen on either side: nothing to show
-                checks.append(
-                    DriftCheck(
-                        check=name,
-                        estimate=float(est[i, j]),
-                        lower=float(lo[i, j]),
-                        upper=float(hi[i, j]),
-                        tolerance=tol_rate,
-                        samples=n_now,
-                        drifted=bool(lo[i, j] > tol_rate or hi[i, j] < -tol_rate),
-                    )
-                )
-            out.append(tuple(checks))
-        return tuple(out)
-
-    def _mean_check(self, f: _Field, a: float, tol: float) -> DriftCheck | None:
-        now = f.now
-        if now.n_num < MIN_MEAN_SAMPLES or f.shift is None:
-            return None
-        if self._given is None:
-            base = f.base
-            if base.n_num < MIN_MEAN_SAMPLES:
-                return None
-            b_mean = f.shift + base.s / base.n_num
-            b_var = max(base.q - base.s * base.s / base.n_num, 0.0) / (base.n_num - 1)
-            b_std, b_n = math.sqrt(b_var), float(base.n_num)
-        else:
-            g = self._given[f.path]
-            if g.mean is None or g.std is None:
-                return None
-            b_mean, b_std, b_n = g.mean, g.std, math.inf
-        m = now.s / now.n_num
-        var = max(now.q / now.n_num - m * m, 0.0)
-        est, lo, hi = mean_shift_cs(now.n_num, f.shift + m, var, b_mean, b_std, b_n, a)
-        margin = tol * b_std
-        lower, upper = float(lo), float(hi)
-        return DriftCheck(
-            check="mean",
-            estimate=float(est),
-            lower=lower,
-            upper=upper,
-            tolerance=margin,
-            samples=now.n_num,
-            drifted=lower > margin or upper < -margin,
-        )
+            elif not hits and drift.field in self._flagged:
+                self._flagged.discard(drift.field)
+                log.info("rollout %s: field %s is back within tolerance", self.rollout, drift.field)
 
 
-def _proportion_counts(w: _Window) -> list[int]:
-    """Null-or-missing count, then the count of each of SHARE_TYPES."""
-    c = w.counts
-    return [c[NULL] + c[MISSING], c[NUMBER], c[STRING], c[BOOL], c[OBJECT], c[ARRAY]]
-
-
-def _base_share(
-    base_n: FloatArray, base_k: FloatArray, base_p: FloatArray, i: int, j: int
-) -> float:
-    if math.isfinite(base_n[i, j]):
-        return float(base_k[i, j] / base_n[i, j]) if base_n[i, j] > 0 else 0.0
-    return float(base_p[i, j])
-
-
-def _summary(w: _Window, shift: float | None) -> WindowSummary:
+def _summary(w: WindowCounts, shift: float | None) -> WindowSummary:
     n = w.requests
-    types = {t: w.counts[i] / n for i, t in enumerate(TYPES) if w.counts[i]} if n else {}
-    null_rate = (w.counts[NULL] + w.counts[MISSING]) / n if n else None
+    types = {t: w.types[i] / n for i, t in enumerate(TYPES) if w.types[i]} if n else {}
+    null_rate = (w.types[NULL] + w.types[MISSING]) / n if n else None
     mean = std = lo = hi = None
-    if w.n_num and shift is not None:
-        m = w.s / w.n_num
+    if w.numbers and shift is not None:
+        m = w.total / w.numbers
         mean = shift + m
-        std = math.sqrt(max(w.q - w.s * m, 0.0) / (w.n_num - 1)) if w.n_num > 1 else None
-        lo, hi = w.lo, w.hi
-    return WindowSummary(n, types, null_rate, w.n_num, mean, std, lo, hi)
+        std = (
+            math.sqrt(max(w.total_sq - w.total * m, 0.0) / (w.numbers - 1))
+            if w.numbers > 1
+            else None
+        )
+        lo, hi = w.min, w.max
+    return WindowSummary(n, types, null_rate, w.numbers, mean, std, lo, hi)
 
 
 __all__ = [
+    "CHECKS",
     "CHECKS_PER_FIELD",
+    "EVALUATE_EVERY",
     "RESULTS",
+    "SHARE_TYPES",
     "TYPES",
     "DriftCheck",
+    "FieldCounts",
+    "FieldDrift",
     "FieldReport",
+    "InputHealth",
     "InputMonitor",
     "InputReport",
+    "WindowCounts",
     "WindowSummary",
-    "mean_shift_cs",
-    "proportion_shift_cs",
+    "drift_checks",
 ]

@@ -11,9 +11,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-PRODUCTION = "production"
-CANDIDATE = "candidate"
-ARMS = (PRODUCTION, CANDIDATE)
+from canary.signals import CANDIDATE
+
+__all__ = [
+    "CLUSTERS",
+    "ERROR_CONNECT",
+    "ERROR_KINDS",
+    "ERROR_PROTOCOL",
+    "ERROR_RESET",
+    "ERROR_STATUS",
+    "ERROR_TIMEOUT",
+    "NO_CLUSTER",
+    "Observation",
+    "Weights",
+]
 
 
 class _Split(NamedTuple):

@@ -13,9 +13,13 @@ both arms at the same moment and turns each pair of scrapes into one window per 
 
 Each complete window records both arms' values under the signal key (``resource:NAME``) and,
 on the candidate, the paired value ``log(c / p)`` and/or ``c - p`` with its change since the
-previous window (keys from :func:`canary.decision.analysis.paired_key`); they flow to the store
-and the analysis like every other accumulator. A window where either arm's scrape failed is
-dropped and counted; a failing or hanging endpoint only costs its own (short) timeout.
+previous window (keys from :func:`canary.signals.paired_key`); they flow to the store and the
+analysis like every other accumulator. A window where either arm's scrape failed is dropped and
+counted; a failing or hanging endpoint only costs its own (short) timeout.
+
+The scrapers read the proxy's request counts and report their own metrics through
+:class:`ScrapeMetrics`, which :class:`canary.metrics.Metrics` satisfies: observe sits below
+the metrics module and does not import it.
 """
 
 from __future__ import annotations
@@ -25,26 +29,34 @@ import itertools
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from canary.config import Config, ResourceQuery, RolloutConfig
-from canary.decision.analysis import paired_key
+from canary.config import Config, RolloutConfig
 from canary.errors import CanaryError
-from canary.metrics import Metrics
-from canary.observe import Recorder, parse_signal
+from canary.observe.accumulators import Recorder
+from canary.signals import (
+    ARMS,
+    CANDIDATE,
+    PRODUCTION,
+    ResourceQuery,
+    is_resource,
+    paired_key,
+    parse_signal,
+)
 from canary.stats import DEFAULT_BATCH_SIZES
 
 __all__ = [
     "DEFAULT_MIN_REQUESTS",
     "MAX_SCRAPE_BYTES",
     "Reading",
-    "ResourceQuery",
     "ResourceScraper",
     "ResourceScrapers",
+    "ScrapeMetrics",
     "counter_increase",
     "read_exposition",
     "resource_metrics",
@@ -55,9 +67,55 @@ log = logging.getLogger("canary.observe.resources")
 DEFAULT_MIN_REQUESTS = 10
 """Requests an arm must have had in a window for a per-request (counter) value."""
 MAX_SCRAPE_BYTES = 8 * 1024 * 1024
-ARMS = ("production", "candidate")
 _ACCEPT = "text/plain;version=0.0.4;q=1.0, */*;q=0.1"
 _COUNTER_SUFFIXES = ("_sum", "_count", "_bucket")
+
+
+_T_co = TypeVar("_T_co", covariant=True)
+
+
+class _Inc(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class _Set(Protocol):
+    def set(self, value: float) -> None: ...
+
+
+class _Family(Protocol[_T_co]):
+    def labels(self, *labelvalues: str) -> _T_co: ...
+
+
+class _ArmCounts(Protocol):
+    @property
+    def requests(self) -> Mapping[str, int]: ...  # answered requests by status class
+
+
+class _RolloutCounts(Protocol):
+    @property
+    def arms(self) -> Mapping[str, _ArmCounts]: ...
+
+
+class _ProxyCounts(Protocol):
+    def rollout(self, name: str) -> _RolloutCounts: ...
+
+
+class ScrapeMetrics(Protocol):
+    """What a scraper reads and reports through (:class:`canary.metrics.Metrics` is one).
+
+    ``counters`` gives the requests the proxy answered per arm so far (a counter's window is
+    divided by the arm's requests in it); the three families are the scrapers' own metrics
+    (``canary_resource_scrapes``, ``canary_resource_windows``, ``canary_resource_value``).
+    """
+
+    @property
+    def counters(self) -> _ProxyCounts: ...
+    @property
+    def resource_scrapes(self) -> _Family[_Inc]: ...  # labels: rollout, arm, result
+    @property
+    def resource_windows(self) -> _Family[_Inc]: ...  # labels: rollout, metric, outcome
+    @property
+    def resource_value(self) -> _Family[_Set]: ...  # labels: rollout, arm, metric
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +204,7 @@ def resource_metrics(rollout: RolloutConfig) -> list[str]:
     out: list[str] = []
     for m in rollout.analysis.metrics:
         key = parse_signal(m.signal).key
-        if key.startswith("resource:") and key not in out:
+        if is_resource(key) and key not in out:
             out.append(key)
     return out
 
@@ -173,12 +231,12 @@ class ResourceScraper:
         self,
         rollout: RolloutConfig,
         recorder: Recorder,
-        metrics: Metrics,
+        metrics: ScrapeMetrics,
         *,
         min_requests: int = DEFAULT_MIN_REQUESTS,
         timeout: float | None = None,
     ) -> None:
-        arms = {"production": rollout.production, "candidate": rollout.candidate}
+        arms = {PRODUCTION: rollout.production, CANDIDATE: rollout.candidate}
         missing = [a for a, cfg in arms.items() if cfg.resources is None]
         if missing:
             raise CanaryError(
@@ -199,7 +257,7 @@ class ResourceScraper:
         by_signal: dict[str, list[_Metric]] = {}
         for m in rollout.analysis.metrics:
             key = parse_signal(m.signal).key
-            if key.startswith("resource:"):
+            if is_resource(key):
                 by_signal.setdefault(key, []).append(_Metric(m.name, m.margin.relative))
         self.signals = tuple(
             _Signal(ResourceQuery.parse(s), tuple(ms)) for s, ms in by_signal.items()
@@ -341,7 +399,7 @@ class ResourceScraper:
             for m in sig.metrics:
                 self._metrics.resource_windows.labels(self.name, m.name, outcome).inc()
             return
-        p, c = values["production"], values["candidate"]
+        p, c = values[PRODUCTION], values[CANDIDATE]
         rec = self._recorder
         for arm in ARMS:
             rec.record_value(self.name, arm, key, values[arm])
@@ -361,11 +419,11 @@ class ResourceScraper:
     def _paired(self, key: str, relative: bool, value: float) -> None:
         pk = paired_key(key, relative)
         rec = self._recorder
-        rec.record_value(self.name, "candidate", pk, value)
+        rec.record_value(self.name, CANDIDATE, pk, value)
         tick, recent = self._runs.get(pk, (-2, deque(maxlen=DEFAULT_BATCH_SIZES[-1])))
         if tick == self.ticks - 1 and recent:
             change = paired_key(key, relative, changes=True)
-            rec.record_value(self.name, "candidate", change, value - recent[-1])
+            rec.record_value(self.name, CANDIDATE, change, value - recent[-1])
         else:
             recent.clear()  # a skipped window: changes and batches need consecutive windows
         self._runs[pk] = (self.ticks, recent)
@@ -375,7 +433,7 @@ class ResourceScraper:
         for b in DEFAULT_BATCH_SIZES:
             if len(recent) >= b:
                 total = math.fsum(itertools.islice(recent, len(recent) - b, None))
-                rec.record_value(self.name, "candidate", paired_key(key, relative, batch=b), total)
+                rec.record_value(self.name, CANDIDATE, paired_key(key, relative, batch=b), total)
 
     async def _scrape(self, url: str) -> dict[str, Reading | None] | _Failed:
         session = self._session
@@ -415,7 +473,7 @@ def _spec(rollout: RolloutConfig) -> object:
         tuple(
             (m.name, m.signal, m.margin.relative)
             for m in rollout.analysis.metrics
-            if m.signal.startswith("resource:")
+            if is_resource(m.signal)
         ),
     )
 
@@ -426,7 +484,7 @@ class ResourceScrapers:
     def __init__(
         self,
         recorder: Recorder,
-        metrics: Metrics,
+        metrics: ScrapeMetrics,
         *,
         factory: Callable[[RolloutConfig], ResourceScraper] | None = None,
     ) -> None:

@@ -1,4 +1,11 @@
-"""The aiohttp implementation of :class:`~canary.proxy.upstream.Transport`.
+"""The aiohttp implementation of :class:`~canary.proxy.upstream.Transport`: canary's client
+for ``https`` upstreams.
+
+In production it serves only ``https`` endpoints: :class:`~canary.proxy.h1_transport.H1Transport`
+speaks plain HTTP/1.1 itself and hands every other URL to one instance of this transport
+(TLS verified against the system's trust store, aiohttp's default). The conformance tests
+run both transports on the same upstream scenarios, so this one is also the reference the
+lean client is checked against.
 
 aiohttp's client defaults corrupt a pass-through proxy (DESIGN.md "Data plane notes"): it
 asks for gzip by itself, decompresses and leaves ``Content-Encoding`` in place, adds its own
@@ -29,6 +36,8 @@ from canary.proxy.upstream import (
     UpstreamReset,
     UpstreamTimeout,
 )
+
+__all__ = ["AiohttpTransport"]
 
 
 def _translate(exc: BaseException) -> UpstreamError:

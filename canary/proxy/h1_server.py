@@ -48,7 +48,21 @@ from urllib.parse import unquote
 
 import httptools
 
+from canary.errors import ClientError
 from canary.proxy.headers import request_id
+
+__all__ = [
+    "NO_BODY_STATUSES",
+    "BadRequestBody",
+    "Handler",
+    "HttpRequest",
+    "HttpServer",
+    "HttpServerProtocol",
+    "RequestHeaders",
+    "ServerLimits",
+    "error_body",
+    "valid_host",
+]
 
 log = logging.getLogger("canary.proxy.server")
 
@@ -895,11 +909,18 @@ class HttpServerProtocol(asyncio.Protocol):
             self.close()  # idle keep-alive connection
 
 
-class _HeadTooLarge(Exception):
-    pass
+class _HeadTooLarge(ClientError):
+    """The request line, a header field or the whole head exceeds its limit (431).
+
+    Like :class:`_Refused`, raised inside httptools' callbacks and caught (as the parser
+    error's context) in :meth:`HttpServerProtocol.data_received`: it never leaves this module.
+    """
+
+    status = 431
+    kind = "head_too_large"
 
 
-class _Refused(Exception):
+class _Refused(ClientError):
     """A request head refused with ``status`` (the connection is closed after the answer)."""
 
     def __init__(self, status: int, message: str) -> None:
@@ -907,8 +928,11 @@ class _Refused(Exception):
         self.status = status
 
 
-class BadRequestBody(ValueError):
+class BadRequestBody(ClientError):
     """The request body could not be parsed (bad chunked framing, say): the request is void."""
+
+    status = 400
+    kind = "bad_request"
 
 
 class HttpServer:

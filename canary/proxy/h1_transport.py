@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from canary.errors import UpstreamError
+from canary.errors import CanaryError, ClientError, UpstreamError
 from canary.proxy.aiohttp_transport import AiohttpTransport
 from canary.proxy.upstream import (
     IDEMPOTENT_METHODS,
@@ -52,12 +52,18 @@ from canary.proxy.upstream import (
     UpstreamTimeout,
 )
 
+__all__ = ["H1Transport"]
+
 _HIGH_WATER = 256 * 1024  # response bytes buffered before reading from the upstream pauses
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # send Content-Length: 0 when bodiless
 
 
-class _Violation(Exception):
-    """The upstream broke the protocol; the reason is in ``_Conn.failure``."""
+class _Violation(CanaryError):
+    """The upstream broke the protocol; the reason is in ``_Conn.failure``.
+
+    Raised inside httptools' callbacks and caught in :meth:`_Conn.data_received`, where it
+    becomes the response's :class:`UpstreamProtocolError`: it never leaves this module.
+    """
 
 
 class _Response:
@@ -111,7 +117,7 @@ class _Response:
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
-        self._error: UpstreamError | None = None
+        self._error: UpstreamError | ClientError | None = None  # ClientError: the body's
         self._interim = False
         self._released = False
         self.complete = False
@@ -156,7 +162,7 @@ class _Response:
         self.complete = True
         self._wake()
 
-    def _fail(self, error: UpstreamError) -> None:
+    def _fail(self, error: UpstreamError | ClientError) -> None:
         if self.complete or self._error is not None:
             return
         self._error = error
@@ -666,7 +672,7 @@ async def _write_chunked(conn: _Conn, resp: _Response, body: AsyncIterable[bytes
                 await conn.drain()
         if not conn.closed:
             transport.write(b"0\r\n\r\n")
-    except UpstreamError as exc:  # the client's body broke a limit: the request is void
+    except (ClientError, UpstreamError) as exc:  # the client's body failed: the request is void
         resp._fail(exc)
         conn.abort()
     except (ConnectionError, OSError) as exc:

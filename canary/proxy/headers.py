@@ -6,6 +6,13 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 
+__all__ = [
+    "HOP_BY_HOP",
+    "downstream_headers",
+    "request_id",
+    "upstream_headers",
+]
+
 # Connection-specific headers: meaningful for one hop only, never forwarded.
 HOP_BY_HOP = frozenset(
     {

@@ -14,12 +14,27 @@ from http.cookies import CookieError, SimpleCookie
 from typing import Protocol
 
 from canary.config import MatchConfig, RolloutConfig
-from canary.observe.record import ARMS, CANDIDATE, CLUSTERS, NO_CLUSTER, PRODUCTION, Weights
+from canary.observe.record import CLUSTERS, NO_CLUSTER, Weights
+from canary.signals import ARMS, CANDIDATE, PRODUCTION
+
+__all__ = [
+    "ArmChooser",
+    "Choice",
+    "HeaderLookup",
+    "RouteTable",
+    "cookie_value",
+    "sticky_hash",
+    "sticky_point",
+]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Choice:
-    """The routing decision for one request."""
+    """The routing decision for one request (a value: never changed once made).
+
+    Not ``frozen``: a frozen dataclass sets each field through ``object.__setattr__``, which
+    makes one per request cost three times as much to build.
+    """
 
     arm: str
     propensity: float  # probability this arm had for this request; 1.0 when forced

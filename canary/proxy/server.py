@@ -16,10 +16,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from canary.config import Config, ProxyConfig, RolloutConfig
-from canary.errors import UpstreamError
+from canary.errors import ClientError, UpstreamError
 from canary.metrics import Metrics, RolloutCounters, bump
 from canary.observe import (
-    NO_CLUSTER,
     ArmCost,
     Observation,
     Pricing,
@@ -33,7 +32,7 @@ from canary.observe.feedback import FeedbackStore, record_ripe, same_json, store
 from canary.observe.inputs import InputMonitor
 from canary.proxy.h1_server import NO_BODY_STATUSES, BadRequestBody, HttpRequest
 from canary.proxy.headers import downstream_headers, request_id, upstream_headers
-from canary.proxy.routing import ARMS, CANDIDATE, PRODUCTION, ArmChooser, RouteTable
+from canary.proxy.routing import ArmChooser, RouteTable
 from canary.proxy.upstream import (
     IDEMPOTENT_METHODS,
     RequestBodyTooLarge,
@@ -44,32 +43,56 @@ from canary.proxy.upstream import (
     UpstreamResponse,
     never_sent,
 )
+from canary.signals import (
+    ARMS,
+    CANDIDATE,
+    NO_ANSWER_CLASS,
+    PRODUCTION,
+    status_class_labels,
+)
+
+__all__ = [
+    "RIPE_INTERVAL",
+    "Proxy",
+    "RolloutRoute",
+    "initial_weights",
+]
 
 log = logging.getLogger("canary.proxy")
 
 _SMALL_BODY = 64 * 1024  # bodies up to this, of known length, are sent back in one write
-_CODE_CLASS = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
+_CODE_CLASS = status_class_labels(NO_ANSWER_CLASS)  # "none" (index 0): no answer
 _STATUS_FOR_ERROR = {"timeout": 504, "connect": 502, "reset": 502, "protocol": 502}
 RIPE_INTERVAL = 1.0  # seconds between two recordings of matured labels (off the hot path)
 
 
-class _ClientStalled(UpstreamError):
+class _ClientStalled(ClientError):
     """The client stopped sending its request body for longer than ``client_timeout``."""
 
+    status = 408
     kind = "client_timeout"
 
 
-class _ClientBodyFailed(UpstreamError):
+class _ClientBodyFailed(ClientError):
     """The client's body broke off (it disconnected, or its chunked framing was malformed)."""
 
+    status = 400
     kind = "client_body"
+
+
+# The rejection counter's label for each way a streamed request body fails.
+_REJECTED_AS: dict[type[ClientError], str] = {
+    RequestBodyTooLarge: "body_too_large",
+    _ClientStalled: "client_timeout",
+    _ClientBodyFailed: "bad_request",
+}
 
 
 class _BodyStream:
     """A request body streamed upstream as it arrives, with the size and stall limits enforced.
 
-    The transport wraps errors raised while it sends a body, so the reason is also kept in
-    ``failure`` for the proxy to answer 413 or 408 instead of 502.
+    The transport may wrap errors raised while it sends a body (aiohttp does), so the reason
+    is also kept in ``failure`` for the proxy to answer 413 or 408 instead of 502.
     """
 
     __slots__ = ("_limit", "_request", "_timeout", "failure")
@@ -78,7 +101,7 @@ class _BodyStream:
         self._request = request
         self._limit = limit
         self._timeout = timeout
-        self.failure: UpstreamError | None = None
+        self.failure: ClientError | None = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         total = 0
@@ -99,6 +122,49 @@ class _BodyStream:
                 self.failure = RequestBodyTooLarge(f"request body exceeds {self._limit} bytes")
                 raise self.failure
             yield chunk
+
+
+class _Exchange:
+    """One upstream attempt of a request, or one shadow mirror: what its observation says.
+
+    Made once per request (a failover reuses it for production's attempt) and once per
+    mirror, it carries what forwarding, streaming back and recording share, instead of a
+    dozen positional arguments passed from method to method. Slots only, no methods: one
+    small allocation per request, besides the observation it ends in.
+    """
+
+    __slots__ = (
+        "analysed",
+        "arm",
+        "cluster",
+        "propensity",
+        "rid",
+        "route",
+        "sent",
+        "shadow",
+        "started",
+    )
+
+    def __init__(
+        self,
+        route: RolloutRoute,
+        arm: str,
+        propensity: float,
+        rid: str,
+        cluster: int,
+        sent: int,
+        analysed: bool,
+        shadow: bool = False,
+    ) -> None:
+        self.route = route
+        self.arm = arm
+        self.propensity = propensity  # the arm's probability for this request; 1.0 when forced
+        self.rid = rid
+        self.cluster = cluster
+        self.sent = sent  # request body bytes (0 when streamed: they are not counted)
+        self.analysed = analysed  # a randomised assignment (not forced, not a failover)
+        self.shadow = shadow  # a mirrored copy whose answer nobody sees
+        self.started = 0.0  # clock reading when this attempt was sent
 
 
 class RolloutRoute:
@@ -131,6 +197,7 @@ class RolloutRoute:
         weights: Weights,
         previous: RolloutRoute | None = None,
         proxy: ProxyConfig | None = None,
+        inputs: InputMonitor | None = None,
     ) -> None:
         self.name = rollout.name
         self.config = rollout
@@ -179,13 +246,9 @@ class RolloutRoute:
         # Replay on production a request the candidate may have processed, whatever its method
         self.failover_any_method = r.failover_methods == "all"
         self.counters = counters
-        # Input health of the request bodies (per process, in memory); None without `inputs`.
-        # A reload that leaves `inputs` unchanged keeps the learned baseline and the counts.
-        self.inputs: InputMonitor | None = None
-        if rollout.inputs is not None:
-            old = previous.inputs if previous is not None else None
-            keep = old is not None and old.config == rollout.inputs
-            self.inputs = old if keep else InputMonitor(rollout.name, rollout.inputs)
+        # Input health of the request bodies: the recorder's monitor for this rollout (None
+        # without `inputs`); the controller ships its snapshots to the analysis.
+        self.inputs = inputs
         # Predictions waiting for labels; None when the rollout cannot use feedback. A reload
         # that keeps the arms keeps the waiting entries.
         self.feedback: FeedbackStore | None = store_for(
@@ -224,18 +287,24 @@ class Proxy:
         """Swap in a new configuration; rollouts keep their current weights unless given."""
         weights = dict(weights or {})
         routes = {}
+        monitors = self._recorder.apply_inputs(config.rollouts)
         for r in config.rollouts:
             w = weights.get(r.name)
             if w is None:
                 old = self.routes.get(r.name)
                 w = old.weights if old is not None else initial_weights(r)
             routes[r.name] = RolloutRoute(
-                r, self._counters.rollout(r.name), w, self.routes.get(r.name), config.proxy
+                r,
+                self._counters.rollout(r.name),
+                w,
+                self.routes.get(r.name),
+                config.proxy,
+                monitors.get(r.name),
             )
             self._export_weights(r.name, w)
         self._proxy_cfg = config.proxy
         self.routes = routes
-        self._metrics.inputs = {n: rt.inputs for n, rt in routes.items() if rt.inputs is not None}
+        self._metrics.inputs = monitors
         self._table = RouteTable([(r.match, r.name) for r in config.rollouts])
         if self._ripening is None and any(r.feedback is not None for r in routes.values()):
             with contextlib.suppress(RuntimeError):  # no loop yet: the next apply starts it
@@ -263,6 +332,37 @@ class Proxy:
         for arm in ARMS:
             self._metrics.weight.labels(name, arm).set(weights.fraction(arm))
         self._metrics.shadow_active.labels(name).set(1 if weights.shadow else 0)
+
+    # -- read by the admin API (its RolloutRouting and FeedbackStores protocols) -------------
+
+    def routing(self, rollout: str) -> dict[str, Any] | None:
+        """Where ``rollout``'s requests go, as JSON: its match, each arm's endpoints and how
+        many of them take connections; None when no such rollout is served."""
+        route = self.routes.get(rollout)
+        if route is None:
+            return None
+        match = route.config.match
+        return {
+            "match": {"path_prefix": match.path_prefix, "host": match.host},
+            "endpoints": {arm: list(route.pools[arm].endpoints) for arm in ARMS},
+            "healthy_endpoints": {arm: route.pools[arm].healthy_count() for arm in ARMS},
+        }
+
+    def input_health(self, rollout: str) -> dict[str, Any] | None:
+        """``rollout``'s input-health report as JSON (per-field summaries, drift checks);
+        None when it has no ``inputs`` or is not served."""
+        route = self.routes.get(rollout)
+        if route is None or route.inputs is None:
+            return None
+        return route.inputs.report().to_dict()
+
+    def feedback_stores(self) -> list[FeedbackStore]:
+        """The answers waiting for labels, one store per rollout that takes feedback."""
+        return [r.feedback for r in self.routes.values() if r.feedback is not None]
+
+    def feedback_entries(self) -> dict[str, int]:
+        """How many answers wait for a label, per rollout that takes feedback."""
+        return {n: len(r.feedback) for n, r in self.routes.items() if r.feedback is not None}
 
     async def close(self) -> None:
         if self._ripening is not None:
@@ -312,58 +412,45 @@ class Proxy:
         else:
             body = _BodyStream(request, cfg.max_body_size, cfg.client_timeout)
             replayable = False
-        if route.inputs is not None:
-            if isinstance(body, bytes):
+        sent = 0
+        if isinstance(body, bytes):
+            sent = len(body)
+            if route.inputs is not None:
                 route.inputs.observe(body)
-            else:
-                route.inputs.not_inspected()
+        elif route.inputs is not None:
+            route.inputs.not_inspected()
 
         choice = route.chooser.choose(request.headers, route.weights)
+        ex = _Exchange(
+            route, choice.arm, choice.propensity, rid, choice.cluster, sent, not choice.forced
+        )
         counters = self._counters
         counters.inflight += 1
         try:
-            await self._forward(
-                request,
-                route,
-                choice.arm,
-                choice.propensity,
-                choice.forced,
-                choice.mirror,
-                body,
-                replayable,
-                rid,
-                choice.cluster,
-            )
+            await self._forward(request, ex, body, replayable, choice.mirror)
         finally:
             counters.inflight -= 1
 
     async def _forward(
         self,
         request: HttpRequest,
-        route: RolloutRoute,
-        arm: str,
-        propensity: float,
-        forced: bool,
-        mirror: bool,
+        ex: _Exchange,
         body: bytes | _BodyStream | None,
         replayable: bool,
-        rid: str,
-        cluster: int = NO_CLUSTER,
+        mirror: bool,
     ) -> None:
-        clock = self._clock
-        analysed = not forced
-        if forced:
-            route.counters.arms[arm].forced += 1
+        route = ex.route
+        if not ex.analysed:
+            route.counters.arms[ex.arm].forced += 1
         try:
             if mirror:
-                mirrored = body if replayable else _NOT_REPLAYABLE
-                self._start_mirror(request, route, mirrored, rid, cluster)
-            started = clock()
+                self._start_mirror(request, ex, body if replayable else _NOT_REPLAYABLE)
+            ex.started = started = self._clock()
             if route.costs:  # only the amortised per-hour price needs the request rate
                 route.rate.tick(started)
-            resp, err = await self._send(request, route, arm, body, rid)
+            resp, err = await self._send(request, ex, body)
             if (
-                arm == CANDIDATE
+                ex.arm == CANDIDATE
                 and route.failover
                 and replayable
                 and (err is not None or (resp is not None and route.is_error_status(resp.status)))
@@ -379,50 +466,34 @@ class Proxy:
                 status = resp.status if resp is not None else 0
                 if resp is not None:
                     resp.close()
-                kind = err.kind if err is not None else "status"
-                self._record_failure(
-                    route, arm, propensity, rid, status, kind, started, body, analysed, cluster
-                )
+                self._failed(ex, status, err.kind if err is not None else "status")
                 route.counters.failovers += 1
-                arm, analysed = PRODUCTION, False  # a failover is not a randomised assignment
-                started = clock()
-                resp, err = await self._send(request, route, arm, body, rid)
+                ex.arm, ex.analysed = PRODUCTION, False  # a failover is no randomised assignment
+                ex.started = self._clock()
+                resp, err = await self._send(request, ex, body)
 
             if err is not None or resp is None:
+                if isinstance(err, ClientError):  # the client's streamed body failed: 413/408/400
+                    self._counters.reject(_REJECTED_AS.get(type(err), "bad_request"))
+                    return request.respond_error(err.status, str(err), ex.rid, ex.arm)
                 kind = err.kind if err is not None else "protocol"
-                if isinstance(err, RequestBodyTooLarge):
-                    self._counters.reject("body_too_large")
-                    return request.respond_error(413, str(err), rid, arm)
-                if isinstance(err, _ClientStalled):
-                    self._counters.reject("client_timeout")
-                    return request.respond_error(408, str(err), rid, arm)
-                if isinstance(err, _ClientBodyFailed):
-                    self._counters.reject("bad_request")
-                    return request.respond_error(400, str(err), rid, arm)
-                self._record_failure(
-                    route, arm, propensity, rid, 0, kind, started, body, analysed, cluster
-                )
+                self._failed(ex, 0, kind)
                 status = _STATUS_FOR_ERROR.get(kind, 502)
-                return request.respond_error(status, f"upstream {arm} failed: {kind}", rid, arm)
-            await self._stream_back(
-                request, route, arm, propensity, resp, started, body, rid, analysed, cluster
-            )
+                msg = f"upstream {ex.arm} failed: {kind}"
+                return request.respond_error(status, msg, ex.rid, ex.arm)
+            await self._stream_back(request, ex, resp)
         except BaseException:
             # Cancelled, or the client went away, before the randomised arm's observation was
             # recorded: count the loss, so an arm that makes users give up shows in the ratio
             # check. (Every path that records the observation returns without raising.)
-            if analysed:
-                self._recorder.record_lost(route.name, arm, propensity)
+            if ex.analysed:
+                self._recorder.record_lost(route.name, ex.arm, ex.propensity)
             raise
 
     async def _send(
-        self,
-        request: HttpRequest,
-        route: RolloutRoute,
-        arm: str,
-        body: bytes | _BodyStream | None,
-        rid: str,
-    ) -> tuple[UpstreamResponse | None, UpstreamError | None]:
+        self, request: HttpRequest, ex: _Exchange, body: bytes | _BodyStream | None
+    ) -> tuple[UpstreamResponse | None, UpstreamError | ClientError | None]:
+        route, arm = ex.route, ex.arm
         pool = route.pools[arm]
         attempts = len(pool.endpoints) if isinstance(body, bytes | None) else 1
         err: UpstreamError | None = None
@@ -434,7 +505,7 @@ class Proxy:
                 upstream_host=route.hosts[arm][i],
                 client_ip=request.remote,
                 scheme=request.scheme,
-                rid=rid,
+                rid=ex.rid,
             )
             try:
                 resp = await self._transport.send(
@@ -452,22 +523,15 @@ class Proxy:
                 if isinstance(body, _BodyStream) and body.failure is not None:
                     return None, body.failure  # the client's body was at fault, not the upstream
                 return None, exc
+            except ClientError as exc:  # the streamed body's own failure, raised as it is
+                return None, exc
         return None, err
 
     async def _stream_back(
-        self,
-        request: HttpRequest,
-        route: RolloutRoute,
-        arm: str,
-        propensity: float,
-        resp: UpstreamResponse,
-        started: float,
-        body: bytes | _BodyStream | None,
-        rid: str,
-        analysed: bool,
-        cluster: int = NO_CLUSTER,
+        self, request: HttpRequest, ex: _Exchange, resp: UpstreamResponse
     ) -> None:
         clock = self._clock
+        route, arm, rid = ex.route, ex.arm, ex.rid
         headers, length = downstream_headers(tuple(resp.headers.items()), rid=rid, arm=arm)
         content_type = resp.headers.get("Content-Type", "")
         encoding = resp.headers.get("Content-Encoding", "")
@@ -482,25 +546,20 @@ class Proxy:
             # upstream failure here can still get a clean 502/504.
             try:
                 data = await resp.read()
-            except UpstreamError as exc:
+            except (UpstreamError, ClientError) as exc:  # ClientError: the streamed body's
                 resp.close()
-                self._record_failure(
-                    route, arm, propensity, rid, resp.status, exc.kind, started, body, analysed,
-                    cluster,
-                )  # fmt: skip
+                self._failed(ex, resp.status, exc.kind)
                 status = _STATUS_FOR_ERROR.get(exc.kind, 502)
                 msg = f"upstream {arm} failed: {exc.kind}"
                 return request.respond_error(status, msg, rid, arm)
             resp.close()
-            latency = clock() - started
+            latency = clock() - ex.started
             # The answer first: the client does not wait for the bookkeeping below.
             request.respond(resp.status, resp.reason, headers, data)
             inspector = route.extractor.start(content_type, encoding)
             inspector.feed(data)
             failed = "status" if route.is_error_status(resp.status) else None
-            self._finish(route, arm, inspector, resp.headers, latency, latency, failed)
-            self._record(route, arm, propensity, False, rid, resp.status, failed, latency,
-                         latency, len(data), body, inspector, analysed, cluster)  # fmt: skip
+            self._record(ex, resp.status, failed, latency, latency, len(data), inspector, resp)
             return
         inspector = route.extractor.start(content_type, encoding)
         ttft: float | None = None
@@ -511,12 +570,12 @@ class Proxy:
             if request.method != "HEAD" and resp.status not in NO_BODY_STATUSES:
                 async for chunk in resp.chunks():
                     if ttft is None:
-                        ttft = clock() - started
+                        ttft = clock() - ex.started
                     received += len(chunk)
                     inspector.feed(chunk)
                     await request.write(chunk)
             await request.finish()
-        except UpstreamError as exc:
+        except (UpstreamError, ClientError) as exc:
             # Headers are out: the only honest signal left is to cut the client's connection.
             error = exc.kind
             request.abort()
@@ -525,128 +584,87 @@ class Proxy:
             raise
         finally:
             resp.close()
-        latency = clock() - started
+        latency = clock() - ex.started
         if error is None and route.is_error_status(resp.status):
             error = "status"
-        self._finish(route, arm, inspector, resp.headers, latency, ttft, error)
-        self._record(
-            route,
-            arm,
-            propensity,
-            False,
-            rid,
-            resp.status,
-            error,
-            latency,
-            ttft,
-            received,
-            body,
-            inspector,
-            analysed,
-            cluster,
-        )
+        self._record(ex, resp.status, error, latency, ttft, received, inspector, resp)
+
+    def _failed(self, ex: _Exchange, status: int, kind: str) -> None:
+        """Record an upstream attempt that produced no usable response body."""
+        self._record(ex, status, kind, self._clock() - ex.started, None, 0, None, None)
 
     def _record(
         self,
-        route: RolloutRoute,
-        arm: str,
-        propensity: float,
-        shadow: bool,
-        rid: str,
+        ex: _Exchange,
         status: int,
         error: str | None,
         latency: float,
         ttft: float | None,
         received: int,
-        body: object,
-        inspector: Any,
-        analysed: bool,
-        cluster: int = NO_CLUSTER,
+        inspector: ResponseInspector | None,
+        resp: UpstreamResponse | None,
     ) -> None:
-        sent = len(body) if isinstance(body, bytes) else 0
-        signals: dict[str, float] = inspector.signals if inspector is not None else {}
-        prediction = inspector.prediction if inspector is not None else None
+        """Finish an exchange: the response's signals and price (when a response was read,
+        ``inspector`` and ``resp`` given), its observation, its feedback entry, its counters."""
+        route, arm, rid = ex.route, ex.arm, ex.rid
+        c = route.counters.arms[arm]
+        if inspector is not None and resp is not None:
+            arm_cost = route.costs.get(arm)
+            now = self._clock()
+            inspector.finish(resp.headers, latency=latency, ttft=ttft, cost=arm_cost, now=now)
+            if arm_cost is not None and error is None:
+                if route.cost_is_signal:
+                    cost = inspector.signals.get("cost")
+                else:
+                    cost = arm_cost.cost(now, inspector.total_tokens, resp.headers)
+                if cost is not None:
+                    c.cost_total += cost
+                    c.cost_n += 1
+            signals = inspector.signals
+            prediction = inspector.prediction
+        else:
+            signals = {}
+            prediction = None
         obs = Observation(
             rollout=route.name,
             arm=arm,
-            propensity=propensity,
-            shadow=shadow,
+            propensity=ex.propensity,
+            shadow=ex.shadow,
             request_id=rid,
             status=status,
             error=error,
             latency=latency,
             ttft=ttft,
-            bytes_out=sent,
+            bytes_out=ex.sent,
             bytes_in=received,
             signals=signals,
             prediction=prediction,
-            cluster=cluster,
+            cluster=ex.cluster,
         )
-        if analysed:
+        if ex.analysed:
             self._recorder.record(obs)
             try:
                 if route.feedback is not None:  # O(1): keep the answer for a label
                     if error is None:
-                        pair = route.feedback.add(rid, arm, propensity, prediction, shadow, cluster)
+                        pair = route.feedback.add(
+                            rid, arm, ex.propensity, prediction, ex.shadow, ex.cluster
+                        )
                         if pair is not None and route.config.prediction is not None:
-                            self._agreement(route, prediction, pair[2], cluster)
-                    elif shadow and route.config.prediction is not None:
+                            self._agreement(route, prediction, pair[2], ex.cluster)
+                    elif ex.shadow and route.config.prediction is not None:
                         bump(route.counters.shadow, "not_compared")  # a failed mirror
             except Exception:
                 # Never fail the user's request for side bookkeeping, and never let it count
                 # this request a second time as "lost" (the observation is recorded).
                 log.exception("shadow/feedback bookkeeping failed for request %s", rid)
-        c = route.counters.arms[arm]
-        bump(c.requests, _CODE_CLASS[status // 100] if 100 <= status < 600 else "none")
+        bump(c.requests, _CODE_CLASS[status // 100 if 100 <= status < 600 else 0])
         if error is not None:
             bump(c.errors, error)
         c.latency.observe(latency)
         if ttft is not None:
             c.ttft.observe(ttft)
-        c.request_bytes += sent
+        c.request_bytes += ex.sent
         c.response_bytes += received
-
-    def _record_failure(
-        self,
-        route: RolloutRoute,
-        arm: str,
-        propensity: float,
-        rid: str,
-        status: int,
-        kind: str,
-        started: float,
-        body: object,
-        analysed: bool,
-        cluster: int = NO_CLUSTER,
-    ) -> None:
-        """Record an upstream attempt that produced no usable response body."""
-        self._record(route, arm, propensity, False, rid, status, kind, self._clock() - started,
-                     None, 0, body, None, analysed, cluster)  # fmt: skip
-
-    def _finish(
-        self,
-        route: RolloutRoute,
-        arm: str,
-        inspector: ResponseInspector,
-        headers: Any,
-        latency: float,
-        ttft: float | None,
-        error: str | None,
-    ) -> None:
-        """Compute the response's signals; price it when its arm has a pricing."""
-        arm_cost = route.costs.get(arm)
-        now = self._clock()
-        inspector.finish(headers, latency=latency, ttft=ttft, cost=arm_cost, now=now)
-        if arm_cost is None or error is not None:
-            return
-        if route.cost_is_signal:
-            cost = inspector.signals.get("cost")
-        else:
-            cost = arm_cost.cost(now, inspector.total_tokens, headers)
-        if cost is not None:
-            c = route.counters.arms[arm]
-            c.cost_total += cost
-            c.cost_n += 1
 
     # -- shadow mirroring ---------------------------------------------------------------------
 
@@ -665,9 +683,8 @@ class Proxy:
         # Production agrees with itself by definition: the rate test compares against 1.
         record(route.name, PRODUCTION, "agreement", 1.0, 1.0, cluster)
 
-    def _start_mirror(
-        self, request: HttpRequest, route: RolloutRoute, body: object, rid: str, cluster: int
-    ) -> None:
+    def _start_mirror(self, request: HttpRequest, ex: _Exchange, body: object) -> None:
+        route = ex.route
         shadow = route.counters.shadow
         if body is _NOT_REPLAYABLE:
             bump(shadow, "dropped_body")
@@ -677,18 +694,18 @@ class Proxy:
             return
         assert body is None or isinstance(body, bytes)  # _NOT_REPLAYABLE was handled above
         self._mirror_inflight += 1
+        # The copy is measured as the candidate's answer with probability 1, never shown.
+        mirror = _Exchange(route, CANDIDATE, 1.0, ex.rid, ex.cluster, ex.sent, True, True)
         headers = tuple(request.headers.items())
         task = asyncio.get_running_loop().create_task(
             self._mirror(
-                route,
+                mirror,
                 request.method,
                 request.raw_path,
                 headers,
                 request.remote,
                 request.scheme,
                 body,
-                rid,
-                cluster,
             )
         )
         self._mirrors.add(task)
@@ -702,17 +719,16 @@ class Proxy:
 
     async def _mirror(
         self,
-        route: RolloutRoute,
+        ex: _Exchange,
         method: str,
         raw_path: str,
         client_headers: tuple[tuple[str, str], ...],
         remote: str | None,
         scheme: str,
         body: bytes | None,
-        rid: str,
-        cluster: int,
     ) -> None:
         clock = self._clock
+        route = ex.route
         pool = route.pools[CANDIDATE]
         i = pool.pick()
         headers = upstream_headers(
@@ -720,11 +736,12 @@ class Proxy:
             upstream_host=route.hosts[CANDIDATE][i],
             client_ip=remote,
             scheme=scheme,
-            rid=rid,
+            rid=ex.rid,
         )
         bump(route.counters.shadow, "sent")
-        started = clock()
+        ex.started = started = clock()
         inspector: ResponseInspector | None = None
+        resp: UpstreamResponse | None = None
         ttft = None
         received = 0
         status = 0
@@ -759,24 +776,7 @@ class Proxy:
                 resp.close()
             if error is None and route.is_error_status(status):
                 error = "status"
-            latency = clock() - started
-            self._finish(route, CANDIDATE, inspector, resp.headers, latency, ttft, error)
-        self._record(
-            route,
-            CANDIDATE,
-            1.0,
-            True,
-            rid,
-            status,
-            error,
-            clock() - started,
-            ttft,
-            received,
-            body,
-            inspector,
-            True,
-            cluster,
-        )
+        self._record(ex, status, error, clock() - started, ttft, received, inspector, resp)
 
 
 _NOT_REPLAYABLE = object()

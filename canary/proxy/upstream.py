@@ -1,8 +1,9 @@
-"""Upstream pools and the transport interface the proxy forwards through.
+"""Upstream pools, the transport interface the proxy forwards through, and its errors.
 
-The proxy's logic (routing, failover, observation) talks to a :class:`Transport`, never to
-aiohttp directly, so a faster protocol-level client can replace the aiohttp one later and be
-tested against it (DESIGN.md "Data plane notes").
+The proxy's logic (routing, failover, observation) talks to a :class:`Transport`, never to a
+client library: :class:`~canary.proxy.h1_transport.H1Transport` (canary's own HTTP/1.1
+client) in production, and the aiohttp one it hands ``https`` endpoints to, are tested
+against the same conformance suite (DESIGN.md "Data plane notes").
 """
 
 from __future__ import annotations
@@ -14,7 +15,24 @@ from typing import Protocol
 
 from multidict import CIMultiDictProxy
 
-from canary.errors import UpstreamError
+from canary.errors import ClientError, UpstreamError
+
+__all__ = [
+    "DEFAULT_MAX_FIELDS",
+    "DEFAULT_MAX_HEAD",
+    "IDEMPOTENT_METHODS",
+    "RequestBodyTooLarge",
+    "Timeouts",
+    "Transport",
+    "UpstreamConnectError",
+    "UpstreamConnectTimeout",
+    "UpstreamPool",
+    "UpstreamProtocolError",
+    "UpstreamReset",
+    "UpstreamResponse",
+    "UpstreamTimeout",
+    "never_sent",
+]
 
 
 class UpstreamConnectError(UpstreamError):
@@ -45,9 +63,14 @@ class UpstreamProtocolError(UpstreamError):
     kind = "protocol"
 
 
-class RequestBodyTooLarge(UpstreamError):
-    """The client's request body exceeded the configured limit while it was streamed."""
+class RequestBodyTooLarge(ClientError):
+    """The client's request body exceeded the configured limit while it was streamed.
 
+    Raised by the body iterator the proxy hands a transport; the transport raises it as it is
+    (or the proxy finds it again, when a client library wraps it): the upstream is not at fault.
+    """
+
+    status = 413
     kind = "too_large"
 
 
@@ -111,6 +134,9 @@ class Transport(Protocol):
     ) -> UpstreamResponse:
         """Send a request; raise an :class:`UpstreamError` subclass when no response arrives.
 
+        A :class:`~canary.errors.ClientError` that iterating a streamed ``body`` raises (the
+        client's body failed) is raised as it is, or wrapped in an :class:`UpstreamError`;
+        after the response head, :meth:`UpstreamResponse.chunks` may raise it too.
         A transport may send the request again on a fresh connection only when it provably
         did not reach the upstream, or when ``method`` is in :data:`IDEMPOTENT_METHODS`.
         """

@@ -14,6 +14,8 @@ wanted: the probability that a verdict is ever wrong is at most the test's ``alp
   Malek) and :func:`rate_test` (per-arm beta mixtures) are the i.i.d. forms.
 - :func:`srm_test`: sample-ratio mismatch from routed vs answered counts.
 - :func:`paired_mean_test`: per-window paired values of both arms (resource signals).
+- :func:`shift_checks`: drift of request inputs from their baseline (input health), from
+  :func:`mean_shift_cs` and :func:`proportion_shift_cs`.
 - :func:`split_alpha`, :func:`rollback_verdict`, :func:`promotion_verdict`,
   :func:`net_value`: combining metrics.
 
@@ -43,6 +45,13 @@ from canary.stats._design_tests import (
     proportion_test,
     stratified_quantile_test,
 )
+from canary.stats._inputs import (
+    MIN_MEAN_SAMPLES,
+    ShiftChecks,
+    mean_shift_cs,
+    proportion_shift_cs,
+    shift_checks,
+)
 from canary.stats._means import IPWSummary, ipw_summary, mean_interval, mean_test, variance_floor
 from canary.stats._paired import DEFAULT_BATCH_SIZES, paired_interval, paired_mean_test
 from canary.stats._quantiles import HistogramArrays, quantile_cs, quantile_test
@@ -61,6 +70,7 @@ from canary.stats._types import (
 __all__ = [
     "DEFAULT_BATCH_SIZES",
     "DISTRIBUTION_QUANTILES",
+    "MIN_MEAN_SAMPLES",
     "ArmClusters",
     "ArmMoments",
     "ArmRouting",
@@ -71,6 +81,7 @@ __all__ = [
     "IPWSummary",
     "MetricKind",
     "MetricResult",
+    "ShiftChecks",
     "StratifiedHistogram",
     "Verdict",
     "allocation_log_evidence",
@@ -82,6 +93,7 @@ __all__ = [
     "few_clusters_factor",
     "ipw_summary",
     "mean_interval",
+    "mean_shift_cs",
     "mean_test",
     "net_value",
     "normal_mixture_radius",
@@ -89,6 +101,7 @@ __all__ = [
     "paired_interval",
     "paired_mean_test",
     "promotion_verdict",
+    "proportion_shift_cs",
     "proportion_test",
     "quantile_cs",
     "quantile_rank_bounds",
@@ -96,6 +109,7 @@ __all__ = [
     "rate_ratio_cs",
     "rate_test",
     "rollback_verdict",
+    "shift_checks",
     "split_alpha",
     "srm_test",
     "stratified_quantile_test",

@@ -545,3 +545,13 @@ def _concave_root(
         x[rows] = xr + step
         rows = rows[np.abs(step) >= 1e-10]
     return x
+
+
+__all__ = [
+    "allocation_log_evidence",
+    "bernoulli_cs",
+    "normal_mixture_radius",
+    "normal_mixture_rho2",
+    "quantile_rank_bounds",
+    "rate_ratio_cs",
+]

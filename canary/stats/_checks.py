@@ -39,3 +39,12 @@ def check_positive(name: str, value: float) -> float:
     if not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
+
+
+__all__ = [
+    "check_alpha",
+    "check_burn_in",
+    "check_margin",
+    "check_positive",
+    "check_probability_open",
+]

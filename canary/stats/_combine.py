@@ -158,3 +158,11 @@ def net_value(
         alpha=min(alpha, 1.0),
         detail=", ".join(f"{r.name}/{weights[r.name]:g}" for r in results),
     )
+
+
+__all__ = [
+    "net_value",
+    "promotion_verdict",
+    "rollback_verdict",
+    "split_alpha",
+]

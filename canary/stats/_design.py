@@ -348,3 +348,18 @@ def design_strata(
             np.add.at(row, idx, values)
             out.append(row)
     return keys, tuple(out)
+
+
+__all__ = [
+    "SHADOW",
+    "ArmClusters",
+    "ClusterHistogram",
+    "DesignSummary",
+    "align_clusters",
+    "cluster_sumsq",
+    "design_strata",
+    "design_summary",
+    "effective_clusters",
+    "few_clusters_factor",
+    "stratum_key",
+]

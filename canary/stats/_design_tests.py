@@ -637,3 +637,13 @@ def distribution_test(
 
 def _fmt(x: float) -> str:
     return f"{x:.4g}" if math.isfinite(x) else str(x)
+
+
+__all__ = [
+    "DEFAULT_DESIGN_T_OPT",
+    "DISTRIBUTION_QUANTILES",
+    "StratifiedHistogram",
+    "distribution_test",
+    "proportion_test",
+    "stratified_quantile_test",
+]

@@ -375,3 +375,14 @@ def mean_test(
         alpha=alpha,
         detail=detail,
     )
+
+
+__all__ = [
+    "DEFAULT_T_OPT",
+    "IPWSummary",
+    "cluster_ipw_variance",
+    "ipw_summary",
+    "mean_interval",
+    "mean_test",
+    "variance_floor",
+]

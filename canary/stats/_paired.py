@@ -538,3 +538,19 @@ def paired_mean_test(
         alpha=alpha,
         detail=detail,
     )
+
+
+__all__ = [
+    "AUTOCORRELATION_BETA_PER_ALPHA",
+    "BATCH_MIN_DF",
+    "DEFAULT_BATCH_SIZES",
+    "DEFAULT_SD_FLOOR_FRACTION",
+    "DEFAULT_WINDOW_BURN_IN",
+    "DEFAULT_WINDOW_T_OPT",
+    "MAX_AUTOCORRELATION",
+    "autocorrelation_upper",
+    "design_effect",
+    "paired_interval",
+    "paired_mean_test",
+    "student_mixture_radius",
+]

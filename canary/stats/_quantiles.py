@@ -245,3 +245,14 @@ def quantile_test(
         alpha=alpha,
         detail=f"q={q:g}",
     )
+
+
+__all__ = [
+    "DEFAULT_QUANTILE_T_OPT",
+    "HistogramArrays",
+    "order_statistics",
+    "quantile_cs",
+    "quantile_test",
+    "ratio_interval",
+    "widen",
+]

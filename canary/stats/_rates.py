@@ -407,3 +407,12 @@ def srm_test(
         alpha=alpha,
         detail=detail,
     )
+
+
+__all__ = [
+    "DEFAULT_PRIOR_SHAPE",
+    "JEFFREYS",
+    "error_test",
+    "rate_test",
+    "srm_test",
+]

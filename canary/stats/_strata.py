@@ -41,3 +41,9 @@ def pair_strata(production: ArmMoments, candidate: ArmMoments) -> PairedStrata:
     n_c, s_c, q_c = align(keys_c, candidate)
     n_p, s_p, q_p = align(keys_p, production)
     return PairedStrata(pi=pi, n_c=n_c, s_c=s_c, q_c=q_c, n_p=n_p, s_p=s_p, q_p=q_p)
+
+
+__all__ = [
+    "PairedStrata",
+    "pair_strata",
+]

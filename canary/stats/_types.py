@@ -326,3 +326,21 @@ class MetricResult:
                 body = f"{_fmt_num(self.estimate)} [{_fmt_num(self.lower)}, {_fmt_num(self.upper)}]"
                 margin = f"{sign}{self.margin:.3g}"
         return f"{self.name}: {what} {body}{detail}, margin {margin}, {tail}"
+
+
+__all__ = [
+    "OK_CODE",
+    "PROPENSITY_DECIMALS",
+    "UNKNOWN_CODE",
+    "WORSE_CODE",
+    "ArmMoments",
+    "ArmRouting",
+    "Direction",
+    "FloatArray",
+    "MetricKind",
+    "MetricResult",
+    "Verdict",
+    "classify",
+    "tolerance_of",
+    "verdict_codes",
+]

@@ -98,3 +98,14 @@ def check_limit(limit: int) -> None:
 def check_max_decisions(max_decisions: int) -> None:
     if max_decisions < 1:
         raise ValueError(f"max_decisions must be >= 1, got {max_decisions!r}")
+
+
+__all__ = [
+    "DEFAULT_MAX_DECISIONS",
+    "FileBackedStore",
+    "Store",
+    "check_limit",
+    "check_max_decisions",
+    "decode",
+    "encode",
+]

@@ -113,3 +113,8 @@ class MemoryStore:
     async def rollouts(self) -> list[str]:
         self._check()
         return sorted(self._state.keys() | self._samples.keys() | self._decisions.keys())
+
+
+__all__ = [
+    "MemoryStore",
+]

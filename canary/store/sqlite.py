@@ -402,3 +402,11 @@ def _set_wal(conn: sqlite3.Connection) -> None:
             if "locked" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
+
+
+__all__ = [
+    "BUSY_TIMEOUT",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "SQLiteStore",
+]

@@ -1,4 +1,5 @@
-"""Signal strings, Server-Timing, JSON paths, and body/SSE extraction of canary.observe.signals."""
+"""Signal strings (canary.signals), Server-Timing, JSON paths, and body/SSE extraction of
+canary.observe.extract."""
 
 from __future__ import annotations
 
@@ -10,11 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from canary.observe.signals import (
-    SOURCE_DERIVED,
-    SOURCE_EXTERNAL,
-    SOURCE_PROXY,
-    SOURCE_RESPONSE,
+from canary.observe.extract import (
     JsonPath,
     ResponseExtractor,
     ResponseInspector,
@@ -23,8 +20,14 @@ from canary.observe.signals import (
     json_number,
     parse_number,
     parse_server_timing,
-    parse_signal,
     tokens_per_s,
+)
+from canary.signals import (
+    SOURCE_DERIVED,
+    SOURCE_EXTERNAL,
+    SOURCE_PROXY,
+    SOURCE_RESPONSE,
+    parse_signal,
 )
 
 # --- signal strings ---------------------------------------------------------------------------

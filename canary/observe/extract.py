@@ -1,9 +1,9 @@
-"""Signal strings and per-response signal extraction (headers, Server-Timing, JSON and SSE bodies).
+"""Per-response signal extraction: headers, Server-Timing, JSON and SSE bodies, derived values.
 
 A rollout names the signals it measures (``latency``, ``header:X-Model-Cost``,
-``json:usage.total_tokens``, ...). :func:`parse_signal` checks and classifies one string; a
-:class:`ResponseExtractor` is compiled once per rollout from all of them and hands out one
-cheap :class:`ResponseInspector` per response::
+``json:usage.total_tokens``, ...); their grammar is :func:`canary.signals.parse_signal`, the
+same one the rollout file is validated with. A :class:`ResponseExtractor` is compiled once per
+rollout from all of them and hands out one cheap :class:`ResponseInspector` per response::
 
     extractor = ResponseExtractor(rollout.signals(), prediction=rollout.prediction)
     inspector = extractor.start(content_type, content_encoding)   # once headers arrived
@@ -27,22 +27,25 @@ import zlib
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Final
 
-# The signal grammar lives with the rollout file's other parsers, so that `canary validate`
-# and the proxy accept exactly the same strings; re-exported here under the proxy's names.
-from canary.config._units import (
-    BARE_SIGNALS,  # noqa: F401
-    PREFIXED_SIGNALS,  # noqa: F401
-    SOURCE_DERIVED,  # noqa: F401
-    SOURCE_EXTERNAL,  # noqa: F401
-    SOURCE_PROXY,  # noqa: F401
-    SOURCE_RESPONSE,  # noqa: F401
-    Signal,
-    json_path_segments,
-    parse_signal,
-)
+from canary.signals import COST, ITL, TOKENS_PER_S, Signal, json_path_segments, parse_signal
 
 if TYPE_CHECKING:
     from canary.observe.cost import ArmCost
+
+__all__ = [
+    "COMPLETION_TOKENS_PATH",
+    "DEFAULT_BODY_LIMIT",
+    "TOTAL_TOKENS_PATH",
+    "JsonPath",
+    "ResponseExtractor",
+    "ResponseInspector",
+    "inter_token_latency",
+    "is_event_stream",
+    "json_number",
+    "parse_number",
+    "parse_server_timing",
+    "tokens_per_s",
+]
 
 
 DEFAULT_BODY_LIMIT = 1 << 20  # bytes of a non-stream body (or of one SSE event) we inspect
@@ -287,9 +290,9 @@ class ResponseExtractor:
             prediction = prediction[5:]
         self._prediction = path_index(prediction) if prediction is not None else -1
         kinds = {s.kind for s in self.signals}
-        self._tps = "tokens_per_s" in kinds
-        self._itl = "itl" in kinds
-        self._cost = "cost" in kinds
+        self._tps = TOKENS_PER_S in kinds
+        self._itl = ITL in kinds
+        self._cost = COST in kinds
         self._total = path_index(TOTAL_TOKENS_PATH) if cost_tokens else -1
         self._completion = path_index(COMPLETION_TOKENS_PATH) if self._tps or self._itl else -1
         self._paths = tuple(JsonPath(p) for p in paths)
@@ -412,6 +415,8 @@ class ResponseInspector:
             if ex._tps:
                 v = tokens_per_s(tokens, latency, ttft, self.stream)
                 if v is not None:
+                    # TOKENS_PER_S, ITL and COST written as literals: constants, not global
+                    # lookups, once per response
                     signals["tokens_per_s"] = v
             if ex._itl and self.stream:
                 v = inter_token_latency(tokens, latency, ttft)

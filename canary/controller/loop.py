@@ -1,0 +1,409 @@
+"""The controller's loop: flush, analyse, decide, apply; operator commands; reloads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any, Protocol
+
+from canary.analyzer import AnalysisJob, Analyzer, InlineAnalyzer
+from canary.config import Config, RolloutConfig, WebhookConfig
+from canary.controller.gauges import Gauges
+from canary.controller.persistence import StoreGuard, StoreWriter
+from canary.controller.rollout import DECISIONS_SHOWN, Rollout, RolloutView
+from canary.decision import (
+    Action,
+    Analysis,
+    Decision,
+    RolloutState,
+    command,
+    decide,
+    fingerprint,
+    transition,
+    upgrade_entry,
+)
+from canary.errors import StoreError, UnknownRollout
+from canary.metrics import Metrics
+from canary.observe import Recorder, RolloutAccumulator, Weights
+from canary.observe.inputs import InputHealth
+from canary.store import FileBackedStore, Store
+
+log = logging.getLogger("canary.controller")  # one logger for the whole controller package
+
+
+FLUSH_INTERVAL = 0.25  # seconds of samples a crash can lose (DESIGN.md: "~250 ms")
+STORE_TIMEOUT = 5.0  # a store call running longer than this marks the store as down
+_EVENTS = {
+    Action.ADVANCE: "advance",
+    Action.PROMOTE: "promote",
+    Action.ROLLBACK: "rollback",
+    Action.PAUSE: "pause",
+    Action.RESUME: "resume",
+    Action.HOLD: "hold",
+    Action.START: "start",
+}
+
+
+class WeightSink(Protocol):
+    def __call__(self, rollout: str, weights: Weights) -> None: ...
+
+
+class Notifier(Protocol):
+    def fire(
+        self,
+        rollout: str,
+        event: str,
+        hooks: Sequence[WebhookConfig],
+        payload: Mapping[str, Any],
+    ) -> int: ...
+
+
+class Controller:
+    """Runs every rollout of a config against its store and recorder."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        recorder: Recorder,
+        metrics: Metrics,
+        apply_weights: WeightSink,
+        *,
+        notifier: Notifier | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        flush_interval: float = FLUSH_INTERVAL,
+        analyzer: Analyzer | None = None,
+        input_health: Callable[[str], InputHealth | None] | None = None,
+        store_timeout: float | None = None,
+    ) -> None:
+        """``analyzer`` runs the statistics (``canary run``: a
+        :class:`~canary.analyzer.WorkerAnalyzer`, so that the proxy's requests never wait for
+        them; default: in the event loop). ``input_health(rollout)`` is the rollout's input
+        health, handed to the analysis. ``store_timeout``: a store call running longer marks
+        the store as down (default :data:`STORE_TIMEOUT`)."""
+        self.config = config
+        self.analyzer: Analyzer = analyzer if analyzer is not None else InlineAnalyzer()
+        self._input_health = input_health
+        self._store = store
+        self._guard = StoreGuard(
+            store, metrics, STORE_TIMEOUT if store_timeout is None else store_timeout
+        )
+        self._gauges = Gauges(metrics)
+        self._recorder = recorder
+        self._metrics = metrics
+        self._apply_weights = apply_weights
+        self._notifier = notifier
+        self._clock = clock
+        self._monotonic = monotonic
+        self.flush_interval = flush_interval
+        self._rollouts: dict[str, Rollout] = {}
+        self._writer = StoreWriter(store, self._guard, metrics, recorder, lambda: self._rollouts)
+        self._lock = asyncio.Lock()  # control path only: evaluation vs operator commands
+        self._task: asyncio.Task[None] | None = None
+        self._eval_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+
+    @property
+    def store_ok(self) -> bool:
+        """The store works: the last operation succeeded and its health check is clean."""
+        return self._guard.ok
+
+    @property
+    def store_error(self) -> str:
+        """Why the store is considered down ("" when it is not)."""
+        return self._guard.error
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def load(self) -> dict[str, Weights]:
+        """Restore (or start) every configured rollout; return the weights to serve.
+
+        Also warms the analyzer (e.g. starts the worker process) before the proxy serves.
+        """
+        for r in self.config.rollouts:
+            self._rollouts[r.name] = await self._adopt(r)
+        self.analyzer.warm()
+        return self.weights()
+
+    def weights(self) -> dict[str, Weights]:
+        return {n: ro.state.weights(ro.config) for n, ro in self._rollouts.items()}
+
+    async def start(self) -> None:
+        if self._task is None:
+            await self.analyzer.start()
+            loop = asyncio.get_running_loop()
+            self._task = loop.create_task(self._run(), name="controller")
+            if self._watch_task is None and isinstance(self._store, FileBackedStore):
+                every = max(self.flush_interval, 0.1)
+                watch = self._guard.watch(every, self._writer.reopen_deleted)
+                self._watch_task = loop.create_task(watch, name="store-watch")
+
+    async def stop(self) -> None:
+        """Stop the loop and write the last samples (a clean stop loses nothing)."""
+        for task in (self._task, self._eval_task, self._watch_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._eval_task = self._watch_task = None
+        await self.analyzer.close()
+        await self.flush()
+
+    async def _run(self) -> None:
+        while True:
+            started = self._monotonic()
+            try:
+                await self.flush()
+                self._start_evaluation()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not stop the controller for good
+                log.exception("controller iteration failed")
+            elapsed = self._monotonic() - started
+            await asyncio.sleep(max(0.0, self.flush_interval - elapsed))
+
+    # -- samples and the store ------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Move the proxy's deltas into the totals and the store; retry unsaved writes."""
+        await self._writer.flush()
+
+    async def check_store(self) -> None:
+        """One health check of the store (the watchdog's step; tests call it directly)."""
+        await self._guard.check(self._writer.reopen_deleted)
+
+    # -- decisions ------------------------------------------------------------------------
+
+    def _start_evaluation(self) -> None:
+        """Run the due analyses in their own task, unless the last round is still running.
+
+        An analysis takes as long as the analyzer needs (in a worker process: longer when the
+        proxy keeps the CPU busy); flushes and operator commands go on meanwhile.
+        """
+        if self._eval_task is None or self._eval_task.done():
+            self._eval_task = asyncio.get_running_loop().create_task(
+                self._evaluate_logged(), name="controller-analysis"
+            )
+
+    async def _evaluate_logged(self) -> None:
+        try:
+            await self.evaluate()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug here must not stop the controller for good
+            log.exception("controller analysis failed")
+
+    async def evaluate(self, *, force: bool = False) -> None:
+        """Analyze and decide every rollout whose interval has come (all with ``force``)."""
+        await self.analyzer.check()
+        mono = self._monotonic()
+        for ro in list(self._rollouts.values()):
+            if not force and mono < ro.next_eval:
+                continue
+            ro.next_eval = mono + ro.config.analysis.interval
+            await self._evaluate(ro)
+
+    async def _evaluate(self, ro: Rollout) -> None:
+        cfg, name = ro.config, ro.config.name
+        now = self._clock()
+        t0 = time.perf_counter()
+        ro.track_failures(now)
+        failing_for, failing_requests = ro.state.failing_for(now), ro.state.failing_requests
+        version, fresh = ro.version, True
+        if ro.analysis is not None and ro.analysed == (version, cfg):
+            # No sample since the last analysis of this config: the tests would say the same
+            # (they are functions of the totals); only the hard-failure clock moves on.
+            analysis = replace(
+                ro.analysis, failing_for=failing_for, failing_requests=failing_requests
+            )
+            fresh = False
+        else:
+            health = self._input_health(name) if self._input_health is not None else None
+            job = AnalysisJob(cfg, ro.totals, failing_for, failing_requests, health)
+            analysis = await self.analyzer.analyze(job)
+        async with self._lock:  # the state may not change between decide and apply
+            if self._rollouts.get(name) is not ro or ro.config is not cfg:
+                return  # reloaded meanwhile: the next interval analyses the new config
+            ro.analysed = (version, cfg)
+            await self._decide(ro, analysis, t0, export=fresh)
+
+    async def _decide(
+        self, ro: Rollout, analysis: Analysis, t0: float, *, export: bool = True
+    ) -> None:
+        cfg, name = ro.config, ro.config.name
+        now = self._clock()
+        ro.analysis = analysis
+        if export:
+            self._gauges.analysis(name, analysis)
+            await asyncio.sleep(0)  # the gauges and the decision: two short turns of the loop
+        if not self.store_ok and not ro.state.phase.terminal:
+            ro.status = f"holding: the state store is unavailable ({self.store_error})"
+            return
+        decision = decide(cfg, ro.state, analysis, now)
+        self._metrics.analysis_seconds.labels(name).set(time.perf_counter() - t0)
+        new = transition(cfg, ro.state, decision, analysis.candidate_observed, now)
+        ro.status = decision.reason
+        if new is not ro.state:
+            await self._apply(ro, decision, new, now)
+
+    async def command(self, name: str, action: str, reason: str | None = None) -> dict[str, Any]:
+        """Carry out an operator's pause/resume/promote/rollback; raise CommandRejected."""
+        ro = self._rollouts.get(name)
+        if ro is None:
+            raise UnknownRollout(name)
+        async with self._lock:
+            decision = command(ro.state, action, reason)
+            now = self._clock()
+            observed = ro.totals.candidate.observed
+            new = transition(ro.config, ro.state, decision, observed, now)
+            ro.status = decision.reason
+            await self._apply(ro, decision, new, now)
+        return {
+            "name": name,
+            "phase": ro.state.phase.value,
+            "action": decision.action.value,
+            "reason": decision.reason,
+        }
+
+    async def _apply(self, ro: Rollout, decision: Decision, new: RolloutState, now: float) -> None:
+        cfg, name = ro.config, ro.config.name
+        ro.state = new
+        weights = new.weights(cfg)
+        candidate, shadow = weights
+        self._apply_weights(name, weights)  # the data plane acts first
+        entry = ro.entry(decision, now)
+        ro.decisions.append(entry)
+        self._metrics.decisions.labels(name, decision.action.value).inc()
+        self._gauges.state(cfg, new)
+        log.info(
+            "rollout %s: %s%s -> %s, candidate %g%%%s: %s",
+            name,
+            decision.action.value,
+            " (manual)" if decision.manual else "",
+            new.phase.value,
+            candidate,
+            " (shadow)" if shadow else "",
+            decision.reason,
+        )
+        ro.state_dirty = True
+        ro.unsaved.append(entry)
+        await self._writer.save_bounded(ro)
+        event = _EVENTS.get(decision.action)
+        if event is not None and self._notifier is not None and cfg.webhooks:
+            self._notifier.fire(name, event, cfg.webhooks, entry)
+
+    # -- configuration --------------------------------------------------------------------
+
+    async def apply_config(self, config: Config) -> dict[str, Weights]:
+        """Adopt a reloaded config; return every rollout's weights for the proxy.
+
+        A rollout whose endpoints changed starts over (new samples, step 1); one whose
+        thresholds, steps or webhooks changed keeps its state and samples.
+        """
+        async with self._lock:
+            rollouts: dict[str, Rollout] = {}
+            for r in config.rollouts:
+                old = self._rollouts.get(r.name)
+                if old is not None and old.state.fingerprint == fingerprint(r):
+                    old.state = _retime(old.state, old.config, r)
+                    old.config = r
+                    old.next_eval = 0.0
+                    rollouts[r.name] = old
+                else:
+                    rollouts[r.name] = await self._adopt(r)
+            for gone in set(self._rollouts) - set(rollouts):
+                log.info("rollout %s: no longer configured; its state stays in the store", gone)
+            self._rollouts = rollouts
+            self.config = config
+            for ro in rollouts.values():
+                self._gauges.state(ro.config, ro.state)
+            return self.weights()
+
+    async def _adopt(self, r: RolloutConfig) -> Rollout:
+        """Resume ``r`` from the store, or start it (nothing stored, or other endpoints)."""
+        now = self._clock()
+        data = await self._store.get_state(r.name)
+        state: RolloutState | None = None
+        if data is not None:
+            try:
+                state = RolloutState.from_dict(data)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise StoreError(f"state of rollout {r.name!r} is unreadable: {exc}") from exc
+            if state.fingerprint != fingerprint(r):
+                log.info("rollout %s: endpoints changed; starting a new rollout", r.name)
+                state = None
+        ro = await (self._begin(r, now) if state is None else self._resume(r, state))
+        self._gauges.state(ro.config, ro.state)
+        return ro
+
+    async def _begin(self, r: RolloutConfig, now: float) -> Rollout:
+        await self._store.reset(r.name)
+        self._recorder.remove(r.name)  # samples of the old arms must not leak in
+        ro = Rollout.fresh(r, RolloutState.start(r, now), None, [], self._recorder.accuracy)
+        entry = ro.entry(Decision(Action.START, "rollout started"), now)
+        ro.decisions.append(entry)
+        await self._store.put_state(r.name, ro.state.to_dict())
+        await self._store.append_decision(r.name, entry)
+        log.info("rollout %s: started at step 1/%d", r.name, len(r.steps))
+        # Once per rollout: a restart that resumes it (_resume) sends nothing.
+        if self._notifier is not None and r.webhooks:
+            self._notifier.fire(r.name, _EVENTS[Action.START], r.webhooks, entry)
+        return ro
+
+    async def _resume(self, r: RolloutConfig, state: RolloutState) -> Rollout:
+        totals = await self._store.get_samples(r.name)
+        stored = await self._store.decisions(r.name, DECISIONS_SHOWN)
+        history = [upgrade_entry(e, len(r.steps)) for e in stored]
+        ro = Rollout.fresh(r, state, totals, history, self._recorder.accuracy)
+        log.info(
+            "rollout %s: resumed %s at step %d/%d with %d/%d samples",
+            r.name,
+            state.phase.value,
+            min(state.step, len(r.steps) - 1) + 1,
+            len(r.steps),
+            ro.totals.production.observed,
+            ro.totals.candidate.observed,
+        )
+        return ro
+
+    # -- read side ------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return list(self._rollouts)
+
+    def view(self, name: str) -> RolloutView:
+        """Rollout ``name`` as it is now; raise UnknownRollout."""
+        ro = self._rollouts.get(name)
+        if ro is None:
+            raise UnknownRollout(name)
+        return ro.view(self._clock(), self.store_ok)
+
+    def views(self) -> list[RolloutView]:
+        """Every configured rollout, in config order."""
+        return [self.view(name) for name in self._rollouts]
+
+    def state(self, name: str) -> RolloutState:
+        return self._rollouts[name].state
+
+    def totals(self, name: str) -> RolloutAccumulator:
+        return self._rollouts[name].totals
+
+
+def _retime(state: RolloutState, old: RolloutConfig, new: RolloutConfig) -> RolloutState:
+    """Keep the deadline consistent when a reload changes max_duration."""
+    delta = new.analysis.max_duration - old.analysis.max_duration
+    return state.with_(deadline=state.deadline + delta) if delta else state
+
+
+__all__ = [
+    "FLUSH_INTERVAL",
+    "STORE_TIMEOUT",
+    "Controller",
+    "Notifier",
+    "WeightSink",
+]

@@ -1,0 +1,140 @@
+"""One rollout as the controller holds it (:class:`Rollout`), and what it shows of it
+(:class:`RolloutView`, turned into JSON by :mod:`canary.admin.views`)."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from canary.config import RolloutConfig
+from canary.decision import (
+    Analysis,
+    Decision,
+    RolloutState,
+    StepProgress,
+    log_entry,
+    progress,
+    track_failures,
+)
+from canary.observe import RolloutAccumulator
+
+log = logging.getLogger("canary.controller")  # one logger for the whole controller package
+
+
+DECISIONS_SHOWN = 100  # decision-log entries kept in memory for the admin API
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutView:
+    """One rollout as the controller holds it at ``at`` (its wall clock): what the admin API
+    and the CLI show, without reaching into the controller.
+
+    ``progress`` is the current step's progress by the latest analysis (None before the
+    first one and once the rollout finished); ``decisions`` the latest decision-log entries,
+    oldest first.
+    """
+
+    config: RolloutConfig
+    state: RolloutState
+    analysis: Analysis | None
+    progress: StepProgress | None
+    decisions: tuple[dict[str, Any], ...]
+    status: str
+    production_samples: int
+    candidate_samples: int
+    store_ok: bool
+    at: float
+
+
+@dataclass
+class Rollout:
+    config: RolloutConfig
+    state: RolloutState
+    totals: RolloutAccumulator
+    pending: RolloutAccumulator  # added to totals, not yet to the store
+    decisions: deque[dict[str, Any]]
+    unsaved: list[dict[str, Any]] = field(default_factory=list)
+    state_dirty: bool = False
+    analysis: Analysis | None = None
+    status: str = "starting"
+    next_eval: float = 0.0  # monotonic
+    last_check: float | None = None  # wall time of this process's last hard-failure check
+    version: int = 0  # counts the deltas merged into totals
+    analysed: tuple[int, RolloutConfig] | None = None  # (version, config) of ``analysis``
+
+    @classmethod
+    def fresh(
+        cls,
+        config: RolloutConfig,
+        state: RolloutState,
+        totals: RolloutAccumulator | None,
+        history: list[dict[str, Any]],
+        accuracy: float,
+    ) -> Rollout:
+        """A rollout as loaded: its stored totals (None: none yet) and last decisions."""
+        return cls(
+            config,
+            state,
+            totals or RolloutAccumulator(accuracy),
+            RolloutAccumulator(accuracy),
+            deque(history, maxlen=DECISIONS_SHOWN),
+        )
+
+    def track_failures(self, now: float) -> None:
+        """Move the persisted hard-failure clock on by the candidate's new requests (not once
+        the rollout finished: the policy no longer reads it, and the store is spared a write
+        per interval)."""
+        if self.state.phase.terminal:
+            return
+        cand = self.totals.candidate
+        new = track_failures(
+            self.state, cand.observed, cand.errors, now, previous_check=self.last_check
+        )
+        self.last_check = now
+        if new is not self.state:
+            self.state = new
+            self.state_dirty = True  # the next flush writes it: a restart keeps the clock
+
+    def view(self, now: float, store_ok: bool) -> RolloutView:
+        state, analysis = self.state, self.analysis
+        step = None
+        if analysis is not None and not state.phase.terminal:
+            step = progress(self.config, state, analysis, now)
+        return RolloutView(
+            config=self.config,
+            state=state,
+            analysis=analysis,
+            progress=step,
+            decisions=tuple(self.decisions),
+            status=self.status,
+            production_samples=self.totals.production.observed,
+            candidate_samples=self.totals.candidate.observed,
+            store_ok=store_ok,
+            at=now,
+        )
+
+    def entry(self, decision: Decision, now: float) -> dict[str, Any]:
+        """The decision-log entry of ``decision`` (``state`` already the state after it)."""
+        return log_entry(
+            self.config,
+            self.state,
+            decision,
+            now,
+            production=self.totals.production.observed,
+            candidate=self.totals.candidate.observed,
+        )
+
+    def unsave_everything(self) -> None:
+        """Have the next flush write all of this rollout again (its store file was lost)."""
+        self.state_dirty = True
+        self.unsaved = [e for e in self.decisions if e not in self.unsaved] + self.unsaved
+        self.pending = self.totals.snapshot()  # the totals include the pending samples
+
+
+__all__ = [
+    "DECISIONS_SHOWN",
+    "Rollout",
+    "RolloutView",
+]
