@@ -37,7 +37,10 @@ class ClientError(CanaryError):
     """The client is at fault: its request is malformed, too large, or stopped arriving.
 
     ``status`` is the HTTP status canary answers with (when an answer can still be sent).
-    Never counted against an upstream or an arm: the upstream did nothing wrong.
+    Found before an upstream answered, it is answered with ``status`` and never counted
+    against an upstream or an arm. A streamed request body that fails after the upstream's
+    answer began still ends that exchange as a failed observation of its arm (``kind`` names
+    why), as it did before this class existed.
     """
 
     status: int = 400

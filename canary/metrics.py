@@ -429,7 +429,7 @@ class Metrics:
             ["rollout"],
             registry=r,
         )
-        # -- resource scraper (background task, see canary/resources.py) -------------------
+        # -- resource scraper (background task, see canary/observe/resources.py) -------------------
         self.resource_scrapes = Counter(
             "canary_resource_scrapes",
             "Scrapes of the arms' Prometheus endpoints by result (ok, error, timeout, parse, "

@@ -96,6 +96,12 @@ class Runtime:
         # What start() started, each part with its own stop; stop() unwinds it in reverse.
         self._stack = contextlib.AsyncExitStack()
         self._proxy_closing = contextlib.AsyncExitStack()  # closes the proxy once (see _start)
+        # What exists from here on is stopped even when start() is never called or fails
+        # early: the analysis pool last, and the proxy (its label ticker may already run),
+        # once, by the proxy port's orderly close or else here.
+        self._stack.callback(self._shutdown_analysis_pool)
+        self._proxy_closing.push_async_callback(self._close_proxy)
+        self._stack.push_async_callback(self._proxy_closing.aclose)
         self._background: set[asyncio.Task[None]] = set()
         self._reload_lock = asyncio.Lock()
         self.proxy_port: int | None = None
@@ -147,14 +153,11 @@ class Runtime:
         """
         token = self._admin_token()
         stack = self._stack
-        stack.callback(self._shutdown_analysis_pool)
-        # The proxy exists since __init__ (its label ticker may run): it is closed once, by
-        # the proxy port's orderly close below, or here when the start fails before that.
-        self._proxy_closing.push_async_callback(self._close_proxy)
-        await stack.enter_async_context(self._proxy_closing)
         await self.store.open()
         stack.push_async_callback(self.store.close)
-        await self.webhooks.start()  # deliveries fired before the start wait, so start first
+        # Started before the controller loads (which may fire a rollout's `start` webhook),
+        # so that it is stopped after the controller's last decision could fire one.
+        await self.webhooks.start()
         stack.push_async_callback(self.webhooks.close)
         weights = await self.controller.load()
         self.proxy.apply_config(self.config, weights)
@@ -193,7 +196,7 @@ class Runtime:
         await self.resources.apply(self.config)
         self._ready = True
         for r in self.config.rollouts:
-            w = self.proxy.routes[r.name].weights
+            w = weights[r.name]
             log.info(
                 "rollout %s: candidate %.1f%%%s; proxy on %s:%s, admin on %s:%s",
                 r.name,

@@ -123,3 +123,15 @@ async def test_a_store_that_cannot_open_stops_only_the_proxy(
         await rt.start()
     assert calls == ["proxy.close", "transport.close"]
     assert rt._analysis_pool is None
+
+
+async def test_a_runtime_never_started_still_stops_what_it_made(calls: list[str]) -> None:
+    cfg = rollout_config(["http://127.0.0.1:1"], ["http://127.0.0.1:2"])
+    rt = Runtime(load_config_text(yaml.safe_dump(cfg)))  # with an analysis pool
+    _watch(rt, calls)
+    assert rt._analysis_pool is not None
+    await rt.stop()
+    assert calls == ["proxy.close", "transport.close"]
+    assert rt._analysis_pool is None  # shut down, not left running
+    await rt.stop()
+    assert calls == ["proxy.close", "transport.close"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from canary.config import RolloutConfig
@@ -13,9 +12,6 @@ from canary.decision import (
 )
 from canary.metrics import Metrics
 from canary.stats import Verdict
-
-log = logging.getLogger("canary.controller")  # one logger for the whole controller package
-
 
 _VERDICT_VALUE = {Verdict.OK: 1, Verdict.UNKNOWN: 0, Verdict.WORSE: -1}
 

@@ -23,6 +23,7 @@ from canary.decision import (
     command,
     decide,
     fingerprint,
+    resume_failures,
     transition,
     upgrade_entry,
 )
@@ -214,22 +215,24 @@ class Controller:
         t0 = time.perf_counter()
         ro.track_failures(now)
         failing_for, failing_requests = ro.state.failing_for(now), ro.state.failing_requests
-        version, fresh = ro.version, True
-        if ro.analysis is not None and ro.analysed == (version, cfg):
-            # No sample since the last analysis of this config: the tests would say the same
-            # (they are functions of the totals); only the hard-failure clock moves on.
+        health = self._input_health(name) if self._input_health is not None else None
+        made_of = (ro.version, cfg, health.requests if health is not None else None)
+        fresh = True
+        if ro.analysis is not None and ro.analysed == made_of:
+            # No sample (and no request body) since the last analysis of this config: the
+            # tests would say the same (they are functions of the totals and the input
+            # counts); only the hard-failure clock moves on.
             analysis = replace(
                 ro.analysis, failing_for=failing_for, failing_requests=failing_requests
             )
             fresh = False
         else:
-            health = self._input_health(name) if self._input_health is not None else None
             job = AnalysisJob(cfg, ro.totals, failing_for, failing_requests, health)
             analysis = await self.analyzer.analyze(job)
         async with self._lock:  # the state may not change between decide and apply
             if self._rollouts.get(name) is not ro or ro.config is not cfg:
                 return  # reloaded meanwhile: the next interval analyses the new config
-            ro.analysed = (version, cfg)
+            ro.analysed = made_of
             await self._decide(ro, analysis, t0, export=fresh)
 
     async def _decide(
@@ -240,6 +243,10 @@ class Controller:
         ro.analysis = analysis
         if export:
             self._gauges.analysis(name, analysis)
+            if analysis.inputs:  # drift starting or ending is logged, scraped or not
+                monitor = self._recorder.input_monitor(name)
+                if monitor is not None:
+                    monitor.log_changes(analysis.inputs)
             await asyncio.sleep(0)  # the gauges and the decision: two short turns of the loop
         if not self.store_ok and not ro.state.phase.terminal:
             ro.status = f"holding: the state store is unavailable ({self.store_error})"
@@ -359,6 +366,8 @@ class Controller:
         totals = await self._store.get_samples(r.name)
         stored = await self._store.decisions(r.name, DECISIONS_SHOWN)
         history = [upgrade_entry(e, len(r.steps)) for e in stored]
+        now = self._clock()
+        state = resume_failures(state, now)  # the time canary was down is not failing time
         ro = Rollout.fresh(r, state, totals, history, self._recorder.accuracy)
         log.info(
             "rollout %s: resumed %s at step %d/%d with %d/%d samples",

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,14 +13,12 @@ from canary.decision import (
     Decision,
     RolloutState,
     StepProgress,
+    failure_clock_moved,
     log_entry,
     progress,
     track_failures,
 )
 from canary.observe import RolloutAccumulator
-
-log = logging.getLogger("canary.controller")  # one logger for the whole controller package
-
 
 DECISIONS_SHOWN = 100  # decision-log entries kept in memory for the admin API
 
@@ -62,7 +59,8 @@ class Rollout:
     next_eval: float = 0.0  # monotonic
     last_check: float | None = None  # wall time of this process's last hard-failure check
     version: int = 0  # counts the deltas merged into totals
-    analysed: tuple[int, RolloutConfig] | None = None  # (version, config) of ``analysis``
+    # (samples version, config, input-health requests) that ``analysis`` was made from
+    analysed: tuple[int, RolloutConfig, tuple[int, ...] | None] | None = None
 
     @classmethod
     def fresh(
@@ -94,8 +92,9 @@ class Rollout:
         )
         self.last_check = now
         if new is not self.state:
+            if failure_clock_moved(self.state, new):
+                self.state_dirty = True  # the next flush writes it: a restart keeps the clock
             self.state = new
-            self.state_dirty = True  # the next flush writes it: a restart keeps the clock
 
     def view(self, now: float, store_ok: bool) -> RolloutView:
         state, analysis = self.state, self.analysis

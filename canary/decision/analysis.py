@@ -26,7 +26,7 @@ from canary.observe import (
     coarse_upper,
 )
 from canary.observe.inputs import FieldDrift, InputHealth, drift_checks
-from canary.signals import is_resource, paired_key, parse_signal
+from canary.signals import AGREEMENT, ERROR, RATE_SIGNALS, is_resource, paired_key, parse_signal
 from canary.stats import (
     DEFAULT_BATCH_SIZES,
     DISTRIBUTION_QUANTILES,
@@ -53,8 +53,6 @@ from canary.stats import (
 
 SRM_NAME = "sample_ratio"
 NET_VALUE_NAME = "net_value"
-_RATE_SIGNALS = ("feedback", "agreement")
-_PAIRED_ONLY = "agreement"  # shadow-only, production identically 1: the one-sample form
 
 
 @dataclass(frozen=True)
@@ -195,13 +193,13 @@ def _metric(
             name=m.name,
         )  # fmt: skip
     cl = (_clusters(p_acc), _clusters(c_acc)) if clustered else None
-    if key == _PAIRED_ONLY:
+    if key == AGREEMENT:  # shadow-only, production identically 1: the one-sample form
         return rate_test(
             _moments(p_acc), _moments(c_acc), value,
             relative=rel, direction=direction, alpha=alpha, burn_in=b, name=m.name,
         )  # fmt: skip
-    if key == "error" or m.stat == "rate" or key in _RATE_SIGNALS:
-        kind = MetricKind.ERROR_RATE if key == "error" else MetricKind.RATE
+    if m.stat == "rate" or key in RATE_SIGNALS:
+        kind = MetricKind.ERROR_RATE if key == ERROR else MetricKind.RATE
         return proportion_test(
             _moments(p_acc), _moments(c_acc), value,
             relative=rel, direction=direction, alpha=alpha, burn_in=b, clusters=cl,

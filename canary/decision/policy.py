@@ -235,12 +235,16 @@ def track_failures(
     New requests that all failed start the clock (at ``previous_check``, the last check of
     this process, when the first of them may have been sent; else at ``now``) or add to it;
     one success among them stops it. The clock lives in the persisted state, so a restart
-    keeps it; ``previous_check`` does not (the time the process was down is not failing time).
+    keeps it (:func:`resume_failures` takes the time canary was down out of it).
     """
     if state.failure_observed is None:  # stored by a canary that kept the clock in memory
         return state.with_(failure_observed=observed, failure_errors=errors)
     since, count = state.failing_since, state.failing_requests
     new_obs, new_err = observed - state.failure_observed, errors - state.failure_errors
+    if new_obs < 0 or new_err < 0:
+        # Totals restored behind the stored counts (a crash between writing the state and
+        # the samples): count again from here.
+        return state.with_(failure_observed=observed, failure_errors=errors)
     if new_obs > 0:
         if new_err >= new_obs:
             if since is None:
@@ -260,7 +264,25 @@ def track_failures(
         failing_requests=count,
         failure_observed=observed,
         failure_errors=errors,
+        failure_checked_at=now,
     )
+
+
+def resume_failures(state: RolloutState, now: float) -> RolloutState:
+    """The hard-failure clock of a rollout resumed at ``now`` by a new process: a running
+    clock moves its start forward by the time since its last stored check, so that the time
+    canary was down never counts as time the candidate failed."""
+    since, checked = state.failing_since, state.failure_checked_at
+    if since is None or checked is None or now <= checked:
+        return state
+    return state.with_(failing_since=since + (now - checked), failure_checked_at=now)
+
+
+def failure_clock_moved(old: RolloutState, new: RolloutState) -> bool:
+    """Whether a check changed what the policy reads of the clock (worth a state write; the
+    counts alone are not: a restart that diffs against older counts stops or keeps the clock
+    just the same)."""
+    return (old.failing_since, old.failing_requests) != (new.failing_since, new.failing_requests)
 
 
 def command(state: RolloutState, action: str, reason: str | None = None) -> Decision:
@@ -349,7 +371,9 @@ __all__ = [
     "command",
     "decide",
     "evidence",
+    "failure_clock_moved",
     "progress",
+    "resume_failures",
     "track_failures",
     "transition",
 ]

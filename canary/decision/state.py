@@ -114,6 +114,7 @@ class RolloutState:
     failing_requests: int = 0
     failure_observed: int | None = None
     failure_errors: int = 0
+    failure_checked_at: float | None = None  # wall time of the check that last moved the clock
 
     @classmethod
     def start(cls, rollout: RolloutConfig, now: float) -> RolloutState:

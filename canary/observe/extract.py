@@ -27,7 +27,14 @@ import zlib
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Final
 
-from canary.signals import COST, ITL, TOKENS_PER_S, Signal, json_path_segments, parse_signal
+from canary.signals import (
+    COST,
+    ITL,
+    TOKENS_PER_S,
+    Signal,
+    json_path_segments,
+    parse_signal,
+)
 
 if TYPE_CHECKING:
     from canary.observe.cost import ArmCost
@@ -287,7 +294,7 @@ class ResponseExtractor:
             (s.key, path_index(s.arg)) for s in self.signals if s.kind == "json"
         )
         if prediction is not None and prediction.startswith("json:"):
-            prediction = prediction[5:]
+            prediction = prediction[5:]  # the rollout file's json:PATH (parse_prediction)
         self._prediction = path_index(prediction) if prediction is not None else -1
         kinds = {s.kind for s in self.signals}
         self._tps = TOKENS_PER_S in kinds

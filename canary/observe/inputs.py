@@ -544,7 +544,7 @@ class InputMonitor:
         if self._checks is None or now - self._checks_at >= max_age:
             self._checks = drift_checks(self.config, health)
             self._checks_at = now
-            self._log_changes(self._checks)
+            self.log_changes(self._checks)
         fields = tuple(
             FieldReport(
                 field=f.path,
@@ -583,7 +583,9 @@ class InputMonitor:
             null_rate = types.get("null", 0.0) + types.get("missing", 0.0)
         return WindowSummary(None, types, null_rate, None, g.mean, g.std, None, None)
 
-    def _log_changes(self, checks: tuple[FieldDrift, ...]) -> None:
+    def log_changes(self, checks: tuple[FieldDrift, ...]) -> None:
+        """Log a field's drift when it starts and when it ends, once each, whether the checks
+        came from a report or from the rollout's analysis."""
         for drift in checks:
             hits = [c for c in drift.checks if c.drifted]
             if hits and drift.field not in self._flagged:

@@ -62,7 +62,7 @@ __all__ = [
     "resource_metrics",
 ]
 
-log = logging.getLogger("canary.observe.resources")
+log = logging.getLogger("canary.resources")  # the name it logged under before the move
 
 DEFAULT_MIN_REQUESTS = 10
 """Requests an arm must have had in a window for a per-request (counter) value."""

@@ -44,6 +44,7 @@ from canary.proxy.upstream import (
     never_sent,
 )
 from canary.signals import (
+    AGREEMENT,
     ARMS,
     CANDIDATE,
     NO_ANSWER_CLASS,
@@ -679,9 +680,9 @@ class Proxy:
         bump(route.counters.shadow, "compared")
         record = self._recorder.record_value
         same = same_json(prediction, other)  # the equality labels are judged by
-        record(route.name, CANDIDATE, "agreement", 1.0 if same else 0.0, 1.0, cluster)
+        record(route.name, CANDIDATE, AGREEMENT, 1.0 if same else 0.0, 1.0, cluster)
         # Production agrees with itself by definition: the rate test compares against 1.
-        record(route.name, PRODUCTION, "agreement", 1.0, 1.0, cluster)
+        record(route.name, PRODUCTION, AGREEMENT, 1.0, 1.0, cluster)
 
     def _start_mirror(self, request: HttpRequest, ex: _Exchange, body: object) -> None:
         route = ex.route
