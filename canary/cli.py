@@ -34,11 +34,30 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve(config, args.config))
+            runner.run(serve(config, args.config, watch_config=args.watch_config))
     except (OSError, CanaryError) as exc:
         print(f"canary: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+WATCH_CONFIG_DEFAULT = 5.0  # seconds between checks of `canary run --watch-config`
+_WATCH_CONFIG_RANGE = (0.1, 3600.0)
+
+
+def _watch_seconds(text: str) -> float:
+    """``--watch-config SECONDS``: a number of seconds within ``_WATCH_CONFIG_RANGE`` (faster
+    only burns CPU hashing the file; slower than an hour is no watching)."""
+    low, high = _WATCH_CONFIG_RANGE
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected seconds such as 5 or 0.5, got {text!r}"
+        ) from None
+    if not low <= seconds <= high:  # also NaN
+        raise argparse.ArgumentTypeError(f"expected {low:g} to {high:g} seconds, got {text!r}")
+    return seconds
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -420,6 +439,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="serve the proxy and admin ports for a rollout file")
     run.add_argument("-c", "--config", required=True, help="rollout file (YAML)")
+    run.add_argument(
+        "--watch-config",
+        nargs="?",
+        const=WATCH_CONFIG_DEFAULT,
+        default=None,
+        type=_watch_seconds,
+        metavar="SECONDS",
+        help="reload the rollout file when its content changes, checked every SECONDS "
+        f"({WATCH_CONFIG_DEFAULT:g} when omitted; no checks without this flag). Like SIGHUP: "
+        "an invalid file is rejected and the running config stays. For a file updated in "
+        "place, such as a Kubernetes ConfigMap volume",
+    )
     run.set_defaults(func=_run)
 
     validate = sub.add_parser("validate", help="check rollout files; exit 1 listing every error")
@@ -484,6 +515,7 @@ __all__ = [
     "ADMIN_TOKEN_ENV",
     "ADMIN_URL_ENV",
     "CLOSED_PIPE_EXIT",
+    "WATCH_CONFIG_DEFAULT",
     "build_parser",
     "main",
     "resolve_admin",

@@ -57,6 +57,16 @@ class StoreError(CanaryError):
     """The state store failed."""
 
 
+class StoreDataLost(StoreError):
+    """The store lost its data behind canary's back (a Redis restarted without persistence):
+    unlike a failed call, waiting does not bring it back."""
+
+
+class FencedError(StoreError):
+    """A write carried the fencing token of a lease that is no longer the running one: its
+    writer is not the leader any more (it was paused or cut off past its lease)."""
+
+
 class AnalysisError(CanaryError):
     """The analysis could not be run where it was asked to (e.g. its worker process died)."""
 
@@ -103,6 +113,8 @@ __all__ = [
     "CommandRejected",
     "ConfigError",
     "ConfigIssue",
+    "FencedError",
+    "StoreDataLost",
     "StoreError",
     "UnknownRollout",
     "UpstreamError",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -21,6 +22,7 @@ from canary.analyzer.worker import init_worker
 from canary.config import Config
 from canary.config._loader import load_config_result
 from canary.controller import Controller
+from canary.controller.leadership import Leadership
 from canary.errors import CanaryError, ConfigError, ConfigIssue
 from canary.metrics import Metrics
 from canary.observe import Recorder, Weights
@@ -29,7 +31,15 @@ from canary.proxy import H1Transport, HttpServer, Proxy, ServerLimits
 from canary.store import Store, open_store
 from canary.webhooks import WebhookSender
 
-__all__ = ["RELOAD_TIMEOUT", "Runtime", "load_config_off_loop", "serve"]
+__all__ = [
+    "MAX_LEASE",
+    "MIN_LEASE",
+    "RELOAD_TIMEOUT",
+    "Runtime",
+    "lease_ttl",
+    "load_config_off_loop",
+    "serve",
+]
 
 log = logging.getLogger("canary.runtime")
 
@@ -43,12 +53,31 @@ class Runtime:
         config_path: str | Path | None = None,
         *,
         run_controller: bool = True,
+        watch_config: float | None = None,
     ) -> None:
         """``run_controller=False`` loads the rollouts' state but takes no decisions (tests of
-        the data plane drive :meth:`Controller.flush` and ``evaluate`` themselves)."""
+        the data plane drive :meth:`Controller.flush` and ``evaluate`` themselves).
+
+        ``watch_config``: seconds between checks of the rollout file's content; a change is
+        reloaded as SIGHUP reloads it (``canary run --watch-config``: a Kubernetes ConfigMap
+        volume is updated in place, and nobody is there to send the signal). None: no checks.
+        """
         self.config = config
         self.config_path = Path(config_path) if config_path is not None else None
         self.run_controller = run_controller
+        if watch_config is not None:
+            if self.config_path is None:
+                raise CanaryError("watching the rollout file needs the file's path")
+            if not watch_config > 0:
+                raise CanaryError(f"the watch interval must be positive, got {watch_config!r}")
+        self.watch_config = watch_config
+        # The content the running config was read from (read now, right after the CLI loaded
+        # it, so that a change made while canary starts is still seen as one).
+        self._config_digest = (
+            _digest_or_none(self.config_path)
+            if watch_config is not None and self.config_path is not None
+            else None
+        )
         self.metrics = Metrics()
         self.recorder = Recorder()
         self.transport = H1Transport(
@@ -77,6 +106,11 @@ class Runtime:
             if run_controller
             else None
         )
+        # A store shared with other canary processes (replicas on one Redis): one leader acts,
+        # every process serves the weights it stores (docs/architecture.md "Scale-out").
+        self.leadership = (
+            Leadership(self.store, lease_ttl(config)) if config.state.backend == "redis" else None
+        )
         self.controller = Controller(
             config,
             self.store,
@@ -88,6 +122,8 @@ class Runtime:
             if self._analysis_pool is None
             else WorkerAnalyzer(self._analysis_pool, self.metrics),
             input_health=self.recorder.input_health,
+            leadership=self.leadership,
+            on_leading=self._leading_changed,
         )
         # Background scrapers of rollouts with resource: metrics (never on the request path).
         self.resources = ResourceScrapers(self.recorder, self.metrics)
@@ -106,6 +142,14 @@ class Runtime:
         self._reload_lock = asyncio.Lock()
         self.proxy_port: int | None = None
         self.admin_port: int | None = None
+
+    async def _leading_changed(self, leading: bool) -> None:
+        """Resource scrapes run on the leader only (one window per interval, not one per
+        process): started when this process takes over, stopped when it hands over."""
+        if leading:
+            await self.resources.apply(self.config)
+        else:
+            await self.resources.close()
 
     def _apply_weights(self, rollout: str, weights: Weights) -> None:
         if rollout in self.proxy.routes:
@@ -193,7 +237,11 @@ class Runtime:
         # Without the loop too: stopping writes the last samples (a clean stop loses nothing).
         stack.push_async_callback(self.controller.stop)
         stack.push_async_callback(self.resources.close)  # safe on scrapers partly started
-        await self.resources.apply(self.config)
+        if self.leadership is None or self.leadership.leading:
+            await self.resources.apply(self.config)
+        if self.watch_config is not None and self.config_path is not None:
+            # Last in, so first out: no reload starts while the rest stops.
+            self._start_config_watch(self.config_path, self.watch_config)
         self._ready = True
         for r in self.config.rollouts:
             w = weights[r.name]
@@ -233,27 +281,71 @@ class Runtime:
             log.warning("state settings changed: restart canary to apply them")
         weights = await self.controller.apply_config(new)
         self.proxy.apply_config(new, weights)
-        await self.resources.apply(new)
         self.config = new
+        if self.leadership is None or self.leadership.leading:
+            await self.resources.apply(new)
         log.info("configuration reloaded from %s", self.config_path)
         return [r.name for r in new.rollouts]
 
+    async def _reload_logged(self) -> None:
+        """:meth:`reload_async` for the callers nobody answers (SIGHUP, the file watcher):
+        every failure is logged, never raised, and the running config stays."""
+        try:
+            await self.reload_async()
+        except ConfigError:
+            pass  # already logged with every issue
+        except CanaryError as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+        except Exception:  # never "Task exception was never retrieved"
+            log.exception("reload failed, keeping the running config")
+
     def reload(self) -> None:
         """SIGHUP: reload in the background; errors are logged, the running config stays."""
-
-        async def _reload() -> None:
-            try:
-                await self.reload_async()
-            except ConfigError:
-                pass  # already logged with every issue
-            except CanaryError as exc:
-                log.error("reload failed, keeping the running config: %s", exc)
-            except Exception:  # never "Task exception was never retrieved"
-                log.exception("reload failed, keeping the running config")
-
-        task = asyncio.get_running_loop().create_task(_reload())
+        task = asyncio.get_running_loop().create_task(self._reload_logged())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _start_config_watch(self, path: Path, interval: float) -> None:
+        """Start :meth:`_watch_config` and register its stop on the exit stack: the stop
+        lets a reload in progress finish (cancelling it could leave the controller and the
+        proxy on different configs), then ends the task."""
+        stop = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(self._watch_config(path, interval, stop))
+
+        async def _stop_watch() -> None:
+            stop.set()
+            await task
+
+        self._stack.push_async_callback(_stop_watch)
+        log.info("watching %s for changes every %gs", path, interval)
+
+    async def _watch_config(self, path: Path, interval: float, stop: asyncio.Event) -> None:
+        """Every ``interval`` seconds hash the rollout file's content; when it differs from
+        the content last seen, reload exactly as SIGHUP does. A rejected file is not retried
+        until its content changes again (its issues are logged once, not every interval).
+
+        The content, not the modification time: a Kubernetes ConfigMap volume swaps a
+        symlink to a new directory, and a copy or a ``git checkout`` may keep the mtime.
+        """
+        unreadable: str | None = None  # the last read error logged, to log each one once
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+            if stop.is_set():
+                return
+            try:
+                digest = await asyncio.to_thread(_file_digest, path)
+            except OSError as exc:
+                if str(exc) != unreadable:
+                    log.warning("cannot read %s, keeping the running config: %s", path, exc)
+                    unreadable = str(exc)
+                continue
+            unreadable = None
+            if digest == self._config_digest:
+                continue
+            self._config_digest = digest
+            log.info("%s changed: reloading it", path)
+            await self._reload_logged()
 
     async def stop(self) -> None:
         """Stop what :meth:`start` started, in reverse (see :meth:`_start`); every part is
@@ -278,6 +370,18 @@ class Runtime:
             self._analysis_pool.shutdown(wait=True, cancel_futures=True)
             self._analysis_pool = None
 
+
+def lease_ttl(config: Config) -> float:
+    """The leadership lease's TTL: the shortest analysis interval, at least ``MIN_LEASE``
+    (renewed every flush interval, it must outlast a few of them) and at most
+    ``MAX_LEASE``. A follower takes over within TTL + one flush interval of the leader's
+    death: within two analysis intervals for intervals of 1 s and more."""
+    shortest = min(r.analysis.interval for r in config.rollouts)
+    return min(MAX_LEASE, max(MIN_LEASE, shortest))
+
+
+MIN_LEASE = 1.0  # seconds
+MAX_LEASE = 10.0
 
 RELOAD_TIMEOUT = 30.0  # seconds a worker may take to read a rollout file (limits make it < 2)
 
@@ -319,6 +423,19 @@ def _preload_forkserver() -> None:
     )
 
 
+def _file_digest(path: Path) -> str:
+    """SHA-256 of a file's content, read in blocks (an oversized file costs no memory)."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _digest_or_none(path: Path) -> str | None:
+    try:
+        return _file_digest(path)
+    except OSError:  # unreadable now: the first readable content counts as a change
+        return None
+
+
 def _bound_port(runner: web.BaseRunner) -> int:
     for addr in runner.addresses:
         if isinstance(addr, tuple):
@@ -326,9 +443,12 @@ def _bound_port(runner: web.BaseRunner) -> int:
     raise CanaryError("server is not listening")
 
 
-async def serve(config: Config, config_path: str | Path | None = None) -> None:
-    """Run until SIGINT or SIGTERM; SIGHUP reloads the config file."""
-    runtime = Runtime(config, config_path)
+async def serve(
+    config: Config, config_path: str | Path | None = None, *, watch_config: float | None = None
+) -> None:
+    """Run until SIGINT or SIGTERM; SIGHUP reloads the config file, and so does a change of
+    its content when ``watch_config`` (seconds between checks) is given."""
+    runtime = Runtime(config, config_path, watch_config=watch_config)
     await runtime.start()
     # Everything allocated at start-up lives for the whole run: keep it out of the collector's
     # way, and collect young objects less often (DESIGN.md "Data plane notes": ~+11% req/s).

@@ -255,9 +255,13 @@ EXPORTS: dict[str, set[str]] = {
     "canary.store": {
         "DEFAULT_MAX_DECISIONS",
         "FileBackedStore",
+        "IdentifiedStore",
+        "Lease",
         "MemoryStore",
+        "RedisStore",
         "SQLiteStore",
         "Store",
+        "check_identity",
         "open_store",
     },
 }

@@ -418,15 +418,12 @@ def test_a_validated_file_compiles_its_extractors() -> None:
 # --- state backend ------------------------------------------------------------------------------
 
 
-def test_redis_backend_is_refused_at_validation() -> None:
-    found = issues_of("state: {backend: redis, url: 'redis://127.0.0.1:6379/0'}\n" + MINIMAL)
-    assert found == [
-        (
-            "state.backend",
-            "backend 'redis' is not available in this version yet; use sqlite (the default, "
-            "survives restarts) or memory",
-            1,
-        )
+def test_redis_backend_validates_with_a_url_and_names_it_when_missing() -> None:
+    good = "state: {backend: redis, url: 'redis://127.0.0.1:6379/0'}\n" + MINIMAL
+    assert load_config_text(good).state.url == "redis://127.0.0.1:6379/0"
+    found = issues_of("state: {backend: redis}\n" + MINIMAL)
+    assert [(path, message) for path, message, _ in found] == [
+        ("state", "backend 'redis' needs url: redis://HOST:PORT/DB")
     ]
 
 

@@ -66,10 +66,12 @@ class FlakyStore(MemoryStore):
             raise StoreError("disk full")
         await super().add_samples(rollout, delta)
 
-    async def put_state(self, rollout: str, state: dict[str, Any]) -> None:
+    async def put_state(
+        self, rollout: str, state: dict[str, Any], *, fence: int | None = None
+    ) -> None:
         if self.down:
             raise StoreError("disk full")
-        await super().put_state(rollout, state)
+        await super().put_state(rollout, state, fence=fence)
 
 
 def _config(**overrides: Any) -> Config:

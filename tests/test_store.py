@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 
 from canary.errors import StoreError
 from canary.observe import Observation, RolloutAccumulator
-from canary.store import MemoryStore, SQLiteStore, Store, open_store
-from canary.store.sqlite import SCHEMA_VERSION
+from canary.store import MemoryStore, RedisStore, SQLiteStore, Store, open_store
+from canary.store.sqlite import MIGRATIONS, SCHEMA_VERSION
+from tests.redis_harness import RedisServer, running_redis
 
 MakeStore = Callable[..., Store]
 
@@ -49,15 +50,21 @@ def _acc(*observations: Observation, accuracy: float | None = None) -> RolloutAc
     return acc
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MakeStore]:
-    """Build unopened stores of the parametrised backend (one sqlite file); close them all."""
+    """Build unopened stores of the parametrised backend (one sqlite file, one redis-server
+    started for the test); close them all."""
     made: list[Store] = []
+    server: RedisServer | None = (
+        request.getfixturevalue("redis_server") if request.param == "redis" else None
+    )
 
     def make(**kwargs: Any) -> Store:
         store: Store
         if request.param == "memory":
             store = MemoryStore(**kwargs)
+        elif server is not None:
+            store = RedisStore(server.url, **kwargs)
         else:
             store = SQLiteStore(tmp_path / "state.db", **kwargs)
         made.append(store)
@@ -87,10 +94,13 @@ async def test_open_store_builds_each_backend_without_opening(tmp_path: Path) ->
     sqlite = open_store("sqlite", path=str(path))
     assert isinstance(sqlite, SQLiteStore) and isinstance(sqlite, Store)
     assert not path.exists()  # not opened
-    for made in (memory, default, sqlite):
+    redis = open_store("redis", url="redis://:secret@127.0.0.1:1/0")  # nothing listens there
+    assert isinstance(redis, RedisStore) and isinstance(redis, Store)
+    assert redis.url == "redis://:secret@127.0.0.1:1/0" and "secret" not in repr(redis)
+    for made in (memory, default, sqlite, redis):
         await made.close()
-    with pytest.raises(StoreError, match="'redis' is not available in this version"):
-        open_store("redis", url="redis://localhost:6379/0")
+    with pytest.raises(StoreError, match=r"'redis' needs state\.url"):
+        open_store("redis")
     with pytest.raises(StoreError, match="unknown backend 'etcd'"):
         open_store("etcd")
 
@@ -200,6 +210,8 @@ def test_max_decisions_must_be_positive(tmp_path: Path) -> None:
         MemoryStore(max_decisions=0)
     with pytest.raises(ValueError, match="max_decisions must be >= 1, got 0"):
         SQLiteStore(tmp_path / "s.db", max_decisions=0)
+    with pytest.raises(ValueError, match="max_decisions must be >= 1, got 0"):
+        RedisStore("redis://127.0.0.1:1/0", max_decisions=0)
 
 
 async def test_decision_must_be_json(store: Store) -> None:
@@ -284,24 +296,43 @@ async def test_sqlite_persists_across_reopen(tmp_path: Path) -> None:
         await second.close()
 
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
+
+
+async def test_sqlite_migrates_a_version_1_file_keeping_its_rollouts(tmp_path: Path) -> None:
+    """A file written before the leadership lease existed (schema 1) gains the lease table."""
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(path)
+    for statement in MIGRATIONS[0]:
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("INSERT INTO state VALUES ('r', '{\"step\": 3}', 0)")
+    conn.commit()
+    conn.close()
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        assert await store.get_state("r") == {"step": 3}
+        assert await store.lease() is None
+        assert await store.acquire_lease("a", 5.0) == 1
+    finally:
+        await store.close()
 
 
 async def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
     path = tmp_path / "new.db"
     conn = sqlite3.connect(path)
-    conn.execute("PRAGMA user_version = 2")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.close()
     store = SQLiteStore(path)
-    with pytest.raises(
-        StoreError, match=r"schema version 2 is newer than .* \(1\); upgrade canary"
-    ):
+    newer = rf"schema version {SCHEMA_VERSION + 1} is newer than .* \({SCHEMA_VERSION}\)"
+    with pytest.raises(StoreError, match=newer + "; upgrade canary"):
         await store.open()
     await store.close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2  # left as it was
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1  # as it was
     conn.close()
 
 
@@ -445,3 +476,12 @@ def test_memory_and_sqlite_agree(ops: list[tuple[str, str, int]]) -> None:
         sqlite = SQLiteStore(Path(tmp) / "s.db", max_decisions=4)
         memory = MemoryStore(max_decisions=4)
         assert asyncio.run(_apply(sqlite, ops)) == asyncio.run(_apply(memory, ops))
+
+
+@settings(max_examples=25, deadline=None)
+@given(ops=_ops)
+def test_memory_and_redis_agree(ops: list[tuple[str, str, int]]) -> None:
+    with running_redis() as server:  # one server per example: hypothesis and fixtures
+        redis = RedisStore(server.url, max_decisions=4)
+        memory = MemoryStore(max_decisions=4)
+        assert asyncio.run(_apply(redis, ops)) == asyncio.run(_apply(memory, ops))

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from canary.admin.views import rollout_detail, rollout_summary
+from canary.admin.views import leader_view, rollout_detail, rollout_summary
 from canary.config import AdminConfig
 from canary.controller import Controller
 from canary.decision import MANUAL_ACTIONS
@@ -243,6 +243,14 @@ def _summary(ctx: AdminContext, name: str, detail: bool) -> dict[str, Any]:
     return out
 
 
+async def leader(request: web.Request) -> web.Response:
+    """``GET /api/v1/leader``: which process acts on the rollouts (see ``leader_view``)."""
+    ctx = request.app[CONTEXT]
+    if ctx.controller is None:
+        return _error(404, "this admin app has no controller")
+    return web.json_response(leader_view(ctx.controller.leadership))
+
+
 async def list_rollouts(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     if ctx.controller is None:
@@ -397,6 +405,7 @@ def make_admin_app(
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/api/v1/leader", leader)
     app.router.add_get("/api/v1/rollouts", list_rollouts)
     app.router.add_get("/api/v1/rollouts/{name}", get_rollout)
     app.router.add_post("/api/v1/rollouts/{name}/{action}", rollout_action)

@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 from canary.controller import RolloutView
+from canary.controller.leadership import Leadership
 from canary.decision import step_fields
 from canary.stats import MetricResult
 
@@ -89,4 +90,21 @@ def _num(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-__all__ = ["result_dict", "rollout_detail", "rollout_summary"]
+def leader_view(lead: Leadership | None) -> dict[str, Any]:
+    """Which canary process acts on the rollouts: ``shared`` is false for a process alone on
+    its store (it always acts); else this process's name, whether it leads now, the leader's
+    name as last read from the store and the lease's fencing token while this one leads."""
+    if lead is None:
+        return {"shared": False, "leading": True, "holder": None, "leader": None, "token": None}
+    leading = lead.leading
+    return {
+        "shared": True,
+        "leading": leading,
+        "holder": lead.holder,
+        "leader": lead.holder if leading else lead.leader,
+        "token": lead.token if leading else None,
+        "lease_ttl": lead.ttl,
+    }
+
+
+__all__ = ["leader_view", "result_dict", "rollout_detail", "rollout_summary"]

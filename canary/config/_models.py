@@ -152,16 +152,6 @@ class StateConfig(_Model):
     path: str = "canary-state.db"
     url: str | None = None
 
-    @field_validator("backend")
-    @classmethod
-    def _available(cls, v: str) -> str:
-        if v == "redis":  # part of the file format (DESIGN.md), not implemented yet: say so now
-            raise ValueError(
-                "backend 'redis' is not available in this version yet; use sqlite (the "
-                "default, survives restarts) or memory"
-            )
-        return v
-
     @model_validator(mode="after")
     def _redis_url(self) -> StateConfig:
         if self.backend == "redis":

@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
 from canary.analyzer import AnalysisJob, Analyzer, InlineAnalyzer
 from canary.config import Config, RolloutConfig, WebhookConfig
 from canary.controller.gauges import Gauges
+from canary.controller.leadership import Leadership
 from canary.controller.persistence import StoreGuard, StoreWriter
 from canary.controller.rollout import DECISIONS_SHOWN, Rollout, RolloutView
 from canary.decision import (
@@ -27,11 +28,17 @@ from canary.decision import (
     transition,
     upgrade_entry,
 )
-from canary.errors import StoreError, UnknownRollout
+from canary.errors import (
+    CommandRejected,
+    FencedError,
+    StoreDataLost,
+    StoreError,
+    UnknownRollout,
+)
 from canary.metrics import Metrics
 from canary.observe import Recorder, RolloutAccumulator, Weights
 from canary.observe.inputs import InputHealth
-from canary.store import FileBackedStore, Store
+from canary.store import FileBackedStore, Store, check_identity
 
 log = logging.getLogger("canary.controller")  # one logger for the whole controller package
 
@@ -81,12 +88,22 @@ class Controller:
         analyzer: Analyzer | None = None,
         input_health: Callable[[str], InputHealth | None] | None = None,
         store_timeout: float | None = None,
+        leadership: Leadership | None = None,
+        on_leading: Callable[[bool], Awaitable[None]] | None = None,
     ) -> None:
         """``analyzer`` runs the statistics (``canary run``: a
         :class:`~canary.analyzer.WorkerAnalyzer`, so that the proxy's requests never wait for
         them; default: in the event loop). ``input_health(rollout)`` is the rollout's input
         health, handed to the analysis. ``store_timeout``: a store call running longer marks
-        the store as down (default :data:`STORE_TIMEOUT`)."""
+        the store as down (default :data:`STORE_TIMEOUT`).
+
+        ``leadership``: the store is shared with other canary processes (``--workers``,
+        replicas). Every process flushes its samples to it; only the holder of the store's
+        lease analyses, decides and writes (fenced); every process serves the weights of
+        the state stored (:meth:`_sync`, every flush interval), and the analysis reads the
+        merged samples back from the store. None: this process is alone (the default).
+        ``on_leading(leading)`` is awaited when this process becomes or stops being the
+        leader (the runtime runs the resource scrapers on the leader only)."""
         self.config = config
         self.analyzer: Analyzer = analyzer if analyzer is not None else InlineAnalyzer()
         self._input_health = input_health
@@ -103,11 +120,22 @@ class Controller:
         self._monotonic = monotonic
         self.flush_interval = flush_interval
         self._rollouts: dict[str, Rollout] = {}
-        self._writer = StoreWriter(store, self._guard, metrics, recorder, lambda: self._rollouts)
+        self._leadership = leadership
+        self._led = False  # took over as leader (and adopted the rollouts) this term
+        self._on_leading = on_leading
+        self._served: dict[str, Weights] = {}  # shared: the weights handed to the proxy
+        self._writer = StoreWriter(
+            store, self._guard, metrics, recorder, lambda: self._rollouts, leadership
+        )
         self._lock = asyncio.Lock()  # control path only: evaluation vs operator commands
         self._task: asyncio.Task[None] | None = None
         self._eval_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
+
+    @property
+    def leadership(self) -> Leadership | None:
+        """This process's view of the lease (None: it is alone on its store)."""
+        return self._leadership
 
     @property
     def store_ok(self) -> bool:
@@ -126,10 +154,22 @@ class Controller:
 
         Also warms the analyzer (e.g. starts the worker process) before the proxy serves.
         """
+        if self._leadership is not None:
+            self._led = await self._leadership.renew()
         for r in self.config.rollouts:
-            self._rollouts[r.name] = await self._adopt(r)
+            self._rollouts[r.name] = await (self._adopt(r) if self._acting() else self._watch(r))
         self.analyzer.warm()
-        return self.weights()
+        weights = self.weights()
+        if self._leadership is not None:
+            self._served = dict(weights)
+        return weights
+
+    def _acting(self) -> bool:
+        """This process may decide and write: it is alone, or it leads now."""
+        return self._leadership is None or self._leadership.leading
+
+    def _fence(self) -> int | None:
+        return self._leadership.token if self._leadership is not None else None
 
     def weights(self) -> dict[str, Weights]:
         return {n: ro.state.weights(ro.config) for n, ro in self._rollouts.items()}
@@ -154,19 +194,33 @@ class Controller:
         self._task = self._eval_task = self._watch_task = None
         await self.analyzer.close()
         await self.flush()
+        if self._leadership is not None:
+            await self._leadership.release()  # another process takes over at once
 
     async def _run(self) -> None:
         while True:
             started = self._monotonic()
             try:
                 await self.flush()
-                self._start_evaluation()
+                if self._leadership is not None:
+                    await self._lead_or_follow()
+                if self._acting():
+                    self._start_evaluation()
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug here must not stop the controller for good
                 log.exception("controller iteration failed")
             elapsed = self._monotonic() - started
             await asyncio.sleep(max(0.0, self.flush_interval - elapsed))
+
+    async def tick(self) -> None:
+        """One round of the loop, awaited to its end: flush, lead or follow, and (when this
+        process acts) every due analysis. Tests and simulations drive time with it."""
+        await self.flush()
+        if self._leadership is not None:
+            await self._lead_or_follow()
+        if self._acting():
+            await self.evaluate()
 
     # -- samples and the store ------------------------------------------------------------
 
@@ -177,6 +231,93 @@ class Controller:
     async def check_store(self) -> None:
         """One health check of the store (the watchdog's step; tests call it directly)."""
         await self._guard.check(self._writer.reopen_deleted)
+
+    # -- shared store: leading and following ----------------------------------------------
+
+    async def _lead_or_follow(self) -> None:
+        """Renew or take the lease; a new leader adopts every rollout from the store (its
+        persisted state, decision log, hard-failure clock and merged samples); then serve
+        the stored weights."""
+        assert self._leadership is not None
+        try:
+            await check_identity(self._store)
+        except StoreDataLost as exc:  # no process may act on (or serve) what is left
+            self._guard.lost_data(exc)
+            if self._leadership.leading:
+                await self._leadership.release()
+            self._led = False
+            return
+        except StoreError as exc:  # unreachable: hold; the lease runs out by itself
+            self._guard.failed("lease", exc)
+            return
+        leading = await self._leadership.renew()
+        if leading and not self._led:
+            async with self._lock:
+                try:
+                    for r in self.config.rollouts:
+                        self._rollouts[r.name] = await self._adopt(r)
+                except StoreError as exc:
+                    self._guard.failed("take over", exc)
+                    return  # tried again at the next flush
+        changed, self._led = leading != self._led, leading
+        if changed and self._on_leading is not None:
+            try:
+                await self._on_leading(leading)
+            except Exception:  # e.g. a scraper that cannot start: leading goes on
+                log.exception("acting on the change of leadership failed")
+        await self._sync()
+
+    async def _sync(self) -> None:
+        """Serve the weights of what the store holds (within one flush interval of a
+        decision, in every process); a follower also keeps its view of each rollout (state,
+        decision log, samples) current for the admin API."""
+        mono = self._monotonic()
+        for name, ro in list(self._rollouts.items()):
+            try:
+                if not self._acting():
+                    await self._follow(ro, mono)
+                elif ro.state_dirty or ro.unsaved:
+                    continue  # the leader's newest state is not stored yet: not served yet
+            except StoreError as exc:
+                self._guard.failed("sync", exc)
+                return
+            weights = ro.state.weights(ro.config)
+            if self._served.get(name) != weights:
+                self._served[name] = weights
+                self._apply_weights(name, weights)
+        self._guard.recovered()  # the store answered this round (a flush may not have asked)
+
+    async def _follow(self, ro: Rollout, mono: float) -> None:
+        name = ro.config.name
+        data = await self._store.get_state(name)
+        if data is not None and data != ro.stored:
+            state = RolloutState.from_dict(data)
+            if state.fingerprint == ro.state.fingerprint:
+                ro.stored, ro.state = data, state
+                stored = await self._store.decisions(name, DECISIONS_SHOWN)
+                ro.decisions.clear()
+                ro.decisions.extend(upgrade_entry(e, len(ro.config.steps)) for e in stored)
+        if mono >= ro.next_eval:  # the merged samples, for the admin API's counts
+            ro.next_eval = mono + ro.config.analysis.interval
+            totals = await self._store.get_samples(name)
+            if totals is not None:
+                ro.totals = totals
+        leader = self._leadership.leader if self._leadership is not None else None
+        ro.status = f"following: {leader or 'no process'} leads the rollouts"
+
+    async def _watch(self, r: RolloutConfig) -> Rollout:
+        """A rollout as a follower first sees it: as stored (when the leader runs it with
+        these endpoints), else as it would start (served until the leader writes it)."""
+        now = self._clock()
+        data = await self._store.get_state(r.name)
+        state = RolloutState.from_dict(data) if data is not None else None
+        if state is None or state.fingerprint != fingerprint(r):
+            data, state = None, RolloutState.start(r, now)
+        ro = Rollout.fresh(
+            r, state, await self._store.get_samples(r.name), [], self._recorder.accuracy
+        )
+        ro.stored = data
+        return ro
 
     # -- decisions ------------------------------------------------------------------------
 
@@ -213,12 +354,17 @@ class Controller:
         cfg, name = ro.config, ro.config.name
         now = self._clock()
         t0 = time.perf_counter()
+        shared = self._leadership is not None
+        if shared:  # the merged samples of every process
+            totals = await self._store.get_samples(name)
+            ro.totals = totals if totals is not None else RolloutAccumulator(ro.totals.accuracy)
         ro.track_failures(now)
         failing_for, failing_requests = ro.state.failing_for(now), ro.state.failing_requests
         health = self._input_health(name) if self._input_health is not None else None
         made_of = (ro.version, cfg, health.requests if health is not None else None)
         fresh = True
-        if ro.analysis is not None and ro.analysed == made_of:
+        # Shared: other processes' samples are not counted in ``version``: analyse each time.
+        if not shared and ro.analysis is not None and ro.analysed == made_of:
             # No sample (and no request body) since the last analysis of this config: the
             # tests would say the same (they are functions of the totals and the input
             # counts); only the hard-failure clock moves on.
@@ -251,25 +397,40 @@ class Controller:
         if not self.store_ok and not ro.state.phase.terminal:
             ro.status = f"holding: the state store is unavailable ({self.store_error})"
             return
+        if not self._acting():
+            return  # the lease ran out meanwhile: the new leader decides
         decision = decide(cfg, ro.state, analysis, now)
         self._metrics.analysis_seconds.labels(name).set(time.perf_counter() - t0)
         new = transition(cfg, ro.state, decision, analysis.candidate_observed, now)
         ro.status = decision.reason
         if new is not ro.state:
-            await self._apply(ro, decision, new, now)
+            with contextlib.suppress(FencedError):  # the new leader decides
+                await self._apply(ro, decision, new, now)
 
     async def command(self, name: str, action: str, reason: str | None = None) -> dict[str, Any]:
         """Carry out an operator's pause/resume/promote/rollback; raise CommandRejected."""
         ro = self._rollouts.get(name)
         if ro is None:
             raise UnknownRollout(name)
+        if not self._acting():
+            assert self._leadership is not None
+            raise CommandRejected(
+                f"this canary process does not lead the rollouts (the leader is "
+                f"{self._leadership.leader or 'not known yet'}); send the command to it"
+            )
         async with self._lock:
             decision = command(ro.state, action, reason)
             now = self._clock()
             observed = ro.totals.candidate.observed
             new = transition(ro.config, ro.state, decision, observed, now)
             ro.status = decision.reason
-            await self._apply(ro, decision, new, now)
+            try:
+                await self._apply(ro, decision, new, now)
+            except FencedError as exc:
+                raise CommandRejected(
+                    f"this canary process lost the leadership of the rollouts ({exc}); "
+                    "send the command to the leader"
+                ) from exc
         return {
             "name": name,
             "phase": ro.state.phase.value,
@@ -278,11 +439,14 @@ class Controller:
         }
 
     async def _apply(self, ro: Rollout, decision: Decision, new: RolloutState, now: float) -> None:
+        """Carry out a decision (FencedError: another process leads; nothing was done)."""
         cfg, name = ro.config, ro.config.name
+        old = ro.state
         ro.state = new
         weights = new.weights(cfg)
         candidate, shadow = weights
-        self._apply_weights(name, weights)  # the data plane acts first
+        if self._leadership is None:
+            self._apply_weights(name, weights)  # the data plane acts first
         entry = ro.entry(decision, now)
         ro.decisions.append(entry)
         self._metrics.decisions.labels(name, decision.action.value).inc()
@@ -299,7 +463,17 @@ class Controller:
         )
         ro.state_dirty = True
         ro.unsaved.append(entry)
-        await self._writer.save_bounded(ro)
+        try:
+            await self._writer.save_bounded(ro)
+        except FencedError:  # undone: the new leader works from the store, not from us
+            ro.state = old
+            if ro.decisions and ro.decisions[-1] is entry:
+                ro.decisions.pop()
+            ro.status = "not the leader any more: the decision was neither stored nor acted on"
+            raise
+        if self._leadership is not None and not (ro.state_dirty or ro.unsaved):
+            self._served[name] = weights  # stored: every process serves it from the store
+            self._apply_weights(name, weights)
         event = _EVENTS.get(decision.action)
         if event is not None and self._notifier is not None and cfg.webhooks:
             self._notifier.fire(name, event, cfg.webhooks, entry)
@@ -349,13 +523,15 @@ class Controller:
         return ro
 
     async def _begin(self, r: RolloutConfig, now: float) -> Rollout:
-        await self._store.reset(r.name)
+        await check_identity(self._store)  # no fresh start over a store that lost its data
+        fence = self._fence()
+        await self._store.reset(r.name, fence=fence)
         self._recorder.remove(r.name)  # samples of the old arms must not leak in
         ro = Rollout.fresh(r, RolloutState.start(r, now), None, [], self._recorder.accuracy)
         entry = ro.entry(Decision(Action.START, "rollout started"), now)
         ro.decisions.append(entry)
-        await self._store.put_state(r.name, ro.state.to_dict())
-        await self._store.append_decision(r.name, entry)
+        await self._store.put_state(r.name, ro.state.to_dict(), fence=fence)
+        await self._store.append_decision(r.name, entry, fence=fence)
         log.info("rollout %s: started at step 1/%d", r.name, len(r.steps))
         # Once per rollout: a restart that resumes it (_resume) sends nothing.
         if self._notifier is not None and r.webhooks:

@@ -4,11 +4,13 @@ what is written to it when (:class:`StoreWriter`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
+from canary.controller.leadership import Leadership
 from canary.controller.rollout import Rollout
-from canary.errors import StoreError
+from canary.errors import FencedError, StoreError
 from canary.metrics import Metrics
 from canary.observe import Recorder, RolloutAccumulator
 from canary.store import FileBackedStore, Store
@@ -49,6 +51,13 @@ class StoreGuard:
     def operation_error(self) -> str:
         """How the last store operation failed ("" when it worked)."""
         return self._op_error
+
+    def lost_data(self, exc: StoreError) -> None:
+        """The store lost its data behind canary's back: down until canary restarts (a
+        flush that works again does not make what was lost come back)."""
+        self._metrics.store_errors.labels("identity").inc()
+        self._health_issue = str(exc)
+        self._changed("identity")
 
     def failed(self, operation: str, exc: StoreError) -> None:
         self._metrics.store_errors.labels(operation).inc()
@@ -118,12 +127,17 @@ class StoreWriter:
         metrics: Metrics,
         recorder: Recorder,
         rollouts: Callable[[], Mapping[str, Rollout]],
+        leadership: Leadership | None = None,
     ) -> None:
+        """``leadership``: the store is shared by several processes (their merged samples
+        are read back for the analysis, so this process's deltas only go to the store), and
+        state and decision writes carry the lease's fencing token."""
         self._store = store
         self._guard = guard
         self._metrics = metrics
         self._recorder = recorder
         self._rollouts = rollouts  # the controller's, replaced by a reload
+        self._leadership = leadership
         self._flush_lock = asyncio.Lock()
         self._save_lock = asyncio.Lock()  # one writer of a rollout's state and decisions
         self._background: set[asyncio.Future[None]] = set()
@@ -138,19 +152,26 @@ class StoreWriter:
         """
         async with self._flush_lock:
             self._merge_deltas()
+            wrote = False
             for name, ro in list(self._rollouts().items()):
                 try:
-                    await self.save(ro)
+                    wrote = wrote or ro.state_dirty or bool(ro.unsaved)
+                    with contextlib.suppress(FencedError):  # another process leads: its
+                        await self.save(ro)  # writes count, ours were dropped
                     if not ro.pending.empty:
                         await asyncio.sleep(0)
                         if self._rollouts().get(name) is not ro:
                             continue  # restarted by a reload meanwhile: old arms' samples
+                        wrote = True
                         await self._store.add_samples(name, ro.pending)
                         ro.pending = RolloutAccumulator(ro.totals.accuracy)
                 except StoreError as exc:
                     self._guard.failed("flush", exc)
                     return
-            self._guard.recovered()
+            # Shared: a flush that asked the store nothing proves nothing (the follower's
+            # sync, which reads it every round, says when it is back).
+            if wrote or self._leadership is None:
+                self._guard.recovered()
 
     def _merge_deltas(self) -> None:
         rollouts = self._rollouts()
@@ -158,7 +179,8 @@ class StoreWriter:
             ro = rollouts.get(name)
             if ro is None or delta.empty:
                 continue
-            ro.totals.merge(delta)
+            if self._leadership is None:  # shared: the totals are read from the store
+                ro.totals.merge(delta)
             ro.version += 1
             if ro.pending.empty:
                 ro.pending = delta  # the recorder gave it away: no copy needed
@@ -166,19 +188,34 @@ class StoreWriter:
                 ro.pending.merge(delta)
 
     async def save(self, ro: Rollout) -> None:
-        """Write the state and decision-log entries not yet in the store (StoreError: retry)."""
+        """Write the state and decision-log entries not yet in the store (StoreError: retry).
+
+        With shared leadership only the leader writes, with its fencing token; a write the
+        store fences (another process leads now) drops what this process still had to write:
+        the new leader works from the store, not from us.
+        """
         name = ro.config.name
+        lead = self._leadership
         async with self._save_lock:
-            if ro.state_dirty:
-                ro.state_dirty = False
-                try:
-                    await self._store.put_state(name, ro.state.to_dict())
-                except BaseException:
-                    ro.state_dirty = True
-                    raise
-            while ro.unsaved:
-                await self._store.append_decision(name, ro.unsaved[0])
-                ro.unsaved.pop(0)
+            if lead is not None and not lead.leading:
+                return
+            fence = lead.token if lead is not None else None
+            try:
+                if ro.state_dirty:
+                    ro.state_dirty = False
+                    try:
+                        await self._store.put_state(name, ro.state.to_dict(), fence=fence)
+                    except BaseException:
+                        ro.state_dirty = True
+                        raise
+                while ro.unsaved:
+                    await self._store.append_decision(name, ro.unsaved[0], fence=fence)
+                    ro.unsaved.pop(0)
+            except FencedError:
+                ro.state_dirty, ro.unsaved = False, []
+                if lead is not None:
+                    lead.lost()
+                raise
 
     async def save_bounded(self, ro: Rollout) -> None:
         """:meth:`save`, waiting at most the store timeout: on a hung disk the operator's call
@@ -190,6 +227,8 @@ class StoreWriter:
         timeout = self._guard.timeout
         try:
             await asyncio.wait_for(asyncio.shield(save), timeout)
+        except FencedError:
+            raise  # not the leader: the caller must not act on the decision
         except StoreError as exc:  # kept dirty: the next flush retries
             self._guard.failed("apply", exc)
         except TimeoutError:

@@ -59,6 +59,7 @@ class Rollout:
     next_eval: float = 0.0  # monotonic
     last_check: float | None = None  # wall time of this process's last hard-failure check
     version: int = 0  # counts the deltas merged into totals
+    stored: dict[str, Any] | None = None  # shared store: the state as a follower last read it
     # (samples version, config, input-health requests) that ``analysis`` was made from
     analysed: tuple[int, RolloutConfig, tuple[int, ...] | None] | None = None
 

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from canary.errors import StoreError
+from canary.errors import StoreDataLost, StoreError
 from canary.observe import RolloutAccumulator
 
 DEFAULT_MAX_DECISIONS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The leadership lease: who holds it, its fencing token, and when it runs out (Unix
+    seconds by the store's clock)."""
+
+    holder: str
+    token: int
+    expires_at: float
 
 
 @runtime_checkable
@@ -31,8 +42,15 @@ class Store(Protocol):
     async def get_state(self, rollout: str) -> dict[str, Any] | None:
         """Return the state last put for ``rollout``, or None."""
 
-    async def put_state(self, rollout: str, state: dict[str, Any]) -> None:
-        """Replace the state of ``rollout`` with ``state`` (a JSON-serialisable dict)."""
+    async def put_state(
+        self, rollout: str, state: dict[str, Any], *, fence: int | None = None
+    ) -> None:
+        """Replace the state of ``rollout`` with ``state`` (a JSON-serialisable dict).
+
+        ``fence``: the fencing token of the writer's lease (:meth:`acquire_lease`); when given
+        and it is not the token of the lease running now, nothing is written and
+        :class:`~canary.errors.FencedError` is raised (checked atomically with the write).
+        """
 
     async def add_samples(self, rollout: str, delta: RolloutAccumulator) -> None:
         """Merge ``delta`` into the stored accumulator of ``rollout`` (created if absent)."""
@@ -40,17 +58,38 @@ class Store(Protocol):
     async def get_samples(self, rollout: str) -> RolloutAccumulator | None:
         """Return the merged accumulator of ``rollout``, or None when nothing was added."""
 
-    async def append_decision(self, rollout: str, entry: dict[str, Any]) -> None:
-        """Append ``entry`` (a JSON-serialisable dict) to the decision log of ``rollout``."""
+    async def append_decision(
+        self, rollout: str, entry: dict[str, Any], *, fence: int | None = None
+    ) -> None:
+        """Append ``entry`` (a JSON-serialisable dict) to the decision log of ``rollout``
+        (``fence`` as in :meth:`put_state`)."""
 
     async def decisions(self, rollout: str, limit: int = 100) -> list[dict[str, Any]]:
         """Return the last ``limit`` decisions of ``rollout``, oldest first."""
 
-    async def reset(self, rollout: str) -> None:
-        """Forget state, samples and decisions of ``rollout`` (a new rollout of that name)."""
+    async def reset(self, rollout: str, *, fence: int | None = None) -> None:
+        """Forget state, samples and decisions of ``rollout`` (a new rollout of that name;
+        ``fence`` as in :meth:`put_state`)."""
 
     async def rollouts(self) -> list[str]:
         """Return the sorted names of the rollouts with any state, samples or decisions."""
+
+    async def acquire_lease(self, holder: str, ttl: float) -> int | None:
+        """Take the leadership lease for ``holder`` for ``ttl`` seconds, or renew it when
+        ``holder`` holds it already; return its fencing token when ``holder`` holds the lease
+        after the call, None while another holder's lease runs.
+
+        The token grows at every change of holder and is never reused (it survives the
+        clients' restarts: it is kept in the store), so a leader that lost its lease while
+        paused or partitioned cannot write with its old token (``fence`` of the writes).
+        Renewing keeps the token.
+        """
+
+    async def release_lease(self, holder: str) -> None:
+        """End the lease now if ``holder`` holds it (a clean stop hands over at once)."""
+
+    async def lease(self) -> Lease | None:
+        """The lease running now, or None when nobody holds one."""
 
 
 @runtime_checkable
@@ -69,6 +108,38 @@ class FileBackedStore(Protocol):
     async def reopen(self) -> None:
         """Open the path again (the caller writes back what the old file held)."""
         ...
+
+
+@runtime_checkable
+class IdentifiedStore(Protocol):
+    """A store that can lose all its data behind canary's back (a Redis restarted without
+    persistence): it names itself at :meth:`Store.open` and says whether it still is the
+    same store (:class:`~canary.store.RedisStore` implements it)."""
+
+    @property
+    def store_id(self) -> str | None:
+        """The store's id as seen at open (None before)."""
+        ...
+
+    async def identity(self) -> str | None:
+        """The store's id now; None or another id: its data is gone."""
+        ...
+
+
+async def check_identity(store: Store) -> None:
+    """Raise StoreDataLost when ``store`` lost its data since it was opened (a Redis restarted
+    empty): canary must hold rather than start afresh a rollout it had rolled back. A store
+    that cannot be reached raises a plain StoreError (that may pass)."""
+    if not isinstance(store, IdentifiedStore):
+        return
+    now = await store.identity()
+    if now is None or now != store.store_id:
+        raise StoreDataLost(
+            "the state store lost its data since canary opened it (a Redis restarted without "
+            "persistence, flushed, or failed over to an empty replica): holding every "
+            "rollout rather than starting them afresh; restore the data, or restart canary "
+            "to begin new rollouts on the empty store"
+        )
 
 
 def encode(value: dict[str, Any], what: str) -> str:
@@ -90,6 +161,14 @@ def decode(text: str, what: str) -> dict[str, Any]:
     return value
 
 
+def check_lease_request(holder: str, ttl: float) -> None:
+    """The arguments of :meth:`Store.acquire_lease`: a non-empty holder, a positive TTL."""
+    if not isinstance(holder, str) or not holder:
+        raise StoreError(f"a lease holder must be a non-empty string, got {holder!r}")
+    if not ttl > 0:
+        raise StoreError(f"a lease TTL must be a positive number of seconds, got {ttl!r}")
+
+
 def check_limit(limit: int) -> None:
     if limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit!r}")
@@ -103,7 +182,11 @@ def check_max_decisions(max_decisions: int) -> None:
 __all__ = [
     "DEFAULT_MAX_DECISIONS",
     "FileBackedStore",
+    "IdentifiedStore",
+    "Lease",
     "Store",
+    "check_identity",
+    "check_lease_request",
     "check_limit",
     "check_max_decisions",
     "decode",

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
-from canary.errors import StoreError
+from canary.errors import FencedError, StoreError
 from canary.observe import RolloutAccumulator
 from canary.store._protocol import (
     DEFAULT_MAX_DECISIONS,
+    Lease,
+    check_lease_request,
     check_limit,
     check_max_decisions,
     decode,
@@ -28,11 +32,21 @@ class MemoryStore:
     ----------
     max_decisions
         Decision log entries kept per rollout; older ones are dropped.
+    clock
+        Unix seconds, for the lease's expiry (a manual clock in tests).
     """
 
-    def __init__(self, *, max_decisions: int = DEFAULT_MAX_DECISIONS) -> None:
+    def __init__(
+        self,
+        *,
+        max_decisions: int = DEFAULT_MAX_DECISIONS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         check_max_decisions(max_decisions)
         self.max_decisions = max_decisions
+        self._clock = clock
+        self._lease: Lease | None = None
+        self._last_token = 0
         self._opened = False
         self._closed = False
         self._state: dict[str, str] = {}
@@ -64,9 +78,13 @@ class MemoryStore:
         text = self._state.get(rollout)
         return None if text is None else decode(text, f"state of rollout {rollout!r}")
 
-    async def put_state(self, rollout: str, state: dict[str, Any]) -> None:
+    async def put_state(
+        self, rollout: str, state: dict[str, Any], *, fence: int | None = None
+    ) -> None:
         self._check()
-        self._state[rollout] = encode(state, f"state of rollout {rollout!r}")
+        text = encode(state, f"state of rollout {rollout!r}")
+        self._fenced(fence, f"state of rollout {rollout!r}")
+        self._state[rollout] = text
 
     async def add_samples(self, rollout: str, delta: RolloutAccumulator) -> None:
         self._check()
@@ -89,9 +107,12 @@ class MemoryStore:
         mine = self._samples.get(rollout)
         return None if mine is None else mine.snapshot()
 
-    async def append_decision(self, rollout: str, entry: dict[str, Any]) -> None:
+    async def append_decision(
+        self, rollout: str, entry: dict[str, Any], *, fence: int | None = None
+    ) -> None:
         self._check()
         text = encode(entry, f"decision of rollout {rollout!r}")
+        self._fenced(fence, f"decision of rollout {rollout!r}")
         log = self._decisions.get(rollout)
         if log is None:
             log = self._decisions[rollout] = deque(maxlen=self.max_decisions)
@@ -104,8 +125,9 @@ class MemoryStore:
         what = f"decision of rollout {rollout!r}"
         return [decode(t, what) for t in itertools.islice(log, max(0, len(log) - limit), None)]
 
-    async def reset(self, rollout: str) -> None:
+    async def reset(self, rollout: str, *, fence: int | None = None) -> None:
         self._check()
+        self._fenced(fence, f"reset of rollout {rollout!r}")
         self._state.pop(rollout, None)
         self._samples.pop(rollout, None)
         self._decisions.pop(rollout, None)
@@ -113,6 +135,47 @@ class MemoryStore:
     async def rollouts(self) -> list[str]:
         self._check()
         return sorted(self._state.keys() | self._samples.keys() | self._decisions.keys())
+
+    # -- the leadership lease ---------------------------------------------------------------
+
+    def _running(self) -> Lease | None:
+        lease = self._lease
+        if lease is not None and lease.expires_at <= self._clock():
+            lease = self._lease = None
+        return lease
+
+    def _fenced(self, fence: int | None, what: str) -> None:
+        if fence is None:
+            return
+        lease = self._running()
+        if lease is None or lease.token != fence:
+            raise FencedError(
+                f"refused to write the {what}: lease token {fence} is no longer the leader's"
+            )
+
+    async def acquire_lease(self, holder: str, ttl: float) -> int | None:
+        self._check()
+        check_lease_request(holder, ttl)
+        lease, now = self._running(), self._clock()
+        if lease is not None and lease.holder != holder:
+            return None
+        if lease is None:
+            self._last_token += 1
+            token = self._last_token
+        else:
+            token = lease.token
+        self._lease = Lease(holder, token, now + ttl)
+        return token
+
+    async def release_lease(self, holder: str) -> None:
+        self._check()
+        lease = self._running()
+        if lease is not None and lease.holder == holder:
+            self._lease = None
+
+    async def lease(self) -> Lease | None:
+        self._check()
+        return self._running()
 
 
 __all__ = [

@@ -20,10 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from canary.errors import StoreError
+from canary.errors import FencedError, StoreError
 from canary.observe import RolloutAccumulator
 from canary.store._protocol import (
     DEFAULT_MAX_DECISIONS,
+    Lease,
+    check_lease_request,
     check_limit,
     check_max_decisions,
     decode,
@@ -46,6 +48,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE decisions (id INTEGER PRIMARY KEY AUTOINCREMENT, rollout TEXT NOT NULL,"
         " at REAL NOT NULL, data TEXT NOT NULL)",
         "CREATE INDEX decisions_rollout_id ON decisions (rollout, id)",
+    ),
+    (
+        # One row: the leadership lease. ``token`` stays when the lease ends (holder NULL),
+        # so that tokens only grow and a fenced writer can never be mistaken for a new one.
+        "CREATE TABLE lease (id INTEGER PRIMARY KEY CHECK (id = 1), holder TEXT,"
+        " token INTEGER NOT NULL, expires_at REAL NOT NULL)",
+        "INSERT INTO lease (id, holder, token, expires_at) VALUES (1, NULL, 0, 0)",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -75,6 +84,8 @@ class SQLiteStore:
         The database file; created on :meth:`open` when absent. Its directory must exist.
     max_decisions
         Decision log entries kept per rollout; appending deletes older ones.
+    clock
+        Unix seconds, for the lease's expiry (a manual clock in tests).
 
     Notes
     -----
@@ -84,11 +95,16 @@ class SQLiteStore:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, max_decisions: int = DEFAULT_MAX_DECISIONS
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_decisions: int = DEFAULT_MAX_DECISIONS,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         check_max_decisions(max_decisions)
         self.path = os.fspath(path)
         self.max_decisions = max_decisions
+        self._clock = clock  # Unix seconds for the lease: every process of one machine agrees
         # One worker: sqlite connections belong to the thread that made them, and a single
         # thread also serialises this store's calls in submission order.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="canary-store")
@@ -272,17 +288,21 @@ class SQLiteStore:
 
         return await self._run(f"read state of rollout {rollout!r}", job)
 
-    async def put_state(self, rollout: str, state: dict[str, Any]) -> None:
+    async def put_state(
+        self, rollout: str, state: dict[str, Any], *, fence: int | None = None
+    ) -> None:
         # Encoded here, before awaiting: the caller may change ``state`` once we yield.
         text = encode(state, f"state of rollout {rollout!r}")
 
         def job(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO state (rollout, data, updated_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (rollout) DO UPDATE SET"
-                " data = excluded.data, updated_at = excluded.updated_at",
-                (rollout, text, time.time()),
-            )
+            with _transaction(conn):
+                self._fenced(conn, fence, f"state of rollout {rollout!r}")
+                conn.execute(
+                    "INSERT INTO state (rollout, data, updated_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (rollout) DO UPDATE SET"
+                    " data = excluded.data, updated_at = excluded.updated_at",
+                    (rollout, text, time.time()),
+                )
 
         await self._run(f"write state of rollout {rollout!r}", job)
 
@@ -325,12 +345,15 @@ class SQLiteStore:
 
     # -- decisions ------------------------------------------------------------------------
 
-    async def append_decision(self, rollout: str, entry: dict[str, Any]) -> None:
+    async def append_decision(
+        self, rollout: str, entry: dict[str, Any], *, fence: int | None = None
+    ) -> None:
         text = encode(entry, f"decision of rollout {rollout!r}")
         keep = self.max_decisions
 
         def job(conn: sqlite3.Connection) -> None:
             with _transaction(conn):
+                self._fenced(conn, fence, f"decision of rollout {rollout!r}")
                 conn.execute(
                     "INSERT INTO decisions (rollout, at, data) VALUES (?, ?, ?)",
                     (rollout, time.time(), text),
@@ -361,9 +384,10 @@ class SQLiteStore:
 
     # -- rollouts -------------------------------------------------------------------------
 
-    async def reset(self, rollout: str) -> None:
+    async def reset(self, rollout: str, *, fence: int | None = None) -> None:
         def job(conn: sqlite3.Connection) -> None:
             with _transaction(conn):
+                self._fenced(conn, fence, f"reset of rollout {rollout!r}")
                 for table in ("state", "samples", "decisions"):
                     conn.execute(f"DELETE FROM {table} WHERE rollout = ?", (rollout,))
 
@@ -378,6 +402,62 @@ class SQLiteStore:
             return sorted(name for (name,) in rows)
 
         return await self._run("list rollouts", job)
+
+    # -- the leadership lease -------------------------------------------------------------
+
+    def _lease_row(self, conn: sqlite3.Connection) -> tuple[str | None, int, float]:
+        row = conn.execute("SELECT holder, token, expires_at FROM lease WHERE id = 1").fetchone()
+        if row is None:
+            raise StoreError(f"state store {self.path}: the lease row is missing")
+        holder, token, expires_at = row
+        if holder is not None and expires_at <= self._clock():
+            holder = None  # ran out: nobody holds it
+        return holder, int(token), float(expires_at)
+
+    def _fenced(self, conn: sqlite3.Connection, fence: int | None, what: str) -> None:
+        """Inside the write's transaction: refuse it unless ``fence`` is the running lease's."""
+        if fence is None:
+            return
+        holder, token, _ = self._lease_row(conn)
+        if holder is None or token != fence:
+            raise FencedError(
+                f"state store {self.path}: refused to write the {what}: lease token {fence}"
+                " is no longer the leader's"
+            )
+
+    async def acquire_lease(self, holder: str, ttl: float) -> int | None:
+        check_lease_request(holder, ttl)
+
+        def job(conn: sqlite3.Connection) -> int | None:
+            with _transaction(conn):
+                current, token, _ = self._lease_row(conn)
+                if current is not None and current != holder:
+                    return None
+                if current is None:
+                    token += 1  # a new holder (or the same one after its lease ran out)
+                conn.execute(
+                    "UPDATE lease SET holder = ?, token = ?, expires_at = ? WHERE id = 1",
+                    (holder, token, self._clock() + ttl),
+                )
+                return token
+
+        return await self._run("take the leadership lease", job)
+
+    async def release_lease(self, holder: str) -> None:
+        def job(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                current, _, _ = self._lease_row(conn)
+                if current == holder:
+                    conn.execute("UPDATE lease SET holder = NULL, expires_at = 0 WHERE id = 1")
+
+        await self._run("release the leadership lease", job)
+
+    async def lease(self) -> Lease | None:
+        def job(conn: sqlite3.Connection) -> Lease | None:
+            holder, token, expires_at = self._lease_row(conn)
+            return None if holder is None else Lease(holder, token, expires_at)
+
+        return await self._run("read the leadership lease", job)
 
 
 def _accumulator(data: dict[str, Any], what: str) -> RolloutAccumulator:

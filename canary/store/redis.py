@@ -1,0 +1,547 @@
+"""Redis store: the state several canary replicas share, and the lease that picks their leader.
+
+Layout (every key under ``key_prefix``, ``canary:`` by default)::
+
+    state:<rollout>      string  the controller state as JSON
+    samples:<rollout>    string  the merged RolloutAccumulator as JSON (``to_dict``)
+    decisions:<rollout>  list    decision log entries as JSON, oldest first, LTRIMmed
+    rollouts             set     names with any of the three above
+    lease                hash    holder, token; PX expiry = the lease's TTL
+    lease-token          string  INCR counter of fencing tokens (starts at the Redis clock in
+                                 ms, see _ACQUIRE); never deleted
+    store-id             string  a random id written at the first open (see identity())
+
+Why it is built this way:
+
+- Sample deltas from several processes are merged by read-merge-write under WATCH/MULTI/EXEC:
+  a concurrent writer makes EXEC fail and the merge is redone on the new value, so no delta
+  is lost and none is merged twice (the merge itself is Python: Lua cannot merge histograms).
+- The lease and every fenced write are Lua scripts: Redis runs a script alone, so "is this
+  still the running lease's token?" and the write are one atomic step.
+- Connections have socket and connect timeouts, and the client does not retry by itself: a
+  hung or dead Redis becomes a StoreError within the timeout instead of a hang, and a write
+  whose answer was lost is never sent twice behind canary's back (a decision appended twice).
+  Idempotent calls are retried once on a broken connection (a Redis restart leaves every
+  pooled connection dead; the retry reconnects).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, WatchError
+
+from canary.errors import FencedError, StoreError
+from canary.observe import RolloutAccumulator
+from canary.store._protocol import (
+    DEFAULT_MAX_DECISIONS,
+    Lease,
+    check_lease_request,
+    check_limit,
+    check_max_decisions,
+    decode,
+    encode,
+)
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT = 3.0  # seconds a Redis call (or a connect) may take before it is a StoreError
+MAX_MERGE_ATTEMPTS = 64  # add_samples retries after concurrent writers before giving up
+_NO_FENCE = ""
+
+# KEYS[1] lease, KEYS[2] token counter; ARGV[1] holder, ARGV[2] ttl in ms.
+# Free or expired (an expired key reads as absent) -> a new token; ours -> renewed, same token.
+# A missing counter (a new Redis, or one that restarted empty) starts at the Redis clock in
+# milliseconds, so tokens keep growing even across a Redis that lost its data: a leader
+# fenced before the loss cannot get its old token back from a fresh counter.
+_ACQUIRE = """
+redis.replicate_commands()
+local holder = redis.call('HGET', KEYS[1], 'holder')
+if not holder then
+  if redis.call('EXISTS', KEYS[2]) == 0 then
+    local now = redis.call('TIME')
+    redis.call('SET', KEYS[2], tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
+  end
+  local token = redis.call('INCR', KEYS[2])
+  redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'token', token)
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return token
+end
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return tonumber(redis.call('HGET', KEYS[1], 'token'))
+end
+return false
+"""
+
+# KEYS[1] lease; ARGV[1] holder.
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'holder') == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# KEYS[1] lease -> {holder, token, pttl, seconds, microseconds} or false; one atomic read.
+_LEASE = """
+local cur = redis.call('HMGET', KEYS[1], 'holder', 'token')
+if not cur[1] then
+  return false
+end
+local now = redis.call('TIME')
+return {cur[1], cur[2], redis.call('PTTL', KEYS[1]), now[1], now[2]}
+"""
+
+# The fence check every fenced write starts with: KEYS[1] is the lease, ARGV[1] the writer's
+# token ('' = unfenced). On a stale token the script returns {0, running token or ''}.
+_FENCE = """
+if ARGV[1] ~= '' then
+  local running = redis.call('HGET', KEYS[1], 'token')
+  if running ~= ARGV[1] then
+    return {0, running or ''}
+  end
+end
+"""
+
+# KEYS lease, state, rollouts; ARGV fence, JSON, rollout.
+_PUT_STATE = (
+    _FENCE
+    + """
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[3])
+return {1, ''}
+"""
+)
+
+# KEYS lease, decisions, rollouts; ARGV fence, JSON, rollout, max_decisions.
+_APPEND_DECISION = (
+    _FENCE
+    + """
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1)
+redis.call('SADD', KEYS[3], ARGV[3])
+return {1, ''}
+"""
+)
+
+# KEYS lease, state, samples, decisions, rollouts; ARGV fence, rollout.
+_RESET = (
+    _FENCE
+    + """
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+redis.call('SREM', KEYS[5], ARGV[2])
+return {1, ''}
+"""
+)
+
+
+_SCRIPTS = {
+    "acquire": _ACQUIRE,
+    "release": _RELEASE,
+    "lease": _LEASE,
+    "put_state": _PUT_STATE,
+    "append_decision": _APPEND_DECISION,
+    "reset": _RESET,
+}
+
+
+_USERINFO_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*):[^/@]*@")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password (userinfo or ``password=`` query), for error messages."""
+    return _QUERY_PASSWORD.sub(r"\1***", _USERINFO_PASSWORD.sub(r"\1:***@", url))
+
+
+class RedisStore:
+    """A :class:`~canary.store.Store` in Redis, shared by every canary process that uses it.
+
+    Parameters
+    ----------
+    url
+        ``redis://[[user]:password@]host:port/db``, ``rediss://...`` (TLS) or
+        ``unix:///path/to/socket?db=N``.
+    max_decisions
+        Decision log entries kept per rollout; appending trims older ones.
+    key_prefix
+        Prepended to every key, so several deployments can share one Redis database.
+    timeout, connect_timeout
+        Seconds a call may wait for Redis (socket read/write) and for a connection; past
+        them the call raises StoreError instead of hanging the caller.
+
+    Notes
+    -----
+    Redis restarted empty cannot be told from a new Redis by the data alone; :meth:`open`
+    writes a random ``store-id`` key when there is none, and :meth:`identity` reads it back,
+    so a process can notice that the Redis it opened lost its data (the id changed or is
+    gone).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_decisions: int = DEFAULT_MAX_DECISIONS,
+        key_prefix: str = "canary:",
+        timeout: float = DEFAULT_TIMEOUT,
+        connect_timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        check_max_decisions(max_decisions)
+        if timeout <= 0 or connect_timeout <= 0:
+            raise ValueError(
+                f"timeouts must be > 0, got timeout={timeout!r}, "
+                f"connect_timeout={connect_timeout!r}"
+            )
+        self.url = url
+        self.max_decisions = max_decisions
+        self.key_prefix = key_prefix
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._safe_url = redact_url(url)
+        self._where = f"state store {self._safe_url}"
+        self._client: aioredis.Redis | None = None
+        self._opened = False
+        self._open_lock = asyncio.Lock()
+        self._closed = False
+        self._store_id: str | None = None
+        self._scripts: dict[str, AsyncScript] = {}  # registered by open()
+        self._lease_key = key_prefix + "lease"
+        self._token_key = key_prefix + "lease-token"
+        self._rollouts_key = key_prefix + "rollouts"
+        self._id_key = key_prefix + "store-id"
+
+    def __repr__(self) -> str:
+        return f"RedisStore({redact_url(self.url)!r})"
+
+    def _key(self, kind: str, rollout: str) -> str:
+        return f"{self.key_prefix}{kind}:{rollout}"
+
+    def _live(self) -> aioredis.Redis:
+        if self._closed:
+            raise StoreError(f"{self._where} is closed")
+        if self._client is None:  # set by open() before its PING, cleared if that fails
+            raise StoreError(f"{self._where} is not open; call open() first")
+        return self._client
+
+    async def _run(
+        self,
+        what: str,
+        call: Callable[[aioredis.Redis], Awaitable[T]],
+        *,
+        idempotent: bool = True,
+    ) -> T:
+        """Run ``call`` on the client; every failure becomes a StoreError naming ``what``.
+
+        An idempotent call is retried once when its connection turns out broken (the
+        pooled connection of a Redis that restarted); nothing else is retried here.
+        """
+        client = self._live()
+        attempts = 2 if idempotent else 1
+        for attempt in range(attempts):
+            try:
+                return await call(client)
+            except StoreError:
+                raise
+            except RedisConnectionError as exc:  # refused, reset, closed (not a timeout)
+                if attempt + 1 < attempts:
+                    continue
+                raise StoreError(f"{self._where}: cannot {what}: {_describe(exc)}") from exc
+            except (TimeoutError, RedisError, OSError, UnicodeError) as exc:
+                raise StoreError(f"{self._where}: cannot {what}: {_describe(exc)}") from exc
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    async def _get(self, key: str, what: str) -> str | None:
+        """GET ``key`` as text (the client decodes replies; bytes only if that changes)."""
+        value: bytes | str | None = await self._run(what, lambda c: c.get(key))
+        return None if value is None else _str(value)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, PING, and write the store id if this Redis has none; idempotent.
+
+        A failed open leaves the store closed to calls but not closed for good: open() can
+        be called again once Redis answers.
+        """
+        async with self._open_lock:  # a second open() waits for the first one's PING
+            if self._closed:
+                raise StoreError(f"{self._where} is closed")
+            if self._opened:
+                return
+            try:
+                client = aioredis.Redis.from_url(
+                    self.url,
+                    decode_responses=True,
+                    socket_timeout=self.timeout,
+                    socket_connect_timeout=self.connect_timeout,
+                    retry=Retry(NoBackoff(), 0),  # see the module docstring: no silent resends
+                )
+            except (ValueError, TypeError) as exc:
+                raise StoreError(f"cannot open {self._where}: bad url: {exc}") from exc
+            # EVALSHA, loading the script again when Redis lost its cache (a restart).
+            self._scripts = {name: client.register_script(src) for name, src in _SCRIPTS.items()}
+            self._client = client
+            try:
+                await self._run("connect (PING)", lambda c: c.ping())
+                await self._run(
+                    "write the store id", lambda c: c.set(self._id_key, _new_id(), nx=True)
+                )
+                self._store_id = await self._get(self._id_key, "read the store id")
+            except BaseException:
+                self._client = None
+                await _quietly_close(client)
+                raise
+            self._opened = True
+
+    async def close(self) -> None:
+        """Close the connections; calls after it raise StoreError. Closing twice is fine."""
+        if self._closed:
+            return
+        self._closed = True
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await client.aclose()
+            except (RedisError, OSError) as exc:
+                raise StoreError(f"cannot close {self._where}: {_describe(exc)}") from exc
+
+    async def identity(self) -> str | None:
+        """The store id in Redis now, or None when it is gone.
+
+        :meth:`open` wrote it (or found it); when it differs from :attr:`store_id` or is
+        None, this Redis lost its data since (restarted empty, flushed, failed over to an
+        empty replica).
+        """
+        return await self._get(self._id_key, "read the store id")
+
+    @property
+    def store_id(self) -> str | None:
+        """The store id seen at :meth:`open` (None before it)."""
+        return self._store_id
+
+    # -- state ----------------------------------------------------------------------------
+
+    async def get_state(self, rollout: str) -> dict[str, Any] | None:
+        key = self._key("state", rollout)
+        text = await self._get(key, f"read state of rollout {rollout!r}")
+        what = f"state of rollout {rollout!r} in {self._safe_url}"
+        return None if text is None else decode(text, what)
+
+    async def put_state(
+        self, rollout: str, state: dict[str, Any], *, fence: int | None = None
+    ) -> None:
+        text = encode(state, f"state of rollout {rollout!r}")  # before yielding: a copy
+        keys = [self._lease_key, self._key("state", rollout), self._rollouts_key]
+        await self._fenced(
+            f"write state of rollout {rollout!r}", "put_state", keys, [text, rollout], fence
+        )
+
+    def _script(
+        self, name: str, keys: list[str], args: list[str | int]
+    ) -> Callable[[aioredis.Redis], Awaitable[Any]]:
+        """A call for :meth:`_run` that runs the Lua script ``name`` on its client."""
+        return lambda client: self._scripts[name](keys=keys, args=args, client=client)
+
+    async def _fenced(
+        self,
+        what: str,
+        name: str,
+        keys: list[str],
+        args: list[str | int],
+        fence: int | None,
+        *,
+        idempotent: bool = True,
+    ) -> None:
+        """Run the fenced write script ``name``; FencedError when its token is stale."""
+        call = self._script(name, keys, [_fence(fence), *args])
+        reply = await self._run(what, call, idempotent=idempotent)
+        try:
+            ok, running = int(reply[0]), str(reply[1])
+        except (TypeError, ValueError, IndexError, KeyError) as exc:
+            raise StoreError(f"{self._where}: cannot {what}: unexpected reply {reply!r}") from exc
+        if not ok:
+            now = f"the running lease has token {running}" if running else "no lease is running"
+            raise FencedError(
+                f"{self._where}: refused to {what}: fencing token {fence} is stale ({now});"
+                " this process is not the leader any more"
+            )
+
+    # -- samples --------------------------------------------------------------------------
+
+    async def add_samples(self, rollout: str, delta: RolloutAccumulator) -> None:
+        copy = delta.snapshot()  # taken now: the caller may record into ``delta`` later
+        key = self._key("samples", rollout)
+        what = f"samples of rollout {rollout!r} in {self._safe_url}"
+
+        async def merge(client: aioredis.Redis) -> None:
+            for attempt in range(MAX_MERGE_ATTEMPTS):
+                async with client.pipeline(transaction=True) as pipe:
+                    await pipe.watch(key)
+                    text = await pipe.get(key)
+                    if text is None:
+                        merged = copy
+                    else:
+                        merged = _accumulator(decode(_str(text), what), what)
+                        try:
+                            merged.merge(copy)
+                        except ValueError as exc:  # accuracy mismatch
+                            raise StoreError(f"cannot add {what}: {exc}") from exc
+                    encoded = encode(merged.to_dict(), what)
+                    pipe.multi()
+                    pipe.set(key, encoded)
+                    pipe.sadd(self._rollouts_key, rollout)
+                    try:
+                        await pipe.execute()
+                        return
+                    except WatchError:  # another writer merged first: redo on its result
+                        pass
+                # Jittered backoff so colliding writers spread out.
+                await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+            raise StoreError(
+                f"cannot add {what}: {MAX_MERGE_ATTEMPTS} attempts collided with other writers"
+            )
+
+        # Not retried on a broken connection: EXEC may have run before the answer was lost.
+        await self._run(f"add samples of rollout {rollout!r}", merge, idempotent=False)
+
+    async def get_samples(self, rollout: str) -> RolloutAccumulator | None:
+        key = self._key("samples", rollout)
+        what = f"samples of rollout {rollout!r} in {self._safe_url}"
+        text = await self._get(key, f"read samples of rollout {rollout!r}")
+        return None if text is None else _accumulator(decode(text, what), what)
+
+    # -- decisions ------------------------------------------------------------------------
+
+    async def append_decision(
+        self, rollout: str, entry: dict[str, Any], *, fence: int | None = None
+    ) -> None:
+        text = encode(entry, f"decision of rollout {rollout!r}")
+        keys = [self._lease_key, self._key("decisions", rollout), self._rollouts_key]
+        # Not retried on a broken connection: the entry may have been appended already.
+        await self._fenced(
+            f"append a decision of rollout {rollout!r}",
+            "append_decision",
+            keys,
+            [text, rollout, self.max_decisions],
+            fence,
+            idempotent=False,
+        )
+
+    async def decisions(self, rollout: str, limit: int = 100) -> list[dict[str, Any]]:
+        check_limit(limit)
+        if limit == 0:  # LRANGE -0 -1 would be the whole list
+            self._live()
+            return []
+        key = self._key("decisions", rollout)
+        what = f"decision of rollout {rollout!r} in {self._safe_url}"
+        texts: list[bytes | str] = await self._run(
+            f"read decisions of rollout {rollout!r}", lambda c: c.lrange(key, -limit, -1)
+        )
+        return [decode(_str(text), what) for text in texts]
+
+    # -- rollouts -------------------------------------------------------------------------
+
+    async def reset(self, rollout: str, *, fence: int | None = None) -> None:
+        keys = [
+            self._lease_key,
+            self._key("state", rollout),
+            self._key("samples", rollout),
+            self._key("decisions", rollout),
+            self._rollouts_key,
+        ]
+        await self._fenced(f"reset rollout {rollout!r}", "reset", keys, [rollout], fence)
+
+    async def rollouts(self) -> list[str]:
+        names: set[bytes | str] = await self._run(
+            "list rollouts", lambda c: c.smembers(self._rollouts_key)
+        )
+        return sorted(_str(name) for name in names)
+
+    # -- lease ----------------------------------------------------------------------------
+
+    async def acquire_lease(self, holder: str, ttl: float) -> int | None:
+        check_lease_request(holder, ttl)
+        if not math.isfinite(ttl):
+            raise StoreError(f"a lease TTL must be a finite number of seconds, got {ttl!r}")
+        ms = max(1, round(ttl * 1000))
+        # Idempotent: a resend after a lost answer finds the lease ours and renews it.
+        token = await self._run(
+            f"acquire the lease for {holder!r}",
+            self._script("acquire", [self._lease_key, self._token_key], [holder, ms]),
+        )
+        try:
+            return None if token is None else int(token)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"{self._where}: corrupt lease token {token!r}") from exc
+
+    async def release_lease(self, holder: str) -> None:
+        await self._run(
+            f"release the lease of {holder!r}",
+            self._script("release", [self._lease_key], [holder]),
+        )
+
+    async def lease(self) -> Lease | None:
+        reply = await self._run("read the lease", self._script("lease", [self._lease_key], []))
+        if reply is None:
+            return None
+        try:
+            holder, token, pttl, seconds, micros = reply
+            now = int(seconds) + int(micros) / 1e6
+            # pttl -1 (no expiry) only if something else wrote the key: it never runs out.
+            expires_at = float("inf") if int(pttl) < 0 else now + int(pttl) / 1000
+            return Lease(holder=str(holder), token=int(token), expires_at=expires_at)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"{self._where}: corrupt lease {reply!r}: {exc}") from exc
+
+
+def _fence(fence: int | None) -> str:
+    return _NO_FENCE if fence is None else str(int(fence))
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, TimeoutError) or "Timeout" in type(exc).__name__:
+        return f"timed out ({text})"
+    return text
+
+
+def _accumulator(data: dict[str, Any], what: str) -> RolloutAccumulator:
+    try:
+        return RolloutAccumulator.from_dict(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise StoreError(f"corrupt {what}: {exc!r}") from exc
+
+
+async def _quietly_close(client: aioredis.Redis) -> None:
+    try:
+        await client.aclose()
+    except (RedisError, OSError):
+        pass  # open() is already failing with the error that matters
+
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "MAX_MERGE_ATTEMPTS",
+    "RedisStore",
+    "redact_url",
+]
