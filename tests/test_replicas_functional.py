@@ -74,77 +74,85 @@ def _config(proxy: int, admin: int, redis_url: str, p: str, c: str) -> dict[str,
     }
 
 
-async def test_two_replicas_one_leader_and_a_hand_over_on_sigkill(
-    tmp_path: Path,
-    redis_server: RedisServer,
-) -> None:
+@contextlib.asynccontextmanager
+async def _two_replicas(
+    tmp_path: Path, redis_server: RedisServer
+) -> AsyncIterator[tuple[subprocess.Popen[bytes], list[str], list[str], httpx.AsyncClient]]:
+    """Fake models and two canary replicas on ``redis_server``, the first started first (it
+    leads): (the first's process, admin URLs, proxy URLs, a client)."""
     fast: dict[str, Any] = {"latency": "fixed", "latency_median": 0.001}
     async with running_fake_model(FakeModelConfig(model="p", **fast)) as p, \
             running_fake_model(FakeModelConfig(model="c", seed=1, **fast)) as c:  # fmt: skip
         ports = [(free_port(), free_port()) for _ in range(2)]
-        paths = []
-        for i, (proxy, admin) in enumerate(ports):
-            path = tmp_path / f"replica{i}.yaml"
-            path.write_text(yaml.safe_dump(_config(proxy, admin, redis_server.url, p, c)))
-            paths.append(path)
         admins = [f"http://127.0.0.1:{a}" for _, a in ports]
         proxies = [f"http://127.0.0.1:{p}" for p, _ in ports]
-        async with _canary(paths[0], admins[0], tmp_path / "a.log") as first, \
-                _canary(paths[1], admins[1], tmp_path / "b.log"), \
+        for i, (proxy, admin) in enumerate(ports):
+            config = _config(proxy, admin, redis_server.url, p, c)
+            (tmp_path / f"r{i}.yaml").write_text(yaml.safe_dump(config))
+        async with _canary(tmp_path / "r0.yaml", admins[0], tmp_path / "a.log") as first, \
+                _canary(tmp_path / "r1.yaml", admins[1], tmp_path / "b.log"), \
                 httpx.AsyncClient(timeout=5.0) as client:  # fmt: skip
-            leaders = [(await client.get(a + "/api/v1/leader")).json() for a in admins]
-            assert leaders[0]["shared"] and leaders[0]["leading"], leaders
-            assert not leaders[1]["leading"] and leaders[1]["leader"] == leaders[0]["holder"]
+            yield first, admins, proxies, client
 
-            # Traffic through both replicas until both serve the second step.
-            sent, deadline = 0, time.monotonic() + 30
-            to_a: list[float] = []  # when each request to the leader's replica was answered
-            while True:
-                r = await client.post(proxies[sent % 2] + "/predict", json={"id": sent})
-                assert r.status_code == 200, r.text
-                if sent % 2 == 0:
-                    to_a.append(time.monotonic())
-                sent += 1
-                if sent % 40 == 0:
-                    views = [(await client.get(a + "/api/v1/rollouts/m")).json() for a in admins]
-                    if all(v["step_index"] == 1 for v in views):
-                        break
-                assert time.monotonic() < deadline, "the replicas did not both reach step 2"
-                await asyncio.sleep(0.005)
-            follower = views[1]
-            assert follower["weights"]["candidate"] == 50.0
-            assert "following" in follower["status"]
 
-            # SIGKILL the leader; the survivor keeps answering and takes over.
-            first.send_signal(signal.SIGKILL)
-            first.wait(10)
-            killed = time.monotonic()
-            took_over = None
-            errors = 0
-            while time.monotonic() - killed < 4 * INTERVAL:
-                r = await client.post(proxies[1] + "/predict", json={"id": sent})
-                sent += 1
-                errors += r.status_code != 200
-                if took_over is None:
-                    lead = (await client.get(admins[1] + "/api/v1/leader")).json()
-                    if lead["leading"]:
-                        took_over = time.monotonic() - killed
-                await asyncio.sleep(0.01)
-            assert errors == 0  # users see no errors from the survivor
-            # The lease runs out within its TTL of the last renewal; the survivor tries every
-            # flush interval (0.25 s): within two analysis intervals.
-            assert took_over is not None and took_over <= 2 * INTERVAL, took_over
-            view = (await client.get(admins[1] + "/api/v1/rollouts/m")).json()
-            assert view["step_index"] == 1 and view["phase"] == "running"
-            # Nothing decided twice, nothing lost: the log the new leader resumed from.
-            assert [d["action"] for d in view["decisions"]] == ["START", "ADVANCE"]
-            await asyncio.sleep(2 * INTERVAL)  # the survivor's samples reach its totals
-            view = (await client.get(admins[1] + "/api/v1/rollouts/m")).json()
-            counted = view["samples"]["production"] + view["samples"]["candidate"]
-            # At most the killed replica's last unflushed flush interval (0.25 s) is lost.
-            recent = sum(1 for t in to_a if killed - t <= 1.0)
-            assert 0 <= sent - counted <= recent * 0.5 + 5, (sent, counted, recent)
-            print(f"hand-over {took_over:.2f} s, lost {sent - counted} of {sent} ({recent}/s)")
+async def test_two_replicas_one_leader_and_a_hand_over_on_sigkill(
+    tmp_path: Path,
+    redis_server: RedisServer,
+) -> None:
+    async with _two_replicas(tmp_path, redis_server) as (first, admins, proxies, client):
+        leaders = [(await client.get(a + "/api/v1/leader")).json() for a in admins]
+        assert leaders[0]["shared"] and leaders[0]["leading"], leaders
+        assert not leaders[1]["leading"] and leaders[1]["leader"] == leaders[0]["holder"]
+
+        # Traffic through both replicas until both serve the second step.
+        sent, deadline = 0, time.monotonic() + 30
+        to_a: list[float] = []  # when each request to the leader's replica was answered
+        while True:
+            r = await client.post(proxies[sent % 2] + "/predict", json={"id": sent})
+            assert r.status_code == 200, r.text
+            if sent % 2 == 0:
+                to_a.append(time.monotonic())
+            sent += 1
+            if sent % 40 == 0:
+                views = [(await client.get(a + "/api/v1/rollouts/m")).json() for a in admins]
+                if all(v["step_index"] == 1 for v in views):
+                    break
+            assert time.monotonic() < deadline, "the replicas did not both reach step 2"
+            await asyncio.sleep(0.005)
+        follower = views[1]
+        assert follower["weights"]["candidate"] == 50.0
+        assert "following" in follower["status"]
+
+        # SIGKILL the leader; the survivor keeps answering and takes over.
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        killed = time.monotonic()
+        took_over = None
+        errors = 0
+        while time.monotonic() - killed < 4 * INTERVAL:
+            r = await client.post(proxies[1] + "/predict", json={"id": sent})
+            sent += 1
+            errors += r.status_code != 200
+            if took_over is None:
+                lead = (await client.get(admins[1] + "/api/v1/leader")).json()
+                if lead["leading"]:
+                    took_over = time.monotonic() - killed
+            await asyncio.sleep(0.01)
+        assert errors == 0  # users see no errors from the survivor
+        # The lease runs out within its TTL of the last renewal; the survivor tries every
+        # flush interval (0.25 s): within two analysis intervals.
+        assert took_over is not None and took_over <= 2 * INTERVAL, took_over
+        view = (await client.get(admins[1] + "/api/v1/rollouts/m")).json()
+        assert view["step_index"] == 1 and view["phase"] == "running"
+        # Nothing decided twice, nothing lost: the log the new leader resumed from.
+        assert [d["action"] for d in view["decisions"]] == ["START", "ADVANCE"]
+        await asyncio.sleep(2 * INTERVAL)  # the survivor's samples reach its totals
+        view = (await client.get(admins[1] + "/api/v1/rollouts/m")).json()
+        counted = view["samples"]["production"] + view["samples"]["candidate"]
+        # At most the killed replica's last unflushed flush interval (0.25 s) is lost.
+        recent = sum(1 for t in to_a if killed - t <= 1.0)
+        assert 0 <= sent - counted <= recent * 0.5 + 5, (sent, counted, recent)
+        print(f"hand-over {took_over:.2f} s, lost {sent - counted} of {sent} ({recent}/s)")
 
 
 @contextlib.asynccontextmanager
@@ -228,3 +236,30 @@ async def test_a_redis_outage_holds_keeps_serving_and_loses_and_doubles_nothing(
         view = (await client.get(admin + "/api/v1/rollouts/m")).json()
         counted = view["samples"]["production"] + view["samples"]["candidate"]
         assert counted == sent, (counted, sent)  # none lost, none merged twice
+
+
+async def test_a_leader_paused_past_its_lease_does_not_act_when_it_resumes(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    async with _two_replicas(tmp_path, redis_server) as (first, admins, _, client):
+        assert (await client.get(admins[0] + "/api/v1/leader")).json()["leading"]
+        first.send_signal(signal.SIGSTOP)  # paused (a GC pause, a frozen VM) past its lease
+        try:
+            deadline = time.monotonic() + 5 * INTERVAL
+            while not (await client.get(admins[1] + "/api/v1/leader")).json()["leading"]:
+                assert time.monotonic() < deadline, "the other replica never took over"
+                await asyncio.sleep(0.1)
+            r = await client.post(admins[1] + "/api/v1/rollouts/m/pause", json={})
+            assert r.status_code == 200, r.text
+        finally:
+            first.send_signal(signal.SIGCONT)
+        await asyncio.sleep(3 * INTERVAL)  # the old leader runs again
+        lead = [(await client.get(a + "/api/v1/leader")).json() for a in admins]
+        assert not lead[0]["leading"] and lead[1]["leading"]
+        assert lead[0]["leader"] == lead[1]["holder"]
+        r = await client.post(admins[0] + "/api/v1/rollouts/m/resume", json={})
+        assert r.status_code == 409 and lead[1]["holder"] in r.text  # it names the leader
+        views = [(await client.get(a + "/api/v1/rollouts/m")).json() for a in admins]
+        for view in views:  # both show the new leader's decision, and only it
+            assert view["phase"] == "paused"
+            assert [d["action"] for d in view["decisions"]] == ["START", "PAUSE"]
