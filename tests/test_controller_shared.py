@@ -133,3 +133,22 @@ async def test_a_clean_stop_hands_over_at_once(tmp_path: Path, clock: Clock) -> 
     await a.ctl.stop()  # releases the lease
     await b.ctl.tick()
     assert b.lead.leading
+
+
+async def test_a_reload_with_new_endpoints_starts_over_on_the_leader_only(
+    tmp_path: Path, clock: Clock
+) -> None:
+    a, b = await _two(tmp_path, clock)
+    await a.ctl.command("m", "pause")
+    config = _config()
+    r = config.rollouts[0]
+    candidate = r.candidate.model_copy(update={"endpoints": ["http://127.0.0.1:9"]})
+    moved = config.model_copy(update={"rollouts": [r.model_copy(update={"candidate": candidate})]})
+
+    await b.ctl.apply_config(moved)  # the follower reloads first: it must not write
+    assert [d["action"] for d in await b.store.decisions("m")] == ["START", "PAUSE"]
+    assert b.ctl.state("m").phase is Phase.RUNNING  # as it would start, until the leader says
+    await a.ctl.apply_config(moved)  # the leader starts the new rollout
+    assert [d["action"] for d in await a.store.decisions("m")] == ["START"]
+    await b.ctl.tick()
+    assert b.ctl.state("m") == a.ctl.state("m")

@@ -495,8 +495,10 @@ class Controller:
                     old.config = r
                     old.next_eval = 0.0
                     rollouts[r.name] = old
-                else:
+                elif self._acting():
                     rollouts[r.name] = await self._adopt(r)
+                else:  # a follower never writes: it waits for the leader's state
+                    rollouts[r.name] = await self._watch(r)
             for gone in set(self._rollouts) - set(rollouts):
                 log.info("rollout %s: no longer configured; its state stays in the store", gone)
             self._rollouts = rollouts
