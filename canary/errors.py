@@ -79,6 +79,16 @@ class CommandRejected(CanaryError, ValueError):
     """An operator command that the rollout's phase does not allow (e.g. resume a promoted one)."""
 
 
+class NotLeader(CommandRejected):
+    """A command reached a canary process that does not lead the rollouts (several processes
+    share one store); ``admin_url`` is the leader's admin API when it advertises one."""
+
+    def __init__(self, message: str, *, leader: str | None, admin_url: str | None) -> None:
+        super().__init__(message)
+        self.leader = leader
+        self.admin_url = admin_url
+
+
 class AdminError(CanaryError):
     """The admin API refused or failed a call (used by the CLI client).
 
@@ -114,6 +124,7 @@ __all__ = [
     "ConfigError",
     "ConfigIssue",
     "FencedError",
+    "NotLeader",
     "StoreDataLost",
     "StoreError",
     "UnknownRollout",

@@ -10,6 +10,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -22,7 +23,7 @@ from canary.analyzer.worker import init_worker
 from canary.config import Config
 from canary.config._loader import load_config_result
 from canary.controller import Controller
-from canary.controller.leadership import Leadership
+from canary.controller.leadership import Leadership, holder_name
 from canary.errors import CanaryError, ConfigError, ConfigIssue
 from canary.metrics import Metrics
 from canary.observe import Recorder, Weights
@@ -32,10 +33,12 @@ from canary.store import Store, open_store
 from canary.webhooks import WebhookSender
 
 __all__ = [
+    "ADVERTISE_ENV",
     "MAX_LEASE",
     "MIN_LEASE",
     "RELOAD_TIMEOUT",
     "Runtime",
+    "advertised_admin_url",
     "lease_ttl",
     "load_config_off_loop",
     "serve",
@@ -109,7 +112,11 @@ class Runtime:
         # A store shared with other canary processes (replicas on one Redis): one leader acts,
         # every process serves the weights it stores (docs/architecture.md "Scale-out").
         self.leadership = (
-            Leadership(self.store, lease_ttl(config)) if config.state.backend == "redis" else None
+            Leadership(
+                self.store, lease_ttl(config), holder=holder_name(advertised_admin_url(config))
+            )
+            if config.state.backend == "redis"
+            else None
         )
         self.controller = Controller(
             config,
@@ -378,6 +385,26 @@ def lease_ttl(config: Config) -> float:
     death: within two analysis intervals for intervals of 1 s and more."""
     shortest = min(r.analysis.interval for r in config.rollouts)
     return min(MAX_LEASE, max(MIN_LEASE, shortest))
+
+
+ADVERTISE_ENV = "CANARY_ADVERTISE_ADMIN"  # the admin URL other replicas forward commands to
+
+
+def advertised_admin_url(config: Config) -> str | None:
+    """Where other replicas reach this process's admin API (they forward operator commands
+    to the leader): ``$CANARY_ADVERTISE_ADMIN`` when set, else ``admin.listen`` with a
+    wildcard host replaced by this host's name; None for an ephemeral port (0)."""
+    explicit = os.environ.get(ADVERTISE_ENV, "").strip()
+    if explicit:
+        return explicit.rstrip("/")
+    host, port = config.admin.listen
+    if port == 0:
+        return None
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
 
 
 MIN_LEASE = 1.0  # seconds

@@ -22,6 +22,7 @@ import yaml
 from canary.cli import build_parser
 from canary.config import Config, load_config_text
 from canary.config._models import is_loopback_host
+from canary.runtime import ADVERTISE_ENV
 from loadtest.fake_model import build_parser as fake_model_parser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,6 +213,17 @@ def test_admin_token_comes_from_the_secret_under_the_token_env_name() -> None:
     assert ref["key"] in keys
     assert ref["key"] == config.admin.token_env
     assert not ref.get("optional", False)  # without it canary must not start
+
+
+def test_each_pod_advertises_its_admin_api_for_forwarded_commands() -> None:
+    """A follower forwards operator commands to the leader's advertised admin URL: the pod's
+    own IP (downward API) on the rollout file's admin port."""
+    config = _load_rollout(_k8s_rollout_text(), "kubernetes")
+    env = {e["name"]: e for e in _container(_canary_deployment(), "canary")["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env[ADVERTISE_ENV]["value"] == f"http://$(POD_IP):{config.admin.listen[1]}"
+    names = list(env)
+    assert names.index("POD_IP") < names.index(ADVERTISE_ENV)  # $(POD_IP) is defined first
 
 
 def test_every_container_has_resource_requests_and_limits() -> None:

@@ -238,7 +238,7 @@ async def test_a_redis_outage_holds_keeps_serving_and_loses_and_doubles_nothing(
         assert counted == sent, (counted, sent)  # none lost, none merged twice
 
 
-async def test_a_leader_paused_past_its_lease_does_not_act_when_it_resumes(
+async def test_a_leader_paused_past_its_lease_does_not_act_and_forwards_commands(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     async with _two_replicas(tmp_path, redis_server) as (first, admins, _, client):
@@ -257,9 +257,15 @@ async def test_a_leader_paused_past_its_lease_does_not_act_when_it_resumes(
         lead = [(await client.get(a + "/api/v1/leader")).json() for a in admins]
         assert not lead[0]["leading"] and lead[1]["leading"]
         assert lead[0]["leader"] == lead[1]["holder"]
-        r = await client.post(admins[0] + "/api/v1/rollouts/m/resume", json={})
-        assert r.status_code == 409 and lead[1]["holder"] in r.text  # it names the leader
         views = [(await client.get(a + "/api/v1/rollouts/m")).json() for a in admins]
         for view in views:  # both show the new leader's decision, and only it
             assert view["phase"] == "paused"
             assert [d["action"] for d in view["decisions"]] == ["START", "PAUSE"]
+        # A command sent to the old leader (a follower now) is forwarded to the new one.
+        r = await client.post(admins[0] + "/api/v1/rollouts/m/resume", json={"reason": "go"})
+        assert r.status_code == 200, r.text
+        assert r.headers["X-Canary-Leader"] == admins[1] and r.json()["phase"] == "running"
+        await asyncio.sleep(0.5)  # the follower reads the new state at its next flush
+        for a in admins:
+            view = (await client.get(a + "/api/v1/rollouts/m")).json()
+            assert [d["action"] for d in view["decisions"]] == ["START", "PAUSE", "RESUME"]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -29,7 +30,7 @@ from canary.admin.views import leader_view, rollout_detail, rollout_summary
 from canary.config import AdminConfig
 from canary.controller import Controller
 from canary.decision import MANUAL_ACTIONS
-from canary.errors import CommandRejected, ConfigError, UnknownRollout
+from canary.errors import CommandRejected, ConfigError, NotLeader, UnknownRollout
 from canary.metrics import Metrics
 from canary.observe import Recorder
 from canary.observe.feedback import (
@@ -326,10 +327,52 @@ async def rollout_action(request: web.Request) -> web.Response:
         result = await ctx.controller.command(name, action, reason)
     except UnknownRollout:
         return _error(404, f"no rollout named {name!r}")
+    except NotLeader as exc:
+        if exc.admin_url is None:
+            return _error(409, str(exc))
+        return await _forward_to_leader(request, exc.admin_url, body)
     except CommandRejected as exc:
         return _error(409, str(exc))
     log.info("rollout %s: %s by an operator via the admin API", name, action)
     return web.json_response(result)
+
+
+FORWARD_TIMEOUT = 10.0  # seconds a command forwarded to the leader may take
+
+
+async def _forward_to_leader(
+    request: web.Request, leader: str, body: dict[str, Any]
+) -> web.Response:
+    """Send an operator command this follower received to the leader's admin API (with the
+    caller's credentials, which this process has already checked) and answer what it answers.
+    The leader checks the token and the command again; nothing is decided here."""
+    url = f"{leader.rstrip('/')}{request.rel_url.path}"
+    headers = {"Content-Type": "application/json"}
+    if "Authorization" in request.headers:
+        headers["Authorization"] = request.headers["Authorization"]
+    try:
+        timeout = aiohttp.ClientTimeout(total=FORWARD_TIMEOUT)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.post(
+                url, data=json.dumps(body), headers=headers, allow_redirects=False
+            ) as answer,
+        ):
+            text = await answer.text()
+            status = answer.status
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return _error(
+            502,
+            f"this canary process does not lead the rollouts and the leader at {leader} "
+            f"did not answer the forwarded command: {type(exc).__name__}: {exc}",
+        )
+    log.info("forwarded %s to the leader at %s: %d", request.rel_url.path, leader, status)
+    return web.Response(
+        status=status,
+        text=text,
+        content_type="application/json",
+        headers={"X-Canary-Leader": leader},
+    )
 
 
 async def reload_handler(request: web.Request) -> web.Response:

@@ -33,9 +33,19 @@ log = logging.getLogger("canary.controller")
 SAFETY = 0.8  # share of the TTL after a renewal during which this process acts as leader
 
 
-def holder_name() -> str:
-    """A name for this process that no other process (here or on another host) shares."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+def holder_name(admin_url: str | None = None) -> str:
+    """A name for this process that no other process (here or on another host) shares; with
+    ``admin_url``, followers can forward operator commands to it (``NAME@URL``)."""
+    name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return f"{name}@{admin_url}" if admin_url else name
+
+
+def admin_url_of(holder: str | None) -> str | None:
+    """The admin API a lease holder advertises in its name (None when it does not)."""
+    if not holder or "@" not in holder:
+        return None
+    url = holder.split("@", 1)[1]
+    return url if url.startswith(("http://", "https://")) else None
 
 
 class Leadership:
@@ -108,4 +118,4 @@ class Leadership:
             log.warning("could not release the leadership lease: %s", exc)
 
 
-__all__ = ["SAFETY", "Leadership", "holder_name"]
+__all__ = ["SAFETY", "Leadership", "admin_url_of", "holder_name"]

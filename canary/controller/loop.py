@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from canary.analyzer import AnalysisJob, Analyzer, InlineAnalyzer
 from canary.config import Config, RolloutConfig, WebhookConfig
 from canary.controller.gauges import Gauges
-from canary.controller.leadership import Leadership
+from canary.controller.leadership import Leadership, admin_url_of
 from canary.controller.persistence import StoreGuard, StoreWriter
 from canary.controller.rollout import DECISIONS_SHOWN, Rollout, RolloutView
 from canary.decision import (
@@ -31,6 +31,7 @@ from canary.decision import (
 from canary.errors import (
     CommandRejected,
     FencedError,
+    NotLeader,
     StoreDataLost,
     StoreError,
     UnknownRollout,
@@ -414,9 +415,12 @@ class Controller:
             raise UnknownRollout(name)
         if not self._acting():
             assert self._leadership is not None
-            raise CommandRejected(
+            leader = self._leadership.leader
+            raise NotLeader(
                 f"this canary process does not lead the rollouts (the leader is "
-                f"{self._leadership.leader or 'not known yet'}); send the command to it"
+                f"{leader or 'not known yet'}); send the command to it",
+                leader=leader,
+                admin_url=admin_url_of(leader),
             )
         async with self._lock:
             decision = command(ro.state, action, reason)
