@@ -131,6 +131,7 @@ class Runtime:
             input_health=self.recorder.input_health,
             leadership=self.leadership,
             on_leading=self._leading_changed,
+            on_share=self.proxy.set_traffic_share,
         )
         # Background scrapers of rollouts with resource: metrics (never on the request path).
         self.resources = ResourceScrapers(self.recorder, self.metrics)

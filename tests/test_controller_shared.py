@@ -32,9 +32,11 @@ class Process:
         self.recorder = Recorder()
         self.sink = Sink()
         self.lead = Leadership(self.store, TTL, holder=name, monotonic=clock)
+        self.shares: list[float] = []
         self.ctl = Controller(
             _config(), self.store, self.recorder, Metrics(), self.sink,
             clock=clock, monotonic=clock, leadership=self.lead,
+            on_share=lambda rollout, share: self.shares.append(share),
         )  # fmt: skip
 
     async def start(self) -> None:
@@ -152,3 +154,20 @@ async def test_a_reload_with_new_endpoints_starts_over_on_the_leader_only(
     assert [d["action"] for d in await a.store.decisions("m")] == ["START"]
     await b.ctl.tick()
     assert b.ctl.state("m") == a.ctl.state("m")
+
+
+async def test_each_process_learns_its_share_of_the_traffic(tmp_path: Path, clock: Clock) -> None:
+    """The proxy divides its request rate by it, so per-hour costs are amortised over the
+    rollout's total rate: here a sends three requests for each of b's."""
+    a, b = await _two(tmp_path, clock)
+    await a.ctl.command("m", "pause")  # no decision in the way: only the counts matter
+    for round_ in range(12):
+        _feed(a.recorder, 300, 10, seed=round_)
+        _feed(b.recorder, 100, 10, seed=50 + round_)
+        await b.ctl.flush()
+        await a.ctl.tick()
+        await b.ctl.tick()
+        clock.t += 0.25
+    assert a.shares and b.shares
+    assert a.shares[-1] == pytest.approx(0.75, abs=0.03)
+    assert b.shares[-1] == pytest.approx(0.25, abs=0.03)

@@ -91,6 +91,7 @@ class Controller:
         store_timeout: float | None = None,
         leadership: Leadership | None = None,
         on_leading: Callable[[bool], Awaitable[None]] | None = None,
+        on_share: Callable[[str, float], None] | None = None,
     ) -> None:
         """``analyzer`` runs the statistics (``canary run``: a
         :class:`~canary.analyzer.WorkerAnalyzer`, so that the proxy's requests never wait for
@@ -104,7 +105,9 @@ class Controller:
         the state stored (:meth:`_sync`, every flush interval), and the analysis reads the
         merged samples back from the store. None: this process is alone (the default).
         ``on_leading(leading)`` is awaited when this process becomes or stops being the
-        leader (the runtime runs the resource scrapers on the leader only)."""
+        leader (the runtime runs the resource scrapers on the leader only).
+        ``on_share(rollout, share)``: this process's estimated share of the rollout's requests,
+        once per analysis interval (the proxy amortises ``per_hour`` costs over the total)."""
         self.config = config
         self.analyzer: Analyzer = analyzer if analyzer is not None else InlineAnalyzer()
         self._input_health = input_health
@@ -124,6 +127,7 @@ class Controller:
         self._leadership = leadership
         self._led = False  # took over as leader (and adopted the rollouts) this term
         self._on_leading = on_leading
+        self._on_share = on_share
         self._served: dict[str, Weights] = {}  # shared: the weights handed to the proxy
         self._writer = StoreWriter(
             store, self._guard, metrics, recorder, lambda: self._rollouts, leadership
@@ -303,8 +307,14 @@ class Controller:
             totals = await self._store.get_samples(name)
             if totals is not None:
                 ro.totals = totals
+                self._share(ro)
         leader = self._leadership.leader if self._leadership is not None else None
         ro.status = f"following: {leader or 'no process'} leads the rollouts"
+
+    def _share(self, ro: Rollout) -> None:
+        share = ro.traffic_share()
+        if share is not None and self._on_share is not None:
+            self._on_share(ro.config.name, share)
 
     async def _watch(self, r: RolloutConfig) -> Rollout:
         """A rollout as a follower first sees it: as stored (when the leader runs it with
@@ -359,6 +369,7 @@ class Controller:
         if shared:  # the merged samples of every process
             totals = await self._store.get_samples(name)
             ro.totals = totals if totals is not None else RolloutAccumulator(ro.totals.accuracy)
+            self._share(ro)
         ro.track_failures(now)
         failing_for, failing_requests = ro.state.failing_for(now), ro.state.failing_requests
         health = self._input_health(name) if self._input_health is not None else None

@@ -181,6 +181,8 @@ class StoreWriter:
                 continue
             if self._leadership is None:  # shared: the totals are read from the store
                 ro.totals.merge(delta)
+            else:  # this process's part of them (its share of the traffic)
+                ro.own += delta.production.observed + delta.candidate.observed
             ro.version += 1
             if ro.pending.empty:
                 ro.pending = delta  # the recorder gave it away: no copy needed

@@ -21,6 +21,7 @@ from canary.decision import (
 from canary.observe import RolloutAccumulator
 
 DECISIONS_SHOWN = 100  # decision-log entries kept in memory for the admin API
+SHARE_SMOOTHING = 0.7  # weight of the previous traffic-share estimate (per analysis interval)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +61,9 @@ class Rollout:
     last_check: float | None = None  # wall time of this process's last hard-failure check
     version: int = 0  # counts the deltas merged into totals
     stored: dict[str, Any] | None = None  # shared store: the state as a follower last read it
+    own: int = 0  # shared store: requests this process flushed (its share of the totals)
+    share_at: tuple[int, int] | None = None  # (own, merged total) at the last share estimate
+    share: float = 1.0  # this process's smoothed share of the rollout's requests
     # (samples version, config, input-health requests) that ``analysis`` was made from
     analysed: tuple[int, RolloutConfig, tuple[int, ...] | None] | None = None
 
@@ -96,6 +100,20 @@ class Rollout:
             if failure_clock_moved(self.state, new):
                 self.state_dirty = True  # the next flush writes it: a restart keeps the clock
             self.state = new
+
+    def traffic_share(self) -> float | None:
+        """This process's share of the rollout's requests since the last estimate, smoothed
+        (shared store: ``totals`` are every process's merged samples); None when unchanged."""
+        total = self.totals.production.observed + self.totals.candidate.observed
+        last, self.share_at = self.share_at, (self.own, total)
+        if last is None:
+            return None
+        d_own, d_total = self.own - last[0], total - last[1]
+        if d_total <= 0 or d_own < 0:
+            return None
+        estimate = min(1.0, d_own / d_total)
+        self.share = SHARE_SMOOTHING * self.share + (1.0 - SHARE_SMOOTHING) * estimate
+        return self.share
 
     def view(self, now: float, store_ok: bool) -> RolloutView:
         state, analysis = self.state, self.analysis
@@ -135,6 +153,7 @@ class Rollout:
 
 __all__ = [
     "DECISIONS_SHOWN",
+    "SHARE_SMOOTHING",
     "Rollout",
     "RolloutView",
 ]

@@ -125,6 +125,9 @@ class _BodyStream:
             yield chunk
 
 
+MIN_TRAFFIC_SHARE = 0.01  # a share below this is an estimate too noisy to divide by
+
+
 class _Exchange:
     """One upstream attempt of a request, or one shadow mirror: what its observation says.
 
@@ -328,6 +331,14 @@ class Proxy:
     def set_weights(self, name: str, weights: Weights) -> None:
         self.routes[name].weights = weights
         self._export_weights(name, weights)
+
+    def set_traffic_share(self, name: str, share: float) -> None:
+        """The fraction of rollout ``name``'s requests this process serves (several processes
+        behind one load balancer): its request rate is divided by it, so that ``per_hour``
+        costs are amortised over the rollout's total rate."""
+        route = self.routes.get(name)
+        if route is not None:
+            route.rate.share = min(1.0, max(MIN_TRAFFIC_SHARE, share))
 
     def _export_weights(self, name: str, weights: Weights) -> None:
         for arm in ARMS:
