@@ -5,7 +5,11 @@ One run measures, for small JSON responses and four targets in front of the SAME
 * ``direct``: the upstream itself (the baseline),
 * ``canary``: ``canary run`` (one process) with every data-plane feature on: a 50/50 split of
   production and candidate, sticky by ``X-User-Id``, override header, failover, timeouts,
-  header / Server-Timing / JSON analysis signals, cost pricing on both arms, memory state,
+  header / Server-Timing / JSON analysis signals, cost pricing on both arms, memory state
+  (``--store sqlite|redis|memory``, or a comma list: one canary per store, measured
+  interleaved like the targets; the extra ones are ``canary-sqlite`` etc., and the run prints
+  their ratios against the first; ``redis`` starts its own ``redis-server`` on a free loopback
+  port with persistence off, killed at the end),
 * ``minimal``: ``loadtest/minimal_proxy.py``, a minimal aiohttp + uvloop proxy (the yardstick
   issue 2 states its targets against: "adds about 0.35 ms and does about 6,600 req/s"; measured
   in the same run it shows what this machine gives a Python proxy today),
@@ -88,7 +92,11 @@ STICKY_SHARE = 0.5  # share of requests that carry X-User-Id (the rest are split
 MIX_SIZE = 256  # distinct pre-built requests cycled by both clients
 
 TARGETS = ("direct", "canary", "minimal", "nginx")
+STORES = ("memory", "sqlite", "redis")  # canary's state backends (--store)
 NOISY = 0.25  # cores used by other processes during a measurement that make it suspect
+# docs/benchmark.md from this line on is written by hand (other measurements with their own
+# commands): --write-docs keeps it below the results it writes.
+KEEP_MARKER = "<!-- written by hand from here on: bench_proxy --write-docs keeps it -->"
 
 
 # -- small utilities ------------------------------------------------------------------------
@@ -704,8 +712,15 @@ def proxy_nginx_body(port: int, upstream_ports: list[int]) -> str:
     }}"""
 
 
-def canary_config(proxy_port: int, admin_port: int, prod: int, cand: int) -> dict[str, Any]:
-    """A rollout file with every data-plane feature on (configs/fraud-model.yaml's shape)."""
+def canary_config(
+    proxy_port: int,
+    admin_port: int,
+    prod: int,
+    cand: int,
+    state: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A rollout file with every data-plane feature on (configs/fraud-model.yaml's shape);
+    ``state``: the ``state:`` section (memory when None)."""
     pricing = {"per_request": 0.0001, "header": "X-Model-Cost"}
     return {
         "proxy": {
@@ -717,7 +732,7 @@ def canary_config(proxy_port: int, admin_port: int, prod: int, cand: int) -> dic
             "mirror_concurrency": 64,
         },
         "admin": {"listen": f"{HOST}:{admin_port}"},
-        "state": {"backend": "memory"},
+        "state": dict(state) if state is not None else {"backend": "memory"},
         "rollouts": [
             {
                 "name": "bench",
@@ -762,6 +777,59 @@ def canary_config(proxy_port: int, admin_port: int, prod: int, cand: int) -> dic
             }
         ],
     }  # fmt: skip
+
+
+def canary_target(stores: Sequence[str], store: str) -> str:
+    """The target name of the canary on ``store``: ``canary`` for the first of ``--store``
+    (the one the targets are checked on), ``canary-<store>`` for the others."""
+    return "canary" if store == stores[0] else f"canary-{store}"
+
+
+def state_section(store: str, tmp: Path, redis_port: int | None) -> dict[str, Any]:
+    """canary's ``state:`` for one backend: a file of its own under the run's directory, or
+    the benchmark's redis-server."""
+    if store == "sqlite":
+        return {"backend": "sqlite", "path": str(tmp / "canary-state.db")}
+    if store == "redis":
+        if redis_port is None:
+            raise RuntimeError("the redis store needs the benchmark's redis-server")
+        return {"backend": "redis", "url": f"redis://{HOST}:{redis_port}/0"}
+    return {"backend": "memory"}
+
+
+def _redis_ping(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1.0) as s:
+        s.sendall(b"*1\r\n$4\r\nPING\r\n")
+        return s.recv(64).startswith(b"+PONG")
+    return False
+
+
+def start_redis(
+    tmp: Path, cpus: str | None, pin: Pinning, timeout: float = 10.0
+) -> tuple[Proc, int]:
+    """A ``redis-server`` on a free loopback port, persistence off (nothing outlives the run),
+    its files in the run's directory; stopped with the other children at the end."""
+    binary = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
+    )
+    if binary is None:
+        raise RuntimeError("--store redis needs redis-server (apt-get install redis-server)")
+    port = free_port()
+    cmd = pin.wrap(
+        cpus,
+        [binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
+         "--daemonize", "no", "--dir", str(tmp), "--logfile", ""],
+    )  # fmt: skip
+    proc = Proc("redis", cmd, tmp)
+    deadline = time.monotonic() + timeout
+    while not _redis_ping(port):
+        if not proc.alive() or time.monotonic() > deadline:
+            proc.stop()
+            raise RuntimeError(
+                f"redis-server did not answer PING on port {port}:\n{proc.log_tail()}"
+            )
+        time.sleep(0.02)
+    return proc, port
 
 
 def canary_command() -> list[str]:
@@ -1044,7 +1112,11 @@ def table_lines(rows: Sequence[Row], markdown: bool) -> list[str]:
     ]
 
 
-def criteria_lines(rows: Sequence[Row]) -> tuple[list[str], bool]:
+def criteria_lines(
+    rows: Sequence[Row], stores: Sequence[str] = ("memory",)
+) -> tuple[list[str], bool]:
+    """The targets checked on ``canary`` (the first store), and each other store's canary
+    against it (``stores``: ``--store``'s list)."""
     by = {r.target: r for r in rows}
     c = by.get("canary")
     n = by.get("nginx")
@@ -1089,6 +1161,15 @@ def criteria_lines(rows: Sequence[Row]) -> tuple[list[str], bool]:
             f"info  canary/minimal aiohttp proxy: throughput {c.rps / m.rps:.2f}"
             f" ({c.rps:.0f} vs {m.rps:.0f} req/s); added p50 {_f(a50)} vs {_f(m.added_p50_ms)} ms,"
             f" added p99 {_f(a99)} vs {_f(m.added_p99_ms)} ms"
+        )
+    for other in stores[1:]:
+        o = by.get(f"canary-{other}")
+        if o is None:
+            continue
+        lines.append(
+            f"info  store {other}/{stores[0]}: {o.rps / c.rps:.2f}x req/s"
+            f" ({o.rps:.0f} vs {c.rps:.0f} req/s); added p50 {_f(o.added_p50_ms)} vs {_f(a50)} ms,"
+            f" added p99 {_f(o.added_p99_ms)} vs {_f(a99)} ms"
         )
     if c.proxy_cpu > 0:
         lines.append(
@@ -1153,25 +1234,26 @@ def sanity_checks(ports: dict[str, int], have_nginx_upstream: bool) -> list[str]
         or "x-model-cost" not in d.headers
     ):
         raise RuntimeError(f"unexpected upstream answer: {d.headers} {d.body!r}")
-    if "canary" in ports:
+    for name in sorted(t for t in ports if t == "canary" or t.startswith("canary-")):
+        port = ports[name]
         arms = set()
         for _ in range(40):
-            r = http_call(ports["canary"])
+            r = http_call(port)
             if r.status != 200 or r.body != d.body:
-                raise RuntimeError(f"canary answered {r.status}: {r.body[:200]!r}")
+                raise RuntimeError(f"{name} answered {r.status}: {r.body[:200]!r}")
             arms.add(r.headers.get("x-canary-arm"))
         if arms != {"production", "candidate"}:
-            raise RuntimeError(f"canary did not split traffic over both arms: {arms}")
+            raise RuntimeError(f"{name} did not split traffic over both arms: {arms}")
         sticky = {
-            http_call(ports["canary"], headers={"X-User-Id": "user-42"}).headers.get("x-canary-arm")
+            http_call(port, headers={"X-User-Id": "user-42"}).headers.get("x-canary-arm")
             for _ in range(10)
         }
         if len(sticky) != 1:
-            raise RuntimeError(f"sticky X-User-Id did not pin one arm: {sticky}")
-        forced = http_call(ports["canary"], headers={"X-Canary-Arm": "candidate"})
+            raise RuntimeError(f"{name}: sticky X-User-Id did not pin one arm: {sticky}")
+        forced = http_call(port, headers={"X-Canary-Arm": "candidate"})
         if forced.headers.get("x-canary-arm") != "candidate":
-            raise RuntimeError("override header X-Canary-Arm was not honoured")
-        notes.append("canary: 50/50 split over both arms, sticky X-User-Id and override checked")
+            raise RuntimeError(f"{name}: override header X-Canary-Arm was not honoured")
+        notes.append(f"{name}: 50/50 split over both arms, sticky X-User-Id and override checked")
     if "nginx" in ports:
         r = http_call(ports["nginx"])
         if r.status != 200 or r.body != d.body:
@@ -1189,6 +1271,7 @@ def write_docs(
     metrics: Sequence[str],
     canary_yaml: str,
     nginx_confs: dict[str, str],
+    stores: Sequence[str] = ("memory",),
 ) -> None:
     s = bench.settings
     cmdline = ".venv/bin/python -m loadtest.bench_proxy" + (" " + shlex.join(argv) if argv else "")
@@ -1252,7 +1335,10 @@ def write_docs(
         "## canary's rollout file",
         "",
         "Every data-plane feature on: 50/50 split, sticky header, override header, failover, "
-        "timeouts, header / Server-Timing / JSON signals, cost on both arms, memory state.",
+        "timeouts, header / Server-Timing / JSON signals, cost on both arms, "
+        f"{stores[0]} state"
+        + (f" (and one canary each on {', '.join(stores[1:])})" if len(stores) > 1 else "")
+        + ".",
         "",
         "```yaml",
         canary_yaml.rstrip(),
@@ -1267,8 +1353,13 @@ def write_docs(
     ]
     for name, conf in nginx_confs.items():
         lines += [f"## nginx config: {name}", "", "```nginx", conf.rstrip(), "```", ""]
+    kept = ""
+    with contextlib.suppress(FileNotFoundError):
+        old = path.read_text()
+        if KEEP_MARKER in old:
+            kept = old[old.index(KEEP_MARKER) :]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines).replace(str(bench.tmp), "$TMP"))
+    path.write_text("\n".join(lines).replace(str(bench.tmp), "$TMP") + kept)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1286,6 +1377,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--targets", default=",".join(TARGETS), help="subset of direct,canary,minimal,nginx"
+    )
+    p.add_argument(
+        "--store",
+        default="memory",
+        help="canary's state backend: memory, sqlite or redis, or a comma list (one canary per"
+        " store, measured interleaved; ratios against the first)",
     )
     p.add_argument("--no-install", action="store_true", help="never apt-get install nginx/wrk")
     p.add_argument("--write-docs", action="store_true", help="write docs/benchmark.md")
@@ -1334,6 +1431,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if "direct" not in targets:
         targets.insert(0, "direct")  # the baseline of every added-latency figure
+    stores = [t.strip() for t in args.store.split(",") if t.strip()]
+    if not stores or any(t not in STORES for t in stores) or len(set(stores)) < len(stores):
+        print(f"--store must be distinct names of {','.join(STORES)}", file=sys.stderr)
+        return 2
+    if "canary" in targets:  # one canary per store, next to each other in the rotation
+        at = targets.index("canary")
+        targets[at : at + 1] = [canary_target(stores, st) for st in stores]
 
     # SIGTERM unwinds like Ctrl-C, so every child is stopped by the finally below.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -1389,21 +1493,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             upstream_note = "the fake model server (two processes, fixed 0 ms latency)"
 
         canary_yaml = ""
-        if "canary" in targets:
+        redis_port: int | None = None
+        if "canary" in targets and "redis" in stores:
+            redis_proc, redis_port = start_redis(tmp, pin.upstream, pin)
+            procs.append(redis_proc)
+            progress(f"redis-server on {HOST}:{redis_port} (persistence off)")
+        for store in stores if "canary" in targets else ():
+            name = canary_target(stores, store)
             cport, aport = free_port(), free_port()
-            cfg = canary_config(cport, aport, prod_port, cand_port)
-            canary_yaml = yaml.safe_dump(cfg, sort_keys=False)
-            cfg_path = tmp / "canary.yaml"
-            cfg_path.write_text(canary_yaml)
+            home = tmp / name  # its own directory: the sqlite file and the config
+            home.mkdir()
+            cfg = canary_config(
+                cport, aport, prod_port, cand_port, state_section(store, home, redis_port)
+            )
+            text = yaml.safe_dump(cfg, sort_keys=False)
+            canary_yaml = canary_yaml or text  # the first store's is the one documented
+            cfg_path = home / "canary.yaml"
+            cfg_path.write_text(text)
             cmd = pin.wrap(pin.proxy, [*canary_command(), "--log-level", "WARNING", "run", "-c",
                                        str(cfg_path)])  # fmt: skip
-            progress(f"starting canary: {shlex.join(cmd)}")
-            proc = Proc("canary", cmd, tmp, cwd=REPO)
+            progress(f"starting {name} ({store} store): {shlex.join(cmd)}")
+            proc = Proc(name, cmd, tmp, cwd=REPO)
             procs.append(proc)
             wait_healthz(aport, proc)
-            ports["canary"] = cport
-            ports["canary-admin"] = aport
-            proxy_pids["canary"] = [proc.pid]
+            ports[name] = cport
+            ports[f"{name}-admin"] = aport
+            proxy_pids[name] = [proc.pid]
         if "minimal" in targets:
             mport = free_port()
             upstream = f"http://{HOST}:{prod_port}"
@@ -1427,7 +1542,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             proxy_pids["nginx"] = [proc.pid]
 
         checks = sanity_checks(
-            {k: v for k, v in ports.items() if k in TARGETS}, have_nginx_upstream=nginx is not None
+            {k: v for k, v in ports.items() if not k.endswith("-admin")},
+            have_nginx_upstream=nginx is not None,
         )
         for c in checks:
             progress(c)
@@ -1449,7 +1565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             time.sleep(min(args.keep_running, 600.0))
         metrics = canary_metrics_summary(ports["canary-admin"]) if "canary" in ports else []
         rows = summarize(bench, targets)
-        criteria, ok = criteria_lines(rows)
+        criteria, ok = criteria_lines(rows, stores)
         notes = [upstream_note, *machine]
         foreign = [r.foreign_cpu for runs in bench.throughput.values() for r in runs] + [
             r.foreign_cpu for runs in bench.latency.values() for r in runs
@@ -1495,7 +1611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.write_docs:
             doc = REPO / "docs" / "benchmark.md"
             write_docs(doc, argv_list, bench, rows, criteria, notes, metrics, canary_yaml,
-                       nginx_confs)  # fmt: skip
+                       nginx_confs, stores)  # fmt: skip
             progress(f"wrote {doc}")
         return 1 if (args.fail_on_miss and not ok) else 0
     except KeyboardInterrupt:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -55,6 +57,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE lease (id INTEGER PRIMARY KEY CHECK (id = 1), holder TEXT,"
         " token INTEGER NOT NULL, expires_at REAL NOT NULL)",
         "INSERT INTO lease (id, holder, token, expires_at) VALUES (1, NULL, 0, 0)",
+    ),
+    (
+        # Every write of a samples row draws a new random etag (new_etag), so a store that
+        # finds the etag it last wrote knows the row is still what it wrote and merges into
+        # the copy it kept, without decoding the row (add_samples). 0: written before.
+        "ALTER TABLE samples ADD COLUMN etag INTEGER NOT NULL DEFAULT 0",
+        # A writer that does not know etags (an operator's UPDATE, a tool) still changes it:
+        # a kept copy is never taken for data it did not write. (Not recursive: the inner
+        # UPDATE changes the etag, so the WHEN is false anyway.)
+        "CREATE TRIGGER samples_etag AFTER UPDATE ON samples WHEN NEW.etag = OLD.etag"
+        " BEGIN UPDATE samples SET etag = (random() & 4611686018427387903) + 1"
+        " WHERE rollout = NEW.rollout; END",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -115,6 +129,9 @@ class SQLiteStore:
         # replaced (writes then go to a file nobody will read again).
         self._identity: tuple[int, int] | None = None
         self._job_started: float | None = None  # monotonic start of the running call
+        # rollout -> (etag, accumulator): the samples row as this store last wrote or read
+        # it; touched only on the worker thread (see add_samples).
+        self._samples_kept: dict[str, tuple[int, RolloutAccumulator]] = {}
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
@@ -309,37 +326,63 @@ class SQLiteStore:
     # -- samples --------------------------------------------------------------------------
 
     async def add_samples(self, rollout: str, delta: RolloutAccumulator) -> None:
+        """Merge ``delta`` into the row in one write transaction.
+
+        Decoding the stored totals is most of a flush's cost (milliseconds for a rollout
+        with many signals, holding the GIL the proxy's event loop needs). So the store keeps
+        the accumulator it last wrote, with the row's etag: when the row still carries that
+        etag nobody wrote it since (every write draws a new one), and the delta is merged
+        into the kept copy; otherwise (another process wrote, a reset, a new file) the row
+        is decoded as before. The kept copy is taken out for the call and put back only
+        once the transaction committed, so a failed write never leaves a wrong one.
+        """
         copy = delta.snapshot()  # taken now: the caller may record into ``delta`` later
         what = f"samples of rollout {rollout!r} in {self.path}"
 
         def job(conn: sqlite3.Connection) -> None:
+            kept = self._samples_kept.pop(rollout, None)
             with _transaction(conn):
-                row = conn.execute(
-                    "SELECT data FROM samples WHERE rollout = ?", (rollout,)
-                ).fetchone()
+                row = _read_samples(conn, rollout, kept)
                 if row is None:
                     merged = copy
                 else:
-                    merged = _accumulator(decode(row[0], what), what)
-                    try:
-                        merged.merge(copy)
-                    except ValueError as exc:  # accuracy mismatch
-                        raise StoreError(f"cannot add {what}: {exc}") from exc
+                    merged = _kept_or_decoded(row[1], kept, what)
+                    if merged.accuracy != copy.accuracy:
+                        raise StoreError(
+                            f"cannot add {what}: cannot merge accumulators of accuracy"
+                            f" {copy.accuracy} into {merged.accuracy}"
+                        )
+                    for arm, part in merged.arms.items():  # a piece at a time (see _encode)
+                        part.merge(copy.arms[arm])
+                        _let_go()
+                etag = new_etag()
                 conn.execute(
-                    "INSERT INTO samples (rollout, data, updated_at) VALUES (?, ?, ?)"
-                    " ON CONFLICT (rollout) DO UPDATE SET"
-                    " data = excluded.data, updated_at = excluded.updated_at",
-                    (rollout, encode(merged.to_dict(), what), time.time()),
+                    "INSERT INTO samples (rollout, data, updated_at, etag) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (rollout) DO UPDATE SET data = excluded.data,"
+                    " updated_at = excluded.updated_at, etag = excluded.etag",
+                    (rollout, _encode(merged, what), time.time(), etag),
                 )
+            self._samples_kept[rollout] = (etag, merged)
 
         await self._run(f"add samples of rollout {rollout!r}", job)
 
     async def get_samples(self, rollout: str) -> RolloutAccumulator | None:
+        """The merged totals: a copy of the kept accumulator when the row still carries its
+        etag (see :meth:`add_samples`), else the row decoded (and kept)."""
         what = f"samples of rollout {rollout!r} in {self.path}"
 
         def job(conn: sqlite3.Connection) -> RolloutAccumulator | None:
-            row = conn.execute("SELECT data FROM samples WHERE rollout = ?", (rollout,)).fetchone()
-            return None if row is None else _accumulator(decode(row[0], what), what)
+            kept = self._samples_kept.get(rollout)
+            row = _read_samples(conn, rollout, kept)
+            if row is None:
+                return None
+            acc = _kept_or_decoded(row[1], kept, what)
+            if row[1] is None:  # the kept one
+                return acc.snapshot()
+            if row[0] != 0:  # 0: written before etags, not one value per write
+                self._samples_kept[rollout] = (row[0], acc)
+                return acc.snapshot()  # the caller's to change; the kept one is ours
+            return acc
 
         return await self._run(f"read samples of rollout {rollout!r}", job)
 
@@ -460,6 +503,90 @@ class SQLiteStore:
         return await self._run("read the leadership lease", job)
 
 
+def new_etag() -> int:
+    """A samples row's etag: a random 63-bit integer, never 0 (rows written before etags).
+
+    Random rather than a counter: a counter restarts with a rollout reset or a file restored
+    from a backup and could then give another content the etag a store kept; two random
+    draws collide with probability 2**-63. From the OS (``secrets``), never from a PRNG seeded
+    before ``--workers`` forks: forked workers would draw the same sequence.
+    """
+    return secrets.randbelow((1 << 63) - 1) + 1
+
+
+def _read_samples(
+    conn: sqlite3.Connection, rollout: str, kept: tuple[int, RolloutAccumulator] | None
+) -> tuple[int, str | None] | None:
+    """The row's (etag, data), data None when the etag is the kept one's (not read)."""
+    row: tuple[int, str | None] | None = conn.execute(
+        "SELECT etag, CASE WHEN etag = ? THEN NULL ELSE data END FROM samples WHERE rollout = ?",
+        (None if kept is None else kept[0], rollout),
+    ).fetchone()
+    return row
+
+
+def _let_go() -> None:
+    """Let the event loop's thread have the GIL if it waits for it (a zero sleep drops it).
+
+    The store's thread shares the GIL with the proxy's event loop: a piece of pure Python
+    work (merging, encoding the totals) holds it until it ends or the switch interval (5 ms)
+    runs out, and every request arriving meanwhile waits that long (the benchmark's added
+    p99). Working in pieces of a fraction of a millisecond with this between them bounds
+    that wait; the flush itself takes a little longer, off the hot path.
+    """
+    time.sleep(0)
+
+
+_DUMP = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
+
+
+def _dump_in_pieces(value: Any, depth: int) -> str:
+    """``json.dumps`` of ``value`` (compact, no NaN), the items of dicts ``depth`` levels
+    down encoded one at a time with :func:`_let_go` between them."""
+    if depth <= 0 or not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        return _DUMP(value)
+    items = []
+    for key, item in value.items():
+        items.append(f"{_DUMP(key)}:{_dump_in_pieces(item, depth - 1)}")
+        _let_go()
+    return "{" + ",".join(items) + "}"
+
+
+def _encode(acc: RolloutAccumulator, what: str) -> str:
+    """``encode(acc.to_dict(), what)``, byte for byte, in pieces (see :func:`_let_go`): each
+    arm's dict built on its own, the signals' encoded one at a time.
+
+    The layout (version, accuracy, one key per arm) is the accumulator's own: taken from an
+    empty one of the same accuracy, whose arms are then replaced by ``acc``'s.
+    """
+    try:
+        shell = RolloutAccumulator(acc.accuracy).to_dict()
+        items = []
+        for key, value in shell.items():
+            arm = acc.arms.get(key)
+            if arm is None:
+                items.append(f"{_DUMP(key)}:{_DUMP(value)}")
+                continue
+            data = arm.to_dict()
+            _let_go()
+            items.append(f"{_DUMP(key)}:{_dump_in_pieces(data, 2)}")
+        return "{" + ",".join(items) + "}"
+    except (TypeError, ValueError) as exc:  # unserialisable type, nan/inf
+        raise StoreError(f"cannot store {what}: not JSON-serialisable ({exc})") from exc
+
+
+def _kept_or_decoded(
+    data: str | None, kept: tuple[int, RolloutAccumulator] | None, what: str
+) -> RolloutAccumulator:
+    """The accumulator of a row read by :func:`_read_samples`: the kept one when its data
+    was not read (the etags matched), else the data decoded."""
+    if data is not None:
+        return _accumulator(decode(data, what), what)
+    if kept is None:  # data is NOT NULL: only the etag match leaves it out
+        raise StoreError(f"corrupt {what}: the row has no data")
+    return kept[1]
+
+
 def _accumulator(data: dict[str, Any], what: str) -> RolloutAccumulator:
     try:
         return RolloutAccumulator.from_dict(data)
@@ -489,4 +616,5 @@ __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "SQLiteStore",
+    "new_etag",
 ]
