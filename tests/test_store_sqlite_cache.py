@@ -25,7 +25,7 @@ import canary.store.sqlite as sqlite_module
 from canary.errors import StoreError
 from canary.observe import Observation, RolloutAccumulator
 from canary.store import SQLiteStore
-from canary.store._protocol import encode
+from canary.store._protocol import encode, encode_accumulator
 from canary.store.sqlite import MIGRATIONS, SCHEMA_VERSION
 
 REPO = Path(__file__).resolve().parent.parent
@@ -442,7 +442,7 @@ def test_the_row_encoded_in_pieces_is_the_plain_encoding(
                 signals={"cost": latency / 7, "json:score": score},
             )
         )
-    assert sqlite_module._encode(acc, "x") == encode(acc.to_dict(), "x")
+    assert encode_accumulator(acc, "x") == encode(acc.to_dict(), "x")
 
 
 def test_the_row_encoded_in_pieces_refuses_what_json_cannot_hold() -> None:
@@ -451,4 +451,4 @@ def test_the_row_encoded_in_pieces_refuses_what_json_cannot_hold() -> None:
     with pytest.raises(StoreError, match="not JSON-serialisable"):
         encode(acc.to_dict(), "x")
     with pytest.raises(StoreError, match="not JSON-serialisable"):
-        sqlite_module._encode(acc, "x")
+        encode_accumulator(acc, "x")

@@ -31,6 +31,7 @@ import asyncio
 import math
 import random
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -52,6 +53,8 @@ from canary.store._protocol import (
     check_max_decisions,
     decode,
     encode,
+    encode_accumulator,
+    merge_in_pieces,
 )
 
 T = TypeVar("T")
@@ -385,20 +388,31 @@ class RedisStore:
         key = self._key("samples", rollout)
         what = f"samples of rollout {rollout!r} in {self._safe_url}"
 
+        def merged_text(text: str | None) -> str:
+            """The stored totals with ``copy`` merged in, encoded: in a thread and in pieces
+            (:func:`let_go`), so the proxy's event loop never waits for a whole decode, merge
+            and encode (milliseconds for a rollout with many signals)."""
+            if text is None:
+                return encode_accumulator(copy, what)
+            merged = _accumulator(decode(text, what), what)
+            if merged.accuracy != copy.accuracy:
+                raise StoreError(
+                    f"cannot add {what}: cannot merge accumulators of accuracy"
+                    f" {copy.accuracy} into {merged.accuracy}"
+                )
+            merge_in_pieces(merged, copy)
+            return encode_accumulator(merged, what)
+
         async def merge(client: aioredis.Redis) -> None:
+            spent = 0.001  # seconds the last merge took: the window another writer can hit
             for attempt in range(MAX_MERGE_ATTEMPTS):
                 async with client.pipeline(transaction=True) as pipe:
                     await pipe.watch(key)
                     text = await pipe.get(key)
-                    if text is None:
-                        merged = copy
-                    else:
-                        merged = _accumulator(decode(_str(text), what), what)
-                        try:
-                            merged.merge(copy)
-                        except ValueError as exc:  # accuracy mismatch
-                            raise StoreError(f"cannot add {what}: {exc}") from exc
-                    encoded = encode(merged.to_dict(), what)
+                    stored = None if text is None else _str(text)
+                    started = time.monotonic()
+                    encoded = await asyncio.to_thread(merged_text, stored)
+                    spent = max(spent, time.monotonic() - started)
                     pipe.multi()
                     pipe.set(key, encoded)
                     pipe.sadd(self._rollouts_key, rollout)
@@ -407,8 +421,9 @@ class RedisStore:
                         return
                     except WatchError:  # another writer merged first: redo on its result
                         pass
-                # Jittered backoff so colliding writers spread out.
-                await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+                # Jittered backoff, in units of a merge's duration, so that colliding writers
+                # spread out instead of overlapping again.
+                await asyncio.sleep(random.uniform(0, min(1.0, spent * 2 ** min(attempt, 5))))
             raise StoreError(
                 f"cannot add {what}: {MAX_MERGE_ATTEMPTS} attempts collided with other writers"
             )
@@ -420,7 +435,10 @@ class RedisStore:
         key = self._key("samples", rollout)
         what = f"samples of rollout {rollout!r} in {self._safe_url}"
         text = await self._get(key, f"read samples of rollout {rollout!r}")
-        return None if text is None else _accumulator(decode(text, what), what)
+        if text is None:
+            return None
+        # Decoded in a thread: milliseconds the proxy's event loop would otherwise wait for.
+        return await asyncio.to_thread(lambda: _accumulator(decode(text, what), what))
 
     # -- decisions ------------------------------------------------------------------------
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import secrets
 import sqlite3
@@ -32,6 +31,8 @@ from canary.store._protocol import (
     check_max_decisions,
     decode,
     encode,
+    encode_accumulator,
+    merge_in_pieces,
 )
 
 T = TypeVar("T")
@@ -352,15 +353,13 @@ class SQLiteStore:
                             f"cannot add {what}: cannot merge accumulators of accuracy"
                             f" {copy.accuracy} into {merged.accuracy}"
                         )
-                    for arm, part in merged.arms.items():  # a piece at a time (see _encode)
-                        part.merge(copy.arms[arm])
-                        _let_go()
+                    merge_in_pieces(merged, copy)
                 etag = new_etag()
                 conn.execute(
                     "INSERT INTO samples (rollout, data, updated_at, etag) VALUES (?, ?, ?, ?)"
                     " ON CONFLICT (rollout) DO UPDATE SET data = excluded.data,"
                     " updated_at = excluded.updated_at, etag = excluded.etag",
-                    (rollout, _encode(merged, what), time.time(), etag),
+                    (rollout, encode_accumulator(merged, what), time.time(), etag),
                 )
             self._samples_kept[rollout] = (etag, merged)
 
@@ -523,56 +522,6 @@ def _read_samples(
         (None if kept is None else kept[0], rollout),
     ).fetchone()
     return row
-
-
-def _let_go() -> None:
-    """Let the event loop's thread have the GIL if it waits for it (a zero sleep drops it).
-
-    The store's thread shares the GIL with the proxy's event loop: a piece of pure Python
-    work (merging, encoding the totals) holds it until it ends or the switch interval (5 ms)
-    runs out, and every request arriving meanwhile waits that long (the benchmark's added
-    p99). Working in pieces of a fraction of a millisecond with this between them bounds
-    that wait; the flush itself takes a little longer, off the hot path.
-    """
-    time.sleep(0)
-
-
-_DUMP = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
-
-
-def _dump_in_pieces(value: Any, depth: int) -> str:
-    """``json.dumps`` of ``value`` (compact, no NaN), the items of dicts ``depth`` levels
-    down encoded one at a time with :func:`_let_go` between them."""
-    if depth <= 0 or not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        return _DUMP(value)
-    items = []
-    for key, item in value.items():
-        items.append(f"{_DUMP(key)}:{_dump_in_pieces(item, depth - 1)}")
-        _let_go()
-    return "{" + ",".join(items) + "}"
-
-
-def _encode(acc: RolloutAccumulator, what: str) -> str:
-    """``encode(acc.to_dict(), what)``, byte for byte, in pieces (see :func:`_let_go`): each
-    arm's dict built on its own, the signals' encoded one at a time.
-
-    The layout (version, accuracy, one key per arm) is the accumulator's own: taken from an
-    empty one of the same accuracy, whose arms are then replaced by ``acc``'s.
-    """
-    try:
-        shell = RolloutAccumulator(acc.accuracy).to_dict()
-        items = []
-        for key, value in shell.items():
-            arm = acc.arms.get(key)
-            if arm is None:
-                items.append(f"{_DUMP(key)}:{_DUMP(value)}")
-                continue
-            data = arm.to_dict()
-            _let_go()
-            items.append(f"{_DUMP(key)}:{_dump_in_pieces(data, 2)}")
-        return "{" + ",".join(items) + "}"
-    except (TypeError, ValueError) as exc:  # unserialisable type, nan/inf
-        raise StoreError(f"cannot store {what}: not JSON-serialisable ({exc})") from exc
 
 
 def _kept_or_decoded(
