@@ -60,38 +60,38 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def canary_process(config_path: Path, admin: str) -> AsyncIterator[subprocess.Popen[str]]:
-    """``canary run -c config_path``, ready when /readyz answers 200; killed on exit."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # Popen only forks; nothing here waits on the child while the loop has work to do.
-    proc = subprocess.Popen(  # noqa: ASYNC220
-        [sys.executable, "-m", "canary", "run", "-c", str(config_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+async def canary_process(
+    config_path: Path, admin: str, log: Path | None = None
+) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """``canary run -c config_path``, ready when /readyz answers 200; killed on exit. Its
+    output goes to ``log`` (default: beside the config, ``.log``): a file never fills up and
+    stalls the child as an unread pipe would, and it is there to read when something fails."""
+    log = log if log is not None else config_path.with_suffix(".log")
+    with log.open("ab") as out:
+        # Popen only forks; nothing here waits on the child while the loop has work to do.
+        proc = subprocess.Popen(  # noqa: ASYNC220
+            [sys.executable, "-m", "canary", "run", "-c", str(config_path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     try:
         async with httpx.AsyncClient() as client:
             deadline = time.monotonic() + 30
             while True:
                 if proc.poll() is not None:
-                    raise RuntimeError(
-                        f"canary exited: {proc.stderr.read() if proc.stderr else ''}"
-                    )
+                    raise RuntimeError(f"canary exited, see {log}")
                 with contextlib.suppress(httpx.HTTPError):
                     if (await client.get(admin + "/readyz")).status_code == 200:
                         break
                 if time.monotonic() > deadline:
-                    raise RuntimeError("canary did not become ready in 30 s")
+                    raise RuntimeError(f"canary did not become ready in 30 s, see {log}")
                 await asyncio.sleep(0.05)
         yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
-        if proc.stderr is not None:
-            proc.stderr.close()
 
 
 async def crash_once(workdir: Path, rate: float = 200.0, seed: int = 0) -> CrashResult:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,37 +19,11 @@ from typing import Any
 import httpx
 import yaml
 
+from loadtest.crash_loss import canary_process
 from loadtest.fake_model import FakeModelConfig, running_fake_model
 from tests.redis_harness import RedisServer, free_port
 
 INTERVAL = 1.0  # analysis interval: the lease's TTL (runtime.lease_ttl) and the hand-over bound
-
-
-@contextlib.asynccontextmanager
-async def _canary(path: Path, admin: str, log: Path) -> AsyncIterator[subprocess.Popen[bytes]]:
-    """``canary run -c path``, ready when /readyz answers 200; killed on exit."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "canary", "run", "-c", str(path)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    try:
-        async with httpx.AsyncClient() as client:
-            deadline = time.monotonic() + 30
-            while True:
-                assert proc.poll() is None, f"canary exited, see {log}"
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get(admin + "/readyz")).status_code == 200:
-                        break
-                assert time.monotonic() < deadline, f"not ready in 30 s, see {log}"
-                await asyncio.sleep(0.05)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
 
 
 def _config(proxy: int, admin: int, redis_url: str, p: str, c: str) -> dict[str, Any]:
@@ -89,8 +61,8 @@ async def _two_replicas(
         for i, (proxy, admin) in enumerate(ports):
             config = _config(proxy, admin, redis_server.url, p, c)
             (tmp_path / f"r{i}.yaml").write_text(yaml.safe_dump(config))
-        async with _canary(tmp_path / "r0.yaml", admins[0], tmp_path / "a.log") as first, \
-                _canary(tmp_path / "r1.yaml", admins[1], tmp_path / "b.log"), \
+        async with canary_process(tmp_path / "r0.yaml", admins[0], tmp_path / "a.log") as first, \
+                canary_process(tmp_path / "r1.yaml", admins[1], tmp_path / "b.log"), \
                 httpx.AsyncClient(timeout=5.0) as client:  # fmt: skip
             yield first, admins, proxies, client
 
@@ -167,7 +139,7 @@ async def _one_replica(
         path = tmp_path / "rollout.yaml"
         path.write_text(yaml.safe_dump(_config(proxy_port, admin_port, redis_server.url, p, c)))
         admin, proxy = f"http://127.0.0.1:{admin_port}", f"http://127.0.0.1:{proxy_port}"
-        async with _canary(path, admin, tmp_path / "canary.log"), \
+        async with canary_process(path, admin, tmp_path / "canary.log"), \
                 httpx.AsyncClient(timeout=5.0) as client:  # fmt: skip
             yield admin, proxy, client
 
