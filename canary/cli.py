@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from canary import __version__
 from canary.config import AdminConfig, load_config
 from canary.errors import AdminError, CanaryError, ConfigError
+from canary.workers import WorkerSpec, check_workers, parse_workers
 
 if TYPE_CHECKING:
     from canary.admin_client import AdminClient
@@ -30,11 +31,25 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     import uvloop
 
-    from canary.runtime import serve  # imported late: `validate` needs no aiohttp
-
     try:
+        worker = WorkerSpec.from_env()
+        if args.workers > 1 and worker is None:
+            check_workers(config, args.workers)
+            from canary.supervisor import supervise  # imported late: `validate` needs no aiohttp
+
+            job = supervise(
+                config,
+                args.config,
+                args.workers,
+                watch_config=args.watch_config,
+                log_level=str(args.log_level),
+            )
+        else:
+            from canary.runtime import serve
+
+            job = serve(config, args.config, watch_config=args.watch_config, worker=worker)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve(config, args.config, watch_config=args.watch_config))
+            runner.run(job)
     except (OSError, CanaryError) as exc:
         print(f"canary: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -58,6 +73,13 @@ def _watch_seconds(text: str) -> float:
     if not low <= seconds <= high:  # also NaN
         raise argparse.ArgumentTypeError(f"expected {low:g} to {high:g} seconds, got {text!r}")
     return seconds
+
+
+def _workers(text: str) -> int:
+    try:
+        return parse_workers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -451,6 +473,17 @@ def build_parser() -> argparse.ArgumentParser:
         "an invalid file is rejected and the running config stays. For a file updated in "
         "place, such as a Kubernetes ConfigMap volume",
     )
+    run.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="data-plane processes sharing the proxy port (SO_REUSEPORT): a number, or "
+        "'auto' for one per CPU (default 1: one process). With N > 1 this process supervises "
+        "them: it owns the admin port (metrics of every worker, labelled worker), restarts "
+        "a worker that dies, and one worker at a time analyses and decides (needs "
+        "state.backend sqlite, the default, or redis)",
+    )
     run.set_defaults(func=_run)
 
     validate = sub.add_parser("validate", help="check rollout files; exit 1 listing every error")
@@ -495,11 +528,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _worker_tag() -> str:
+    """``worker-N `` in a ``--workers`` worker's log lines (their output is interleaved)."""
+    try:
+        spec = WorkerSpec.from_env()
+    except CanaryError:
+        return ""
+    return f"worker-{spec.index} " if spec is not None else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s " + _worker_tag() + "%(name)s: %(message)s",
     )
     if str(args.log_level).upper() != "DEBUG":
         # httpx logs every request (webhook URLs can carry secrets) at INFO.

@@ -31,11 +31,13 @@ from canary.observe.resources import ResourceScrapers
 from canary.proxy import H1Transport, HttpServer, Proxy, ServerLimits
 from canary.store import Store, open_store
 from canary.webhooks import WebhookSender
+from canary.workers import WorkerSpec, write_status
 
 __all__ = [
     "ADVERTISE_ENV",
     "MAX_LEASE",
     "MIN_LEASE",
+    "PARENT_CHECK",
     "RELOAD_TIMEOUT",
     "Runtime",
     "advertised_admin_url",
@@ -57,6 +59,7 @@ class Runtime:
         *,
         run_controller: bool = True,
         watch_config: float | None = None,
+        worker: WorkerSpec | None = None,
     ) -> None:
         """``run_controller=False`` loads the rollouts' state but takes no decisions (tests of
         the data plane drive :meth:`Controller.flush` and ``evaluate`` themselves).
@@ -64,10 +67,17 @@ class Runtime:
         ``watch_config``: seconds between checks of the rollout file's content; a change is
         reloaded as SIGHUP reloads it (``canary run --watch-config``: a Kubernetes ConfigMap
         volume is updated in place, and nobody is there to send the signal). None: no checks.
+
+        ``worker``: this process is one of ``canary run --workers N``'s (:mod:`canary.supervisor`):
+        it listens on the shared proxy port with SO_REUSEPORT, serves its admin API on an
+        ephemeral loopback port the supervisor forwards to, and runs in shared mode.
         """
         self.config = config
         self.config_path = Path(config_path) if config_path is not None else None
         self.run_controller = run_controller
+        self.worker = worker
+        if worker is not None and config.state.backend == "memory":
+            raise CanaryError("a --workers worker needs a shared store: sqlite or redis")
         if watch_config is not None:
             if self.config_path is None:
                 raise CanaryError("watching the rollout file needs the file's path")
@@ -109,13 +119,15 @@ class Runtime:
             if run_controller
             else None
         )
-        # A store shared with other canary processes (replicas on one Redis): one leader acts,
-        # every process serves the weights it stores (docs/architecture.md "Scale-out").
+        # A store shared with other canary processes (replicas on one Redis, or the workers of
+        # `--workers N` on one SQLite file or Redis): one leader acts, every process serves
+        # the weights it stores (docs/architecture.md "Scale-out"). A worker learns its admin
+        # address when it binds it (_start), before it first takes the lease.
         self.leadership = (
             Leadership(
                 self.store, lease_ttl(config), holder=holder_name(advertised_admin_url(config))
             )
-            if config.state.backend == "redis"
+            if config.state.backend == "redis" or worker is not None
             else None
         )
         self.controller = Controller(
@@ -205,6 +217,9 @@ class Runtime:
         """
         token = self._admin_token()
         stack = self._stack
+        admin_sock = self._bind_worker_admin() if self.worker is not None else None
+        if admin_sock is not None:
+            stack.callback(admin_sock.close)  # closed by the admin app too; twice is fine
         await self.store.open()
         stack.push_async_callback(self.store.close)
         # Started before the controller loads (which may fire a rollout's `start` webhook),
@@ -228,9 +243,13 @@ class Runtime:
         await admin_runner.setup()
         stack.push_async_callback(admin_runner.cleanup)
         ahost, aport = self.config.admin.listen
-        await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
+        if admin_sock is not None:
+            ahost = "127.0.0.1"
+            await web.SockSite(admin_runner, admin_sock).start()
+        else:
+            await web.TCPSite(admin_runner, ahost, aport, reuse_address=True).start()
+            warn_if_public(self.config.admin)
         self.admin_port = _bound_port(admin_runner)
-        warn_if_public(self.config.admin)
 
         pcfg = self.config.proxy
         limits = ServerLimits(
@@ -238,7 +257,11 @@ class Runtime:
         )
         self._proxy_server = HttpServer(self.proxy.handle, limits, self._rejected)
         host, port = pcfg.listen
-        self.proxy_port = await self._proxy_server.listen(host, port)
+        if self.worker is not None:
+            port = self.worker.proxy_port
+        self.proxy_port = await self._proxy_server.listen(
+            host, port, reuse_port=self.worker is not None
+        )
         stack.push_async_callback(self._close_proxy_port)
         if self.run_controller:
             await self.controller.start()
@@ -251,6 +274,12 @@ class Runtime:
             # Last in, so first out: no reload starts while the rest stops.
             self._start_config_watch(self.config_path, self.watch_config)
         self._ready = True
+        if self.worker is not None:
+            write_status(
+                self.worker,
+                self.admin_port,
+                self.leadership.holder if self.leadership is not None else None,
+            )
         for r in self.config.rollouts:
             w = weights[r.name]
             log.info(
@@ -263,6 +292,24 @@ class Runtime:
                 ahost,
                 self.admin_port,
             )
+
+    def _bind_worker_admin(self) -> socket.socket:
+        """A worker's admin API: an ephemeral loopback port (the supervisor owns the public
+        one and forwards to it). Bound before the store is opened so that the worker's
+        leadership name carries it from its first lease on; other workers on this machine
+        forward operator commands there, unless the machine advertises an address replicas
+        on other hosts can reach ($CANARY_ADVERTISE_ADMIN, or a redis store with a fixed
+        ``admin.listen``: the supervisor's port, which routes them to its leading worker)."""
+        sock = socket.create_server(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+        public = advertised_admin_url(self.config)
+        shared_across_hosts = self.config.state.backend == "redis" or bool(
+            os.environ.get(ADVERTISE_ENV, "").strip()
+        )
+        url = public if public is not None and shared_across_hosts else f"http://127.0.0.1:{port}"
+        if self.leadership is not None:
+            self.leadership.holder = holder_name(url)
+        return sock
 
     def _rejected(self, status: int) -> None:
         """A request the proxy port could not parse (400), with too big a head (431) or one
@@ -472,11 +519,16 @@ def _bound_port(runner: web.BaseRunner) -> int:
 
 
 async def serve(
-    config: Config, config_path: str | Path | None = None, *, watch_config: float | None = None
+    config: Config,
+    config_path: str | Path | None = None,
+    *,
+    watch_config: float | None = None,
+    worker: WorkerSpec | None = None,
 ) -> None:
     """Run until SIGINT or SIGTERM; SIGHUP reloads the config file, and so does a change of
-    its content when ``watch_config`` (seconds between checks) is given."""
-    runtime = Runtime(config, config_path, watch_config=watch_config)
+    its content when ``watch_config`` (seconds between checks) is given. A ``worker`` also
+    stops when its supervisor is gone (it is never left serving on its own)."""
+    runtime = Runtime(config, config_path, watch_config=watch_config, worker=worker)
     await runtime.start()
     # Everything allocated at start-up lives for the whole run: keep it out of the collector's
     # way, and collect young objects less often (DESIGN.md "Data plane notes": ~+11% req/s).
@@ -487,8 +539,23 @@ async def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, runtime.reload)
+    orphan = loop.create_task(_watch_parent(worker.parent, stop)) if worker is not None else None
     try:
         await stop.wait()
     finally:
         log.info("shutting down")
+        if orphan is not None:
+            orphan.cancel()
         await runtime.stop()
+
+
+PARENT_CHECK = 1.0  # seconds between a worker's checks that its supervisor still runs
+
+
+async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        if os.getppid() != parent:
+            log.error("the supervisor (pid %d) is gone: this worker stops", parent)
+            stop.set()
+            return
+        await asyncio.sleep(PARENT_CHECK)

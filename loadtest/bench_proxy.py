@@ -557,6 +557,7 @@ class Pinning:
     generator: str | None  # CPU list for taskset, or None
     proxy: str | None
     upstream: str | None
+    every: str | None = None  # every CPU: a canary with several workers may use them all
 
     def wrap(self, cpus: str | None, cmd: list[str]) -> list[str]:
         return ["taskset", "-c", cpus, *cmd] if cpus is not None else cmd
@@ -578,7 +579,8 @@ def choose_pinning(mode: str) -> Pinning:
             progress("not pinning: needs 2+ CPUs and taskset")
         return Pinning(None, None, None)
     gen, proxy = str(cpus[0]), str(cpus[1])
-    return Pinning(generator=gen, proxy=proxy, upstream=gen)
+    every = ",".join(str(c) for c in cpus)
+    return Pinning(generator=gen, proxy=proxy, upstream=gen, every=every)
 
 
 # -- managed processes ----------------------------------------------------------------------
@@ -783,6 +785,63 @@ def canary_target(stores: Sequence[str], store: str) -> str:
     """The target name of the canary on ``store``: ``canary`` for the first of ``--store``
     (the one the targets are checked on), ``canary-<store>`` for the others."""
     return "canary" if store == stores[0] else f"canary-{store}"
+
+
+def workers_target(n: int) -> str:
+    """The target name of the canary run with ``--workers n`` (beyond the first count)."""
+    return f"canary-w{n}"
+
+
+def worker_pids(admin_port: int, n: int, timeout: float = 30.0) -> list[int]:
+    """The pids of a ``--workers n`` canary's workers (its supervisor's /healthz), once all
+    run: the CPU they use is the proxy's."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(http_call(admin_port, "/healthz", method="GET").body)
+            pids = [p["pid"] for p in data.get("processes", []) if p.get("pid")]
+            ready = json.loads(http_call(admin_port, "/readyz", method="GET").body).get("ready")
+            if len(pids) == n and ready == n:
+                return [int(p) for p in pids]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the {n} workers did not all become ready in {timeout:g} s")
+        time.sleep(0.1)
+
+
+def workers_lines(bench: Bench, workers: Sequence[int]) -> list[str]:
+    """Throughput of each ``--workers`` count against the first, per repeat and as the median
+    of the per-repeat ratios (measured interleaved), and per proxy CPU-second: the scaling a
+    machine with a core per worker (and the load generator and upstream elsewhere) would see."""
+    if len(workers) < 2 or "canary" not in bench.throughput:
+        return []
+    base = bench.throughput["canary"]
+    lines = ["", f"workers (against --workers {workers[0]}, same run, interleaved):"]
+    for n in workers[1:]:
+        runs = bench.throughput.get(workers_target(n), [])
+        pairs = list(zip(base, runs, strict=False))
+        if not pairs:
+            continue
+        ratios = [b.rps / a.rps for a, b in pairs if a.rps > 0]
+        per_cpu = [
+            (b.rps / b.proxy_cpu) / (a.rps / a.proxy_cpu)
+            for a, b in pairs
+            if a.rps > 0 and a.proxy_cpu > 0 and b.proxy_cpu > 0
+        ]
+        line = (
+            f"  --workers {n}: {_median([r.rps for _, r in pairs]):,.0f} req/s vs "
+            f"{_median([a.rps for a, _ in pairs]):,.0f}; ratio median {_median(ratios):.2f}x "
+            f"(per repeat {', '.join(f'{r:.2f}' for r in ratios)}); proxy CPU "
+            f"{_median([r.proxy_cpu for _, r in pairs]):.2f} vs "
+            f"{_median([a.proxy_cpu for a, _ in pairs]):.2f} cores"
+        )
+        if per_cpu:
+            line += f"; req/s per proxy core {_median(per_cpu):.2f}x"
+        lines.append(line)
+    lines.append(
+        f"  ({os.cpu_count()} CPUs here, shared with the load generator and the upstream: the "
+        "per-core figure is the scaling with a core per worker)"
+    )
+    return lines
 
 
 def state_section(store: str, tmp: Path, redis_port: int | None) -> dict[str, Any]:
@@ -1384,6 +1443,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="canary's state backend: memory, sqlite or redis, or a comma list (one canary per"
         " store, measured interleaved; ratios against the first)",
     )
+    p.add_argument(
+        "--workers",
+        default="1",
+        help="canary's --workers: a number, or a comma list such as 1,2 (one canary per count"
+        " on the first store, measured interleaved; ratios against the first). A canary with"
+        " more than one worker may use every CPU (the others stay on the proxy CPU)",
+    )
     p.add_argument("--no-install", action="store_true", help="never apt-get install nginx/wrk")
     p.add_argument("--write-docs", action="store_true", help="write docs/benchmark.md")
     p.add_argument("--json", type=Path, help="also write the raw results as JSON here")
@@ -1435,9 +1501,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not stores or any(t not in STORES for t in stores) or len(set(stores)) < len(stores):
         print(f"--store must be distinct names of {','.join(STORES)}", file=sys.stderr)
         return 2
+    try:
+        workers = [int(t) for t in args.workers.split(",") if t.strip()]
+    except ValueError:
+        workers = []
+    if not workers or any(not 1 <= n <= 64 for n in workers) or len(set(workers)) < len(workers):
+        print("--workers must be distinct counts from 1 to 64", file=sys.stderr)
+        return 2
     if "canary" in targets:  # one canary per store, next to each other in the rotation
         at = targets.index("canary")
-        targets[at : at + 1] = [canary_target(stores, st) for st in stores]
+        targets[at : at + 1] = [canary_target(stores, st) for st in stores] + [
+            workers_target(n) for n in workers[1:]
+        ]
 
     # SIGTERM unwinds like Ctrl-C, so every child is stopped by the finally below.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -1498,8 +1573,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             redis_proc, redis_port = start_redis(tmp, pin.upstream, pin)
             procs.append(redis_proc)
             progress(f"redis-server on {HOST}:{redis_port} (persistence off)")
-        for store in stores if "canary" in targets else ():
-            name = canary_target(stores, store)
+        started = [(canary_target(stores, st), st, workers[0]) for st in stores] + [
+            (workers_target(n), stores[0], n) for n in workers[1:]
+        ]
+        for name, store, n_workers in started if "canary" in targets else ():
             cport, aport = free_port(), free_port()
             home = tmp / name  # its own directory: the sqlite file and the config
             home.mkdir()
@@ -1510,15 +1587,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             canary_yaml = canary_yaml or text  # the first store's is the one documented
             cfg_path = home / "canary.yaml"
             cfg_path.write_text(text)
-            cmd = pin.wrap(pin.proxy, [*canary_command(), "--log-level", "WARNING", "run", "-c",
-                                       str(cfg_path)])  # fmt: skip
+            cpus = pin.proxy if n_workers == 1 else pin.every
+            cmd = pin.wrap(cpus, [*canary_command(), "--log-level", "WARNING", "run", "-c",
+                                  str(cfg_path), "--workers", str(n_workers)])  # fmt: skip
             progress(f"starting {name} ({store} store): {shlex.join(cmd)}")
             proc = Proc(name, cmd, tmp, cwd=REPO)
             procs.append(proc)
             wait_healthz(aport, proc)
             ports[name] = cport
             ports[f"{name}-admin"] = aport
-            proxy_pids[name] = [proc.pid]
+            proxy_pids[name] = [proc.pid] if n_workers == 1 else worker_pids(aport, n_workers)
         if "minimal" in targets:
             mport = free_port()
             upstream = f"http://{HOST}:{prod_port}"
@@ -1587,6 +1665,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(line, file=out)
         print(file=out)
         for line in criteria:
+            print(line, file=out)
+        for line in workers_lines(bench, workers):
             print(line, file=out)
         print(f"overall: {'PASS' if ok else 'FAIL'}", file=out)
         if metrics:

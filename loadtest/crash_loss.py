@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,16 +61,17 @@ def free_port() -> int:
 
 @contextlib.asynccontextmanager
 async def canary_process(
-    config_path: Path, admin: str, log: Path | None = None
+    config_path: Path, admin: str, log: Path | None = None, args: Sequence[str] = ()
 ) -> AsyncIterator[subprocess.Popen[bytes]]:
     """``canary run -c config_path``, ready when /readyz answers 200; killed on exit. Its
     output goes to ``log`` (default: beside the config, ``.log``): a file never fills up and
-    stalls the child as an unread pipe would, and it is there to read when something fails."""
+    stalls the child as an unread pipe would, and it is there to read when something fails.
+    ``args``: more options of ``canary run`` (``--workers 2``)."""
     log = log if log is not None else config_path.with_suffix(".log")
     with log.open("ab") as out:
         # Popen only forks; nothing here waits on the child while the loop has work to do.
         proc = subprocess.Popen(  # noqa: ASYNC220
-            [sys.executable, "-m", "canary", "run", "-c", str(config_path)],
+            [sys.executable, "-m", "canary", "run", "-c", str(config_path), *args],
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -89,8 +90,12 @@ async def canary_process(
                 await asyncio.sleep(0.05)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # a clean stop first (a supervisor stops its workers)
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         proc.wait(10)
 
 

@@ -78,9 +78,12 @@ ALLOWED: dict[str, set[str]] = {
         "signals",
         "store",
         "webhooks",
+        "workers",
     },
+    "workers": {"config", "errors"},
+    "supervisor": {"admin", "config", "errors", "workers"},
     "admin_client": {"errors"},
-    "cli": {"admin_client", "config", "errors", "runtime"},
+    "cli": {"admin_client", "config", "errors", "runtime", "supervisor", "workers"},
     "__main__": {"cli"},
 }
 

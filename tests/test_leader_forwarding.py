@@ -100,3 +100,30 @@ async def test_a_leader_that_does_not_answer_is_a_502_naming_it() -> None:
         assert dead in (await r.json())["error"]
     finally:
         await client.close()
+
+
+async def test_a_forwarded_command_is_never_forwarded_again() -> None:
+    """Two followers whose views of the lease are stale would pass a command back and forth:
+    one forwarded to a process that does not lead is refused there (409, retry)."""
+    seen: list[str] = []
+
+    async def other(request: web.Request) -> web.Response:  # would be the next hop
+        seen.append(request.headers.get("X-Canary-Forwarded", ""))
+        return web.json_response({"ok": True})
+
+    hop = web.Application()
+    hop.router.add_post("/api/v1/rollouts/m/pause", other)
+    server = TestServer(hop)
+    await server.start_server()
+    client = await _client(str(server.make_url("")).rstrip("/"))
+    try:
+        r = await client.post("/api/v1/rollouts/m/pause", json={})  # from an operator
+        assert r.status == 200 and seen == ["1"]  # forwarded once, marked
+        r = await client.post(
+            "/api/v1/rollouts/m/pause", json={}, headers={"X-Canary-Forwarded": "1"}
+        )
+        assert r.status == 409 and "retry" in (await r.json())["error"]
+        assert seen == ["1"]  # not forwarded a second time
+    finally:
+        await client.close()
+        await server.close()

@@ -330,6 +330,12 @@ async def rollout_action(request: web.Request) -> web.Response:
     except NotLeader as exc:
         if exc.admin_url is None:
             return _error(409, str(exc))
+        if FORWARDED in request.headers:  # one hop only: two stale views never ping-pong
+            return _error(
+                409,
+                f"this command was forwarded here as to the leader, but this process does not "
+                f"lead (the lease is changing hands); retry: {exc}",
+            )
         return await _forward_to_leader(request, exc.admin_url, body)
     except CommandRejected as exc:
         return _error(409, str(exc))
@@ -338,6 +344,7 @@ async def rollout_action(request: web.Request) -> web.Response:
 
 
 FORWARD_TIMEOUT = 10.0  # seconds a command forwarded to the leader may take
+FORWARDED = "X-Canary-Forwarded"  # on a command a follower forwarded: never forwarded again
 
 
 async def _forward_to_leader(
@@ -347,7 +354,7 @@ async def _forward_to_leader(
     caller's credentials, which this process has already checked) and answer what it answers.
     The leader checks the token and the command again; nothing is decided here."""
     url = f"{leader.rstrip('/')}{request.rel_url.path}"
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", FORWARDED: "1"}
     if "Authorization" in request.headers:
         headers["Authorization"] = request.headers["Authorization"]
     try:

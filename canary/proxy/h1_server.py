@@ -951,9 +951,19 @@ class HttpServer:
         self._server: asyncio.Server | None = None
         self.loop = asyncio.get_running_loop()
 
-    async def listen(self, host: str, port: int, backlog: int = 2048) -> int:
+    async def listen(
+        self, host: str, port: int, backlog: int = 2048, *, reuse_port: bool = False
+    ) -> int:
+        """Listen on ``host:port``; return the port. ``reuse_port``: SO_REUSEPORT, so that the
+        processes of ``canary run --workers N`` each listen on the same port and the kernel
+        spreads new connections over them."""
         self._server = await self.loop.create_server(
-            lambda: HttpServerProtocol(self), host, port, backlog=backlog, reuse_address=True
+            lambda: HttpServerProtocol(self),
+            host,
+            port,
+            backlog=backlog,
+            reuse_address=True,
+            reuse_port=reuse_port,
         )
         sock = self._server.sockets[0]
         return int(sock.getsockname()[1])
