@@ -23,6 +23,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 import canary
+from canary.observe.inputs import RESULTS as INPUT_RESULTS
+from canary.observe.inputs import TYPES as INPUT_TYPES
 from canary.signals import ARMS, NO_ANSWER_CLASS
 
 if TYPE_CHECKING:
@@ -272,12 +274,18 @@ class InputCollector(Collector):
         monitors: Mapping[str, InputMonitor] = self._metrics.inputs
         for name, monitor in monitors.items():
             report = monitor.report()
-            for result, n in report.requests.items():
+            # The two counters are this process's own requests (several processes sum up);
+            # the gauges and the drift test are of every process's (the analysis's view).
+            own = monitor.local_snapshot()
+            for result, n in zip(INPUT_RESULTS, own.requests, strict=True):
                 requests.add_metric([name, result], n)
             learning.add_metric([name], 1 if report.learning else 0)
+            for counts in own.fields:
+                for i, t in enumerate(INPUT_TYPES):
+                    n = counts.baseline.types[i] + counts.current.types[i]
+                    if n:
+                        values.add_metric([name, counts.path, t], n)
             for f in report.fields:
-                for t, n in f.values.items():
-                    values.add_metric([name, f.field, t], n)
                 for key, value in (
                     ("null_rate", f.current.null_rate),
                     ("mean", f.current.mean),

@@ -121,8 +121,8 @@ class Runtime:
         )
         # A store shared with other canary processes (replicas on one Redis, or the workers of
         # `--workers N` on one SQLite file or Redis): one leader acts, every process serves
-        # the weights it stores (docs/architecture.md "Scale-out"). A worker learns its admin
-        # address when it binds it (_start), before it first takes the lease.
+        # the weights it stores (docs/architecture.md "Scale-out"). Its name, with the admin
+        # address it advertises signed with the admin token, is set in _start.
         self.leadership = (
             Leadership(
                 self.store, lease_ttl(config), holder=holder_name(advertised_admin_url(config))
@@ -218,6 +218,9 @@ class Runtime:
         token = self._admin_token()
         stack = self._stack
         admin_sock = self._bind_worker_admin() if self.worker is not None else None
+        if self.leadership is not None:  # named before the store's lease is first taken
+            self.leadership.key = token
+            self.leadership.holder = holder_name(self._advertise(admin_sock), key=token)
         if admin_sock is not None:
             stack.callback(admin_sock.close)  # closed by the admin app too; twice is fine
         await self.store.open()
@@ -300,16 +303,19 @@ class Runtime:
         forward operator commands there, unless the machine advertises an address replicas
         on other hosts can reach ($CANARY_ADVERTISE_ADMIN, or a redis store with a fixed
         ``admin.listen``: the supervisor's port, which routes them to its leading worker)."""
-        sock = socket.create_server(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
+        return socket.create_server(("127.0.0.1", 0))
+
+    def _advertise(self, worker_admin: socket.socket | None) -> str | None:
+        """The admin URL this process advertises to the others (see _bind_worker_admin)."""
         public = advertised_admin_url(self.config)
+        if worker_admin is None:
+            return public
         shared_across_hosts = self.config.state.backend == "redis" or bool(
             os.environ.get(ADVERTISE_ENV, "").strip()
         )
-        url = public if public is not None and shared_across_hosts else f"http://127.0.0.1:{port}"
-        if self.leadership is not None:
-            self.leadership.holder = holder_name(url)
-        return sock
+        if public is not None and shared_across_hosts:
+            return public
+        return f"http://127.0.0.1:{int(worker_admin.getsockname()[1])}"
 
     def _rejected(self, status: int) -> None:
         """A request the proxy port could not parse (400), with too big a head (431) or one

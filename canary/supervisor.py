@@ -56,7 +56,7 @@ from prometheus_client import (
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from canary.admin.app import MAX_ADMIN_BODY
+from canary.admin.app import MAX_ADMIN_BODY, warn_if_public
 from canary.config import Config
 from canary.errors import CanaryError
 from canary.workers import WORKER_ENV, WorkerSpec, check_workers, read_status
@@ -189,6 +189,12 @@ class Supervisor:
             raise
 
     async def _start(self) -> None:
+        token_env = self.config.admin.token_env
+        if token_env is not None and not os.environ.get(token_env, ""):
+            raise CanaryError(  # every worker would refuse to start, each saying so
+                f"admin.token_env names ${token_env}, but it is not set or empty: set it, or "
+                "remove admin.token_env to run the admin API without a token (loopback only)"
+            )
         host, port = self.config.proxy.listen
         self._reserved = _reserve_port(host, port)
         self.proxy_port = int(self._reserved.getsockname()[1])
@@ -230,6 +236,7 @@ class Supervisor:
             if isinstance(addr, tuple):
                 self.admin_port = int(addr[1])
                 break
+        warn_if_public(self.config.admin)
 
     def _spawn(self, worker: _Worker) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -399,6 +406,7 @@ class Supervisor:
             {
                 "worker": w.index,
                 "pid": w.proc.pid if w.proc is not None and w.proc.poll() is None else None,
+                "admin": w.admin,  # its own admin API, on loopback
                 "restarts": w.restarts,
                 "last_exit": None if w.last_exit is None else w.describe_exit(),
             }

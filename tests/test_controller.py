@@ -61,10 +61,12 @@ class FlakyStore(MemoryStore):
         super().__init__()
         self.down = False
 
-    async def add_samples(self, rollout: str, delta: RolloutAccumulator) -> None:
+    async def add_samples(
+        self, rollout: str, delta: RolloutAccumulator, *, batch: tuple[str, int] | None = None
+    ) -> None:
         if self.down:
             raise StoreError("disk full")
-        await super().add_samples(rollout, delta)
+        await super().add_samples(rollout, delta, batch=batch)
 
     async def put_state(
         self, rollout: str, state: dict[str, Any], *, fence: int | None = None

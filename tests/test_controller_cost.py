@@ -285,7 +285,7 @@ async def test_a_flush_writes_each_delta_once_and_keeps_it_when_the_store_fails(
     _feed(rec, 100, 10, seed=2)
     real = store.add_samples
 
-    async def broken(rollout: str, delta: RolloutAccumulator) -> None:
+    async def broken(rollout: str, delta: RolloutAccumulator, **_: object) -> None:
         from canary.errors import StoreError
 
         raise StoreError("down")

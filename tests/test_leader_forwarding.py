@@ -47,6 +47,19 @@ def test_a_holder_name_carries_its_admin_url() -> None:
     assert admin_url_of(None) is None and admin_url_of("host:1:abc@not-a-url") is None
 
 
+def test_with_an_admin_token_only_a_signed_address_is_forwarded_to() -> None:
+    """Whoever can write the store but does not hold the admin token cannot make followers
+    send commands (and the caller's token) to an address of their choosing."""
+    url = "http://10.0.0.7:9901"
+    signed = holder_name(url, key="s3cret")
+    assert admin_url_of(signed, "s3cret") == url
+    assert admin_url_of(signed) == url  # without a token there is nothing to protect
+    assert admin_url_of(signed, "other") is None
+    assert admin_url_of(holder_name(url), "s3cret") is None  # unsigned
+    forged = signed.replace("10.0.0.7", "203.0.113.9")
+    assert admin_url_of(forged, "s3cret") is None
+
+
 class _Follower:
     """A controller that does not lead (only what the command path asks of it)."""
 

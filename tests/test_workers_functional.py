@@ -79,7 +79,7 @@ class Workers:
 
 @contextlib.asynccontextmanager
 async def _workers(
-    tmp_path: Path, n: int = 2, state: dict[str, Any] | None = None
+    tmp_path: Path, n: int = 2, state: dict[str, Any] | None = None, token_env: str | None = None
 ) -> AsyncIterator[Workers]:
     fast: dict[str, Any] = {"latency": "fixed", "latency_median": 0.001}
     async with running_fake_model(FakeModelConfig(model="p", **fast)) as p, \
@@ -87,7 +87,10 @@ async def _workers(
         proxy, admin = free_port(), free_port()
         state = state or {"backend": "sqlite", "path": str(tmp_path / "state.db")}
         path = tmp_path / "rollout.yaml"
-        path.write_text(yaml.safe_dump(_config(proxy, admin, state, p, c)))
+        config = _config(proxy, admin, state, p, c)
+        if token_env is not None:
+            config["admin"]["token_env"] = token_env
+        path.write_text(yaml.safe_dump(config))
         admin_url = f"http://127.0.0.1:{admin}"
         async with canary_process(path, admin_url, args=["--workers", str(n)]) as proc:
             async with httpx.AsyncClient(timeout=10) as client:
@@ -321,6 +324,44 @@ def test_a_taken_proxy_port_is_a_clear_error(tmp_path: Path) -> None:
         done = _run("run", "-c", str(path), "--workers", "2")
     assert done.returncode == 1
     assert "cannot bind the proxy port" in done.stderr, done.stderr
+
+
+async def test_the_token_and_the_origin_are_checked_behind_the_supervisor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The supervisor passes the caller's headers on: the worker refuses a call without the
+    token (401) and a cross-origin one (403), and accepts the token."""
+    monkeypatch.setenv("WORKERS_TEST_TOKEN", "s3cret")
+    async with _workers(tmp_path, token_env="WORKERS_TEST_TOKEN") as w, \
+            httpx.AsyncClient(timeout=10) as client:  # fmt: skip
+        pause = w.admin + "/api/v1/rollouts/m/pause"
+        r = await client.post(pause, json={})
+        assert r.status_code == 401, r.text
+        auth = {"Authorization": "Bearer s3cret"}
+        r = await client.post(pause, json={}, headers={**auth, "Origin": "http://evil.example"})
+        assert r.status_code == 403, r.text
+        r = await client.post(pause, json={}, headers={**auth, "Origin": w.admin})
+        assert r.status_code == 200, r.text
+        assert r.json()["phase"] == "paused"
+        # A follower worker forwards to the leader the address it signed with the token.
+        leader = (await client.get(w.admin + "/api/v1/leader")).json()["leader"]
+        assert "#" in leader  # NAME@URL#signature
+        processes = (await w.health(client))["processes"]
+        follower = next(p["admin"] for p in processes if p["admin"] not in leader)
+        r = await client.post(follower + "/api/v1/rollouts/m/resume", json={}, headers=auth)
+        assert r.status_code == 200, r.text
+        assert r.headers["X-Canary-Leader"] in leader and r.json()["phase"] == "running"
+
+
+def test_a_missing_token_is_refused_before_any_worker_starts(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    state = {"backend": "sqlite", "path": str(tmp_path / "s.db")}
+    config = _config(free_port(), free_port(), state, "http://a:1", "http://b:1")
+    config["admin"]["token_env"] = "WORKERS_TEST_UNSET_TOKEN"
+    path.write_text(yaml.safe_dump(config))
+    done = _run("run", "-c", str(path), "--workers", "2")
+    assert done.returncode == 1
+    assert "WORKERS_TEST_UNSET_TOKEN" in done.stderr and "started (pid" not in done.stderr
 
 
 def test_parse_workers() -> None:

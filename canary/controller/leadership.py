@@ -18,6 +18,8 @@ Two guards, so that a paused leader never acts on a lease it may have lost:
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 import socket
@@ -33,18 +35,37 @@ log = logging.getLogger("canary.controller")
 SAFETY = 0.8  # share of the TTL after a renewal during which this process acts as leader
 
 
-def holder_name(admin_url: str | None = None) -> str:
+def holder_name(admin_url: str | None = None, *, key: str | None = None) -> str:
     """A name for this process that no other process (here or on another host) shares; with
-    ``admin_url``, followers can forward operator commands to it (``NAME@URL``)."""
+    ``admin_url``, followers can forward operator commands to it (``NAME@URL``).
+
+    ``key`` (the admin token): the address is signed (``NAME@URL#HMAC``), and followers that
+    hold the same token forward commands, with the caller's token, only to a signed address:
+    whoever can write the store (Redis) but does not know the token cannot redirect them.
+    """
     name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    return f"{name}@{admin_url}" if admin_url else name
+    if not admin_url:
+        return name
+    base = f"{name}@{admin_url}"
+    return f"{base}#{_signature(base, key)}" if key else base
 
 
-def admin_url_of(holder: str | None) -> str | None:
-    """The admin API a lease holder advertises in its name (None when it does not)."""
+def _signature(base: str, key: str) -> str:
+    return hmac.new(key.encode(), base.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def admin_url_of(holder: str | None, key: str | None = None) -> str | None:
+    """The admin API a lease holder advertises in its name (None when it does not, or, with
+    ``key``, when the address is not signed with it)."""
     if not holder or "@" not in holder:
         return None
-    url = holder.split("@", 1)[1]
+    base, sep, signature = holder.rpartition("#")
+    if not sep:
+        base, signature = holder, ""
+    if key is not None and not hmac.compare_digest(signature, _signature(base, key)):
+        log.warning("the leader's advertised admin address is not signed with this admin token")
+        return None
+    url = base.split("@", 1)[1]
     return url if url.startswith(("http://", "https://")) else None
 
 
@@ -62,6 +83,7 @@ class Leadership:
         if not ttl > 0:
             raise ValueError(f"a lease TTL must be positive, got {ttl!r}")
         self.holder = holder or holder_name()
+        self.key: str | None = None  # the admin token: advertised addresses are signed with it
         self.ttl = ttl
         self._store = store
         self._monotonic = monotonic

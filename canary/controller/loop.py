@@ -16,6 +16,7 @@ from canary.controller.gauges import Gauges
 from canary.controller.leadership import Leadership, admin_url_of
 from canary.controller.persistence import StoreGuard, StoreWriter
 from canary.controller.rollout import DECISIONS_SHOWN, Rollout, RolloutView
+from canary.controller.shared_inputs import InputSharing
 from canary.decision import (
     Action,
     Analysis,
@@ -132,6 +133,19 @@ class Controller:
         self._writer = StoreWriter(
             store, self._guard, metrics, recorder, lambda: self._rollouts, leadership
         )
+        # Shared: input health merged over every process (controller/shared_inputs.py).
+        self._inputs = (
+            InputSharing(
+                store,
+                recorder,
+                lambda: leadership.holder,
+                timeout=self._guard.timeout,
+                clock=clock,
+                monotonic=monotonic,
+            )
+            if leadership is not None
+            else None
+        )
         self._lock = asyncio.Lock()  # control path only: evaluation vs operator commands
         self._task: asyncio.Task[None] | None = None
         self._eval_task: asyncio.Task[None] | None = None
@@ -199,6 +213,9 @@ class Controller:
         self._task = self._eval_task = self._watch_task = None
         await self.analyzer.close()
         await self.flush()
+        if self._inputs is not None:  # this process's last input counts stay in the merge
+            with contextlib.suppress(StoreError, TimeoutError):
+                await self._inputs.write(list(self._rollouts))
         if self._leadership is not None:
             await self._leadership.release()  # another process takes over at once
 
@@ -209,6 +226,7 @@ class Controller:
                 await self.flush()
                 if self._leadership is not None:
                     await self._lead_or_follow()
+                    await self._share_inputs()
                 if self._acting():
                     self._start_evaluation()
             except asyncio.CancelledError:
@@ -224,6 +242,7 @@ class Controller:
         await self.flush()
         if self._leadership is not None:
             await self._lead_or_follow()
+            await self._share_inputs()
         if self._acting():
             await self.evaluate()
 
@@ -310,6 +329,11 @@ class Controller:
                 self._share(ro)
         leader = self._leadership.leader if self._leadership is not None else None
         ro.status = f"following: {leader or 'no process'} leads the rollouts"
+
+    async def _share_inputs(self) -> None:
+        """Shared: write this process's input counts, merge the other processes'."""
+        if self._inputs is not None:
+            await self._inputs.sync(list(self._rollouts), leading=self._acting())
 
     def _share(self, ro: Rollout) -> None:
         share = ro.traffic_share()
@@ -431,7 +455,7 @@ class Controller:
                 f"this canary process does not lead the rollouts (the leader is "
                 f"{leader or 'not known yet'}); send the command to it",
                 leader=leader,
-                admin_url=admin_url_of(leader),
+                admin_url=admin_url_of(leader, self._leadership.key),
             )
         async with self._lock:
             decision = command(ro.state, action, reason)
@@ -543,6 +567,8 @@ class Controller:
         await check_identity(self._store)  # no fresh start over a store that lost its data
         fence = self._fence()
         await self._store.reset(r.name, fence=fence)
+        if self._inputs is not None:  # stopped processes' input counts go; live ones rewrite
+            await self._inputs.drop(r.name)
         self._recorder.remove(r.name)  # samples of the old arms must not leak in
         ro = Rollout.fresh(r, RolloutState.start(r, now), None, [], self._recorder.accuracy)
         entry = ro.entry(Decision(Action.START, "rollout started"), now)

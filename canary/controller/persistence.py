@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 
 from canary.controller.leadership import Leadership
@@ -142,6 +144,11 @@ class StoreWriter:
         self._save_lock = asyncio.Lock()  # one writer of a rollout's state and decisions
         self._background: set[asyncio.Future[None]] = set()
         self._reopening = False  # a deleted state file is being opened again
+        # Sample batches: this writer's name and numbers, so that a store that applied a
+        # batch whose answer was lost (a dropped connection after EXEC) does not apply its
+        # retry again (Store.add_samples ``batch``).
+        self._writer = uuid.uuid4().hex
+        self._batches = itertools.count(1)
 
     async def flush(self) -> None:
         """Move the proxy's deltas into the totals and the store; retry unsaved writes.
@@ -163,8 +170,14 @@ class StoreWriter:
                         if self._rollouts().get(name) is not ro:
                             continue  # restarted by a reload meanwhile: old arms' samples
                         wrote = True
-                        await self._store.add_samples(name, ro.pending)
-                        ro.pending = RolloutAccumulator(ro.totals.accuracy)
+                        while not ro.pending.empty:  # a batch resent, then what waited
+                            if ro.batch is None:
+                                ro.batch = next(self._batches)
+                            await self._store.add_samples(
+                                name, ro.pending, batch=(self._writer, ro.batch)
+                            )
+                            ro.pending = ro.waiting or RolloutAccumulator(ro.totals.accuracy)
+                            ro.batch, ro.waiting = None, None
                 except StoreError as exc:
                     self._guard.failed("flush", exc)
                     return
@@ -184,9 +197,14 @@ class StoreWriter:
             else:  # this process's part of them (its share of the traffic)
                 ro.own += delta.production.observed + delta.candidate.observed
             ro.version += 1
-            if ro.pending.empty:
+            if ro.batch is not None:  # a write of pending failed: it is retried as it was
+                if ro.waiting is None:
+                    ro.waiting = delta
+                else:
+                    ro.waiting.merge(delta)
+            elif ro.pending.empty:
                 ro.pending = delta  # the recorder gave it away: no copy needed
-            else:  # the store failed last time: these wait too
+            else:
                 ro.pending.merge(delta)
 
     async def save(self, ro: Rollout) -> None:

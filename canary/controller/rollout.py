@@ -64,6 +64,11 @@ class Rollout:
     own: int = 0  # shared store: requests this process flushed (its share of the totals)
     share_at: tuple[int, int] | None = None  # (own, merged total) at the last share estimate
     share: float = 1.0  # this process's smoothed share of the rollout's requests
+    # A write of ``pending`` failed: its batch number (the retry sends the same, so a write
+    # whose answer was lost after it landed is not merged twice), and the deltas recorded
+    # since, which wait for the next batch.
+    batch: int | None = None
+    waiting: RolloutAccumulator | None = None
     # (samples version, config, input-health requests) that ``analysis`` was made from
     analysed: tuple[int, RolloutConfig, tuple[int, ...] | None] | None = None
 
@@ -149,6 +154,7 @@ class Rollout:
         self.state_dirty = True
         self.unsaved = [e for e in self.decisions if e not in self.unsaved] + self.unsaved
         self.pending = self.totals.snapshot()  # the totals include the pending samples
+        self.batch, self.waiting = None, None  # a new file: nothing of it is in doubt
 
 
 __all__ = [

@@ -569,10 +569,12 @@ class Recorder:
     at the same time, and ``swap`` replaces the live dict in one attribute assignment, so a
     flusher takes deltas without locks.
 
-    Input health (:mod:`canary.observe.inputs`) is per process and never flushed: the recorder
-    keeps one :class:`~canary.observe.inputs.InputMonitor` per rollout with ``inputs``
+    Input health (:mod:`canary.observe.inputs`) is not in the deltas: the recorder keeps one
+    :class:`~canary.observe.inputs.InputMonitor` per rollout with ``inputs``
     (:meth:`apply_inputs` on each (re)load), the proxy counts request bodies into it, and
-    :meth:`input_health` snapshots it for the rollout's analysis.
+    :meth:`input_health` snapshots it for the rollout's analysis (in shared mode the
+    controller writes each monitor's own counts to the store and merges the other
+    processes' into it: :mod:`canary.controller.shared_inputs`).
     """
 
     __slots__ = ("_inputs", "_live", "accuracy")

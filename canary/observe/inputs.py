@@ -19,18 +19,36 @@ analysis (``canary.decision.analyze(..., input_health=snapshot)``, which the pol
 ``inputs.on_drift: hold`` reads) and :meth:`InputMonitor.report` (the metrics and the admin
 API; it reruns the checks at most once per :data:`EVALUATE_EVERY` seconds).
 
-The state is per process and in memory only: it is not in the shared store, a restart
-starts a new baseline, and a reload keeps it only while the rollout's ``inputs`` are unchanged
+The counting state is per process and in memory: a restart starts a new baseline, and a
+reload keeps it only while the rollout's ``inputs`` are unchanged
 (:meth:`canary.observe.Recorder.apply_inputs`).
+
+Several processes on one store (shared mode: ``--workers``, replicas on Redis) merge their
+counts: each writes its own absolute counts (:meth:`InputMonitor.local_snapshot`,
+:meth:`InputHealth.to_dict`) to the store every flush and hands the other processes'
+snapshots to its monitor (:meth:`InputMonitor.set_peers`; the I/O is
+:mod:`canary.controller.shared_inputs`), whose :meth:`~InputMonitor.snapshot` and
+:meth:`~InputMonitor.report` are then of every process's counts (:func:`merge_health`). A
+learned baseline merges as the sum of the processes' frozen baselines; a process still
+learning is in neither window until it freezes, so no request is in both windows and each
+process's baseline is a fixed sample taken before its own current requests. Under the null
+(the inputs do not shift, whichever process receives them) both merged windows are then
+samples of the same distribution and the current one only grows: the proportion checks,
+whose baseline side is itself a confidence sequence, stay anytime-valid as processes'
+baselines join; the mean's baseline interval is a fixed-sample one, recomputed each time a
+process's baseline joins (once per process, in practice within the first minutes). A given
+baseline merges trivially: the current windows are summed. Alone (no peers set), a monitor
+behaves exactly as a single process always did.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -129,6 +147,76 @@ class InputHealth:
     baseline_requests: int  # inspected requests in the learned baseline so far
     requests: tuple[int, ...]  # by result, in the order of RESULTS
     fields: tuple[FieldCounts, ...]  # in the order of ``inputs.fields``
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (what a process writes to a shared store; :meth:`from_dict` reads it):
+        an infinite min or max (a window without numbers) becomes None."""
+        return {
+            "rollout": self.rollout,
+            "learning": self.learning,
+            "baseline_requests": self.baseline_requests,
+            "requests": list(self.requests),
+            "fields": [
+                {
+                    "path": f.path,
+                    "shift": f.shift,
+                    "baseline": _window_to_list(f.baseline),
+                    "current": _window_to_list(f.current),
+                }
+                for f in self.fields
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> InputHealth:
+        """The snapshot :meth:`to_dict` wrote; ValueError when ``data`` is not one."""
+        try:
+            requests = tuple(int(n) for n in data["requests"])
+            if len(requests) != len(RESULTS):
+                raise ValueError(f"expected {len(RESULTS)} request counts, got {len(requests)}")
+            return cls(
+                rollout=str(data["rollout"]),
+                learning=bool(data["learning"]),
+                baseline_requests=int(data["baseline_requests"]),
+                requests=requests,
+                fields=tuple(
+                    FieldCounts(
+                        str(f["path"]),
+                        None if f["shift"] is None else float(f["shift"]),
+                        _window_from_list(f["baseline"]),
+                        _window_from_list(f["current"]),
+                    )
+                    for f in data["fields"]
+                ),
+            )
+        except (KeyError, TypeError, IndexError) as exc:
+            raise ValueError(f"not an input-health snapshot: {exc!r}") from exc
+
+
+def _window_to_list(w: WindowCounts) -> list[Any]:
+    return [
+        list(w.types),
+        w.numbers,
+        w.total,
+        w.total_sq,
+        w.min if math.isfinite(w.min) else None,
+        w.max if math.isfinite(w.max) else None,
+    ]
+
+
+def _window_from_list(data: Sequence[Any]) -> WindowCounts:
+    types, numbers, total, total_sq, lo, hi = data
+    counts = tuple(int(n) for n in types)
+    if len(counts) != len(TYPES):
+        raise ValueError(f"expected {len(TYPES)} type counts, got {len(counts)}")
+    return WindowCounts(
+        counts,
+        int(numbers),
+        float(total),
+        float(total_sq),
+        math.inf if lo is None else float(lo),
+        -math.inf if hi is None else float(hi),
+    )
 
 
 # -- reports (read side) ---------------------------------------------------------------------
@@ -379,6 +467,94 @@ def _given_moments(g: InputFieldBaseline) -> tuple[float, float, float]:
     return math.inf, mean, std
 
 
+# -- several processes: merged snapshots (shared mode) ---------------------------------------
+
+
+MAX_PROCESSES: Final = 1000  # process entries a shared store keeps per rollout (oldest go)
+
+
+def inputs_fingerprint(config: InputsConfig) -> str:
+    """A short digest of a rollout's ``inputs`` settings: processes merge only the snapshots
+    taken under the same settings (a monitor restarts whenever they change,
+    :meth:`canary.observe.Recorder.apply_inputs`)."""
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
+
+
+def merge_health(parts: Sequence[InputHealth]) -> InputHealth:
+    """One snapshot of the input counts of several processes (shared mode).
+
+    The request results are summed over every part. The windows are summed over the parts
+    whose baseline is frozen: their baselines are summed into the merged baseline and their
+    current windows into the merged current window (counts and sums added, the sums of each
+    part moved to a common shift first; min and max combined). A part still learning its
+    baseline contributes to neither window until it freezes, so the merged current window
+    never holds a request that some baseline also holds, and every request of the merged
+    baseline was taken before that process's first current request. The merged snapshot is
+    learning only while every part is; then it shows the learning parts' partial baselines
+    summed and, as ``baseline_requests``, the largest count of any part (the process closest
+    to freezing; each freezes at ``baseline.requests`` of its own requests).
+
+    A given baseline (config) has empty baseline windows and never learns: the merge is the
+    sum of the current windows. Merging is associative and one part comes back unchanged;
+    parts whose fields are not the first part's are left out (the caller merges only
+    snapshots of one ``inputs`` fingerprint).
+    """
+    if not parts:
+        raise ValueError("merge_health needs at least one snapshot")
+    first = parts[0]
+    paths = [f.path for f in first.fields]
+    same = [p for p in parts if [f.path for f in p.fields] == paths]
+    if len(same) == 1:
+        return first
+    frozen = [p for p in same if not p.learning]
+    sources = frozen or same
+    fields = []
+    for i, path in enumerate(paths):
+        counts = [p.fields[i] for p in sources]
+        shift = next((f.shift for f in counts if f.shift is not None), None)
+        fields.append(
+            FieldCounts(
+                path,
+                shift,
+                _merge_windows([(f.baseline, f.shift) for f in counts], shift),
+                _merge_windows([(f.current, f.shift) for f in counts], shift),
+            )
+        )
+    return InputHealth(
+        rollout=first.rollout,
+        learning=not frozen,
+        baseline_requests=(
+            sum(p.baseline_requests for p in frozen)
+            if frozen
+            else max(p.baseline_requests for p in same)
+        ),
+        requests=tuple(sum(c) for c in zip(*(p.requests for p in same), strict=True)),
+        fields=tuple(fields),
+    )
+
+
+def _merge_windows(
+    windows: Sequence[tuple[WindowCounts, float | None]], shift: float | None
+) -> WindowCounts:
+    """Windows added up, each one's sums of ``(x - own shift)`` moved to ``shift``:
+    sum(x - s) = sum(x - s_j) + n d and sum((x - s)**2) = sum((x - s_j)**2) + 2 d sum(x - s_j)
+    + n d**2, with d = s_j - s."""
+    types = [0] * len(TYPES)
+    numbers, total, total_sq = 0, 0.0, 0.0
+    lo, hi = math.inf, -math.inf
+    for w, own in windows:
+        for i, n in enumerate(w.types):
+            types[i] += n
+        if not w.numbers or own is None or shift is None:
+            continue
+        d = own - shift
+        numbers += w.numbers
+        total += w.total + w.numbers * d
+        total_sq += w.total_sq + 2.0 * d * w.total + w.numbers * d * d
+        lo, hi = min(lo, w.min), max(hi, w.max)
+    return WindowCounts(tuple(types), numbers, total, total_sq, lo, hi)
+
+
 # -- the monitor -----------------------------------------------------------------------------
 
 
@@ -395,6 +571,7 @@ class InputMonitor:
         "_given",
         "_learning",
         "_max_body",
+        "_peers",
         "_results",
         "_target",
         "alpha",
@@ -424,6 +601,8 @@ class InputMonitor:
         self._checks: tuple[FieldDrift, ...] | None = None  # as of _checks_at
         self._checks_at = -math.inf
         self._flagged: set[str] = set()
+        # Shared mode: the other processes' counts, merged (None: this process is alone).
+        self._peers: InputHealth | None = None
 
     # -- hot path ---------------------------------------------------------------------------
 
@@ -520,7 +699,34 @@ class InputMonitor:
         return self._learning
 
     def snapshot(self) -> InputHealth:
-        """The counts as of now, copied (O(fields)): what the rollout analysis ships."""
+        """The counts as of now, copied (O(fields)): what the rollout analysis ships and the
+        reports show. In shared mode (:meth:`set_peers`) the counts of every process, merged
+        (:func:`merge_health`); else this process's own (:meth:`local_snapshot`)."""
+        local = self.local_snapshot()
+        peers = self._peers
+        return local if peers is None else merge_health((local, peers))
+
+    @property
+    def shared(self) -> bool:
+        """The snapshots and reports merge other processes' counts (:meth:`set_peers`)."""
+        return self._peers is not None
+
+    def set_peers(self, peers: Sequence[InputHealth]) -> None:
+        """Merge the snapshots of the other processes of a shared store into
+        :meth:`snapshot` and :meth:`report` from now on (their latest; they replace the ones
+        set before). Snapshots of other fields are ignored; an empty ``peers`` merges
+        nothing, as :meth:`clear_peers`."""
+        paths = [f.path for f in self._fields]
+        same = [p for p in peers if [f.path for f in p.fields] == paths]
+        self._peers = merge_health(same) if same else None
+
+    def clear_peers(self) -> None:
+        """Back to this process's own counts only."""
+        self._peers = None
+
+    def local_snapshot(self) -> InputHealth:
+        """This process's own counts as of now, copied (O(fields)): what it writes to a
+        shared store for the other processes to merge."""
         return InputHealth(
             rollout=self.rollout,
             learning=self._learning,
@@ -622,6 +828,7 @@ __all__ = [
     "CHECKS",
     "CHECKS_PER_FIELD",
     "EVALUATE_EVERY",
+    "MAX_PROCESSES",
     "RESULTS",
     "SHARE_TYPES",
     "TYPES",
@@ -635,4 +842,6 @@ __all__ = [
     "WindowCounts",
     "WindowSummary",
     "drift_checks",
+    "inputs_fingerprint",
+    "merge_health",
 ]

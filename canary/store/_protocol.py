@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -11,6 +12,7 @@ from canary.errors import StoreDataLost, StoreError
 from canary.observe import RolloutAccumulator
 
 DEFAULT_MAX_DECISIONS = 10_000
+DEFAULT_MAX_INPUT_PROCESSES = 1000  # input-health entries kept per rollout (shared input health)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +55,15 @@ class Store(Protocol):
         :class:`~canary.errors.FencedError` is raised (checked atomically with the write).
         """
 
-    async def add_samples(self, rollout: str, delta: RolloutAccumulator) -> None:
-        """Merge ``delta`` into the stored accumulator of ``rollout`` (created if absent)."""
+    async def add_samples(
+        self, rollout: str, delta: RolloutAccumulator, *, batch: tuple[str, int] | None = None
+    ) -> None:
+        """Merge ``delta`` into the stored accumulator of ``rollout`` (created if absent).
+
+        ``batch``: ``(writer, number)``, numbers growing per writer and rollout. A writer
+        whose call failed sends the same delta with the same batch again: a store whose
+        answer can be lost after the write landed (Redis over a network) merges a batch at
+        most once, so the retry never counts it twice."""
 
     async def get_samples(self, rollout: str) -> RolloutAccumulator | None:
         """Return the merged accumulator of ``rollout``, or None when nothing was added."""
@@ -91,6 +100,65 @@ class Store(Protocol):
 
     async def lease(self) -> Lease | None:
         """The lease running now, or None when nobody holds one."""
+
+    # -- shared input health --
+
+    async def put_input_health(
+        self,
+        rollout: str,
+        process: str,
+        entry: dict[str, Any],
+        *,
+        keep: int = DEFAULT_MAX_INPUT_PROCESSES,
+    ) -> None:
+        """Replace the input-health entry of ``process`` for ``rollout`` with ``entry`` (a
+        JSON-serialisable dict: the process's absolute counts, so a retried write never
+        counts twice); then keep only the ``keep`` entries of ``rollout`` written last
+        (entries of processes that stopped stay until then: their counts must not vanish)."""
+
+    async def input_health(self, rollout: str) -> dict[str, dict[str, Any]]:
+        """Every input-health entry of ``rollout``, by process (empty when none)."""
+
+    async def drop_input_health(self, rollout: str, processes: Sequence[str] | None = None) -> None:
+        """Forget the input-health entries of ``processes`` for ``rollout`` (None: all)."""
+
+    # -- shared feedback answers --
+
+    async def put_answers(
+        self,
+        rollout: str,
+        answers: Sequence[StoredAnswer],
+        *,
+        ttl: float,
+        max_entries: int,
+        now: float | None = None,
+    ) -> None:
+        """Keep ``answers`` of ``rollout`` for feedback posted to any process: each replaces
+        the entry of its request id unless that entry was claimed (:meth:`claim_answers`).
+
+        Then the entries older than twice ``ttl`` (Unix seconds ``now``, default the store's
+        clock; the second ``ttl`` only tells late feedback that it is ``expired``) are dropped,
+        and the oldest beyond the newest ``max_entries`` (expired ones go first). Idempotent:
+        a resend writes the same entries again."""
+
+    async def claim_answers(
+        self,
+        rollouts: Mapping[str, float],
+        claims: Sequence[AnswerClaim],
+        *,
+        now: float | None = None,
+    ) -> list[ClaimResult | None]:
+        """Claim each stored answer at most once, over every process; one atomic step.
+
+        ``rollouts``: rollout name -> its ``ttl``, in the order they are looked in. Per claim
+        (in order, so a second claim of an id in the same call sees the first), the first
+        rollout holding an entry of the id decides: ``taken`` when a claim with another token
+        took it, ``expired`` when it is ``ttl`` old (Unix seconds ``now``), ``unmet`` when it
+        lacks what the claim needs (``need``; nothing claimed: the caller reports why), else
+        ``claimed`` (with its data; a claim with the same token gets it again, so a resend is
+        safe). No entry anywhere: with ``local`` set, a claimed entry of that rollout and time
+        is written (``marked``: the caller has the answers itself, and a later
+        :meth:`put_answers` of them changes nothing), else None."""
 
 
 @runtime_checkable
@@ -229,6 +297,76 @@ def check_lease_request(holder: str, ttl: float) -> None:
         raise StoreError(f"a lease TTL must be a positive number of seconds, got {ttl!r}")
 
 
+# -- shared feedback answers --
+
+CLAIMED = "claimed"  # claimed by this call (or an earlier one with the same token)
+MARKED = "marked"  # nothing stored: the claimer's own answers, claimed in the store now
+TAKEN = "taken"  # claimed before by another token: a duplicate
+EXPIRED = "expired"  # older than the rollout's ttl
+UNMET = "unmet"  # stored, but without what the claim needs: not claimed
+NEEDS = ("", "seen", "predicted")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredAnswer:
+    """What a process keeps in the store of one request id's answers (shared feedback)."""
+
+    request_id: str
+    at: float  # Unix seconds of the answer, by the serving process's clock
+    data: str  # the answers, encoded by the caller (opaque to the store)
+    seen: bool = True  # it holds the answer the user saw
+    predicted: bool = True  # it holds at least one prediction
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerClaim:
+    """One id to claim (:meth:`Store.claim_answers`)."""
+
+    request_id: str
+    token: str  # the claimer: unique per feedback item (a resend uses the same)
+    need: str = ""  # "seen" / "predicted": claim only an entry that has it ("" anything)
+    local: tuple[str, float] | None = None  # (rollout, at) of the claimer's own answers
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    """The outcome of one claim: the rollout whose entry decided, its time and data."""
+
+    rollout: str
+    status: str  # CLAIMED, MARKED, TAKEN, EXPIRED or UNMET
+    at: float
+    data: str | None  # the stored answers (None for MARKED)
+
+
+def check_answers(ttl: float, max_entries: int) -> None:
+    if not ttl > 0 or ttl == float("inf"):
+        raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+    if max_entries < 1:
+        raise ValueError(f"max_entries must be >= 1, got {max_entries!r}")
+
+
+def check_claims(rollouts: Mapping[str, float], claims: Sequence[AnswerClaim]) -> None:
+    for claim in claims:
+        if claim.need not in NEEDS:
+            raise ValueError(f"need must be one of {NEEDS}, got {claim.need!r}")
+        if not claim.token:
+            raise ValueError("a claim needs a non-empty token")
+        if claim.local is not None and claim.local[0] not in rollouts:
+            raise ValueError(f"local rollout {claim.local[0]!r} is not one of the rollouts")
+    for ttl in rollouts.values():
+        check_answers(ttl, 1)
+
+
+def meets(need: str, seen: bool, predicted: bool) -> bool:
+    """An entry with these flags can be claimed for ``need``."""
+    return need == "" or (need == "seen" and seen) or (need == "predicted" and predicted)
+
+
+def check_keep(keep: int) -> None:
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep!r}")
+
+
 def check_limit(limit: int) -> None:
     if limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit!r}")
@@ -240,12 +378,25 @@ def check_max_decisions(max_decisions: int) -> None:
 
 
 __all__ = [
+    "CLAIMED",
     "DEFAULT_MAX_DECISIONS",
+    "DEFAULT_MAX_INPUT_PROCESSES",
+    "EXPIRED",
+    "MARKED",
+    "NEEDS",
+    "TAKEN",
+    "UNMET",
+    "AnswerClaim",
+    "ClaimResult",
     "FileBackedStore",
     "IdentifiedStore",
     "Lease",
     "Store",
+    "StoredAnswer",
+    "check_answers",
+    "check_claims",
     "check_identity",
+    "check_keep",
     "check_lease_request",
     "check_limit",
     "check_max_decisions",
@@ -253,5 +404,6 @@ __all__ = [
     "encode",
     "encode_accumulator",
     "let_go",
+    "meets",
     "merge_in_pieces",
 ]

@@ -6,19 +6,32 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from canary.errors import FencedError, StoreError
 from canary.observe import RolloutAccumulator
 from canary.store._protocol import (
+    CLAIMED,
     DEFAULT_MAX_DECISIONS,
+    DEFAULT_MAX_INPUT_PROCESSES,
+    EXPIRED,
+    MARKED,
+    TAKEN,
+    UNMET,
+    AnswerClaim,
+    ClaimResult,
     Lease,
+    StoredAnswer,
+    check_answers,
+    check_claims,
+    check_keep,
     check_lease_request,
     check_limit,
     check_max_decisions,
     decode,
     encode,
+    meets,
 )
 
 
@@ -52,6 +65,8 @@ class MemoryStore:
         self._state: dict[str, str] = {}
         self._samples: dict[str, RolloutAccumulator] = {}
         self._decisions: dict[str, deque[str]] = {}
+        self._inputs: dict[str, dict[str, str]] = {}  # rollout -> process -> entry (JSON)
+        self._answers: dict[str, dict[str, _Kept]] = {}  # shared feedback: rollout -> id -> kept
 
     def __repr__(self) -> str:
         return f"MemoryStore(max_decisions={self.max_decisions})"
@@ -72,6 +87,8 @@ class MemoryStore:
         self._state.clear()
         self._samples.clear()
         self._decisions.clear()
+        self._inputs.clear()
+        self._answers.clear()
 
     async def get_state(self, rollout: str) -> dict[str, Any] | None:
         self._check()
@@ -86,8 +103,10 @@ class MemoryStore:
         self._fenced(fence, f"state of rollout {rollout!r}")
         self._state[rollout] = text
 
-    async def add_samples(self, rollout: str, delta: RolloutAccumulator) -> None:
-        self._check()
+    async def add_samples(
+        self, rollout: str, delta: RolloutAccumulator, *, batch: tuple[str, int] | None = None
+    ) -> None:
+        self._check()  # ``batch``: an answer in this process is never lost
         mine = self._samples.get(rollout)
         if mine is None:
             self._samples[rollout] = delta.snapshot()
@@ -176,6 +195,120 @@ class MemoryStore:
     async def lease(self) -> Lease | None:
         self._check()
         return self._running()
+
+    # -- shared input health --
+
+    async def put_input_health(
+        self,
+        rollout: str,
+        process: str,
+        entry: dict[str, Any],
+        *,
+        keep: int = DEFAULT_MAX_INPUT_PROCESSES,
+    ) -> None:
+        check_keep(keep)
+        self._check()
+        text = encode(entry, f"input health of rollout {rollout!r}")
+        entries = self._inputs.get(rollout)
+        if entries is None:
+            entries = self._inputs[rollout] = {}
+        entries.pop(process, None)  # re-inserted last: the dict's order is the write order
+        entries[process] = text
+        while len(entries) > keep:
+            del entries[next(iter(entries))]
+
+    async def input_health(self, rollout: str) -> dict[str, dict[str, Any]]:
+        self._check()
+        what = f"input health of rollout {rollout!r}"
+        return {p: decode(t, what) for p, t in self._inputs.get(rollout, {}).items()}
+
+    async def drop_input_health(self, rollout: str, processes: Sequence[str] | None = None) -> None:
+        self._check()
+        if processes is None:
+            self._inputs.pop(rollout, None)
+            return
+        entries = self._inputs.get(rollout, {})
+        for process in processes:
+            entries.pop(process, None)
+
+    # -- shared feedback answers --
+
+    async def put_answers(
+        self,
+        rollout: str,
+        answers: Sequence[StoredAnswer],
+        *,
+        ttl: float,
+        max_entries: int,
+        now: float | None = None,
+    ) -> None:
+        check_answers(ttl, max_entries)
+        self._check()
+        book = self._answers.setdefault(rollout, {})
+        for a in answers:
+            kept = book.get(a.request_id)
+            if kept is None or not kept.claimed:
+                book[a.request_id] = _Kept(a.at, a.data, a.seen, a.predicted, "")
+        cutoff = (self._clock() if now is None else now) - 2 * ttl
+        old = [rid for rid, kept in book.items() if kept.at <= cutoff]
+        extra = len(book) - len(old) - max_entries
+        if extra > 0:  # the oldest of the rest (rare: only a full store sorts)
+            rest = sorted((k.at, rid) for rid, k in book.items() if k.at > cutoff)
+            old.extend(rid for _, rid in rest[:extra])
+        for rid in old:
+            del book[rid]
+
+    async def claim_answers(
+        self,
+        rollouts: Mapping[str, float],
+        claims: Sequence[AnswerClaim],
+        *,
+        now: float | None = None,
+    ) -> list[ClaimResult | None]:
+        check_claims(rollouts, claims)
+        self._check()
+        when = self._clock() if now is None else now
+        out: list[ClaimResult | None] = []
+        for claim in claims:
+            result: ClaimResult | None = None
+            for name, ttl in rollouts.items():
+                kept = self._answers.get(name, {}).get(claim.request_id)
+                if kept is not None:
+                    result = kept.claim(name, claim, ttl, when)
+                    break
+            if result is None and claim.local is not None:
+                name, at = claim.local
+                book = self._answers.setdefault(name, {})
+                book[claim.request_id] = _Kept(at, None, False, False, claim.token)
+                result = ClaimResult(name, MARKED, at, None)
+            out.append(result)
+        return out
+
+
+class _Kept:
+    """One request id's answers in a :class:`MemoryStore` (shared feedback)."""
+
+    __slots__ = ("at", "claimed", "data", "predicted", "seen")
+
+    def __init__(
+        self, at: float, data: str | None, seen: bool, predicted: bool, claimed: str
+    ) -> None:
+        self.at, self.data, self.seen, self.predicted = at, data, seen, predicted
+        self.claimed = claimed  # the claim's token ("" = not claimed)
+
+    def claim(self, rollout: str, claim: AnswerClaim, ttl: float, now: float) -> ClaimResult:
+        if self.claimed:
+            if self.claimed != claim.token:
+                return ClaimResult(rollout, TAKEN, self.at, None)
+            return ClaimResult(
+                rollout, MARKED if self.data is None else CLAIMED, self.at, self.data
+            )
+        if self.at + ttl <= now:
+            return ClaimResult(rollout, EXPIRED, self.at, None)
+        if not meets(claim.need, self.seen, self.predicted):
+            return ClaimResult(rollout, UNMET, self.at, self.data)
+        self.claimed = claim.token
+        return ClaimResult(rollout, CLAIMED, self.at, self.data)
 
 
 __all__ = [

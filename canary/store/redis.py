@@ -6,6 +6,8 @@ Layout (every key under ``key_prefix``, ``canary:`` by default)::
     samples:<rollout>    string  the merged RolloutAccumulator as JSON (``to_dict``)
     decisions:<rollout>  list    decision log entries as JSON, oldest first, LTRIMmed
     rollouts             set     names with any of the three above
+    inputs:<rollout>     hash    shared input health: process -> its counts as JSON
+    inputs-order:<rollout> zset  process -> time of its last write (the oldest are dropped)
     lease                hash    holder, token; PX expiry = the lease's TTL
     lease-token          string  INCR counter of fencing tokens (starts at the Redis clock in
                                  ms, see _ACQUIRE); never deleted
@@ -33,7 +35,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -47,7 +49,9 @@ from canary.errors import FencedError, StoreError
 from canary.observe import RolloutAccumulator
 from canary.store._protocol import (
     DEFAULT_MAX_DECISIONS,
+    DEFAULT_MAX_INPUT_PROCESSES,
     Lease,
+    check_keep,
     check_lease_request,
     check_limit,
     check_max_decisions,
@@ -61,6 +65,7 @@ T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 3.0  # seconds a Redis call (or a connect) may take before it is a StoreError
 MAX_MERGE_ATTEMPTS = 64  # add_samples retries after concurrent writers before giving up
+APPLIED_TTL = 7 * 24 * 3600  # seconds the last batch number of a writer is kept per rollout
 _NO_FENCE = ""
 
 # KEYS[1] lease, KEYS[2] token counter; ARGV[1] holder, ARGV[2] ttl in ms.
@@ -157,6 +162,25 @@ _SCRIPTS = {
     "append_decision": _APPEND_DECISION,
     "reset": _RESET,
 }
+
+
+# -- shared input health --
+# KEYS[1] inputs hash (process -> JSON), KEYS[2] inputs-order zset (process -> write time in
+# microseconds by the Redis clock); ARGV process, JSON, keep. The last `keep` written stay.
+_PUT_INPUT_HEALTH = """
+redis.replicate_commands()
+local now = redis.call('TIME')
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], tonumber(now[1]) * 1000000 + tonumber(now[2]), ARGV[1])
+local extra = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
+if extra > 0 then
+  local old = redis.call('ZRANGE', KEYS[2], 0, extra - 1)
+  redis.call('HDEL', KEYS[1], unpack(old))
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, extra - 1)
+end
+return 1
+"""
+_SCRIPTS["put_input_health"] = _PUT_INPUT_HEALTH
 
 
 _USERINFO_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*):[^/@]*@")
@@ -383,9 +407,14 @@ class RedisStore:
 
     # -- samples --------------------------------------------------------------------------
 
-    async def add_samples(self, rollout: str, delta: RolloutAccumulator) -> None:
+    async def add_samples(
+        self, rollout: str, delta: RolloutAccumulator, *, batch: tuple[str, int] | None = None
+    ) -> None:
         copy = delta.snapshot()  # taken now: the caller may record into ``delta`` later
         key = self._key("samples", rollout)
+        # The last batch of each writer merged into this rollout, set in the same
+        # transaction as the merge: a batch sent again after its answer was lost is seen.
+        applied = self._key("applied", rollout)
         what = f"samples of rollout {rollout!r} in {self._safe_url}"
 
         def merged_text(text: str | None) -> str:
@@ -407,7 +436,11 @@ class RedisStore:
             spent = 0.001  # seconds the last merge took: the window another writer can hit
             for attempt in range(MAX_MERGE_ATTEMPTS):
                 async with client.pipeline(transaction=True) as pipe:
-                    await pipe.watch(key)
+                    await pipe.watch(key, applied)
+                    if batch is not None:
+                        last = await pipe.hget(applied, batch[0])
+                        if last is not None and int(last) >= batch[1]:
+                            return  # merged already: its answer was lost, not the write
                     text = await pipe.get(key)
                     stored = None if text is None else _str(text)
                     started = time.monotonic()
@@ -416,6 +449,9 @@ class RedisStore:
                     pipe.multi()
                     pipe.set(key, encoded)
                     pipe.sadd(self._rollouts_key, rollout)
+                    if batch is not None:
+                        pipe.hset(applied, batch[0], str(batch[1]))
+                        pipe.expire(applied, APPLIED_TTL)
                     try:
                         await pipe.execute()
                         return
@@ -428,8 +464,9 @@ class RedisStore:
                 f"cannot add {what}: {MAX_MERGE_ATTEMPTS} attempts collided with other writers"
             )
 
-        # Not retried on a broken connection: EXEC may have run before the answer was lost.
-        await self._run(f"add samples of rollout {rollout!r}", merge, idempotent=False)
+        # Without a batch number, not retried on a broken connection: EXEC may have run
+        # before the answer was lost. With one, a resend finds out and merges nothing.
+        await self._run(f"add samples of rollout {rollout!r}", merge, idempotent=batch is not None)
 
     async def get_samples(self, rollout: str) -> RolloutAccumulator | None:
         key = self._key("samples", rollout)
@@ -522,6 +559,49 @@ class RedisStore:
             return Lease(holder=str(holder), token=int(token), expires_at=expires_at)
         except (TypeError, ValueError) as exc:
             raise StoreError(f"{self._where}: corrupt lease {reply!r}: {exc}") from exc
+
+    # -- shared input health --
+
+    async def put_input_health(
+        self,
+        rollout: str,
+        process: str,
+        entry: dict[str, Any],
+        *,
+        keep: int = DEFAULT_MAX_INPUT_PROCESSES,
+    ) -> None:
+        """One script: the entry written, the oldest beyond ``keep`` dropped (idempotent: a
+        resend writes the same absolute counts again)."""
+        check_keep(keep)
+        text = encode(entry, f"input health of rollout {rollout!r}")
+        keys = [self._key("inputs", rollout), self._key("inputs-order", rollout)]
+        await self._run(
+            f"write input health of rollout {rollout!r}",
+            self._script("put_input_health", keys, [process, text, keep]),
+        )
+
+    async def input_health(self, rollout: str) -> dict[str, dict[str, Any]]:
+        key = self._key("inputs", rollout)
+        what = f"input health of rollout {rollout!r} in {self._safe_url}"
+        entries: dict[bytes | str, bytes | str] = await self._run(
+            f"read input health of rollout {rollout!r}", lambda c: c.hgetall(key)
+        )
+        return {_str(p): decode(_str(text), what) for p, text in entries.items()}
+
+    async def drop_input_health(self, rollout: str, processes: Sequence[str] | None = None) -> None:
+        keys = [self._key("inputs", rollout), self._key("inputs-order", rollout)]
+        names = None if processes is None else list(processes)
+
+        async def drop(client: aioredis.Redis) -> None:
+            if names is None:
+                await client.delete(*keys)
+            elif names:
+                async with client.pipeline(transaction=True) as pipe:
+                    pipe.hdel(keys[0], *names)
+                    pipe.zrem(keys[1], *names)
+                    await pipe.execute()
+
+        await self._run(f"drop input health of rollout {rollout!r}", drop)
 
 
 def _fence(fence: int | None) -> str:

@@ -16,7 +16,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -25,7 +25,9 @@ from canary.errors import FencedError, StoreError
 from canary.observe import RolloutAccumulator
 from canary.store._protocol import (
     DEFAULT_MAX_DECISIONS,
+    DEFAULT_MAX_INPUT_PROCESSES,
     Lease,
+    check_keep,
     check_lease_request,
     check_limit,
     check_max_decisions,
@@ -70,6 +72,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TRIGGER samples_etag AFTER UPDATE ON samples WHEN NEW.etag = OLD.etag"
         " BEGIN UPDATE samples SET etag = (random() & 4611686018427387903) + 1"
         " WHERE rollout = NEW.rollout; END",
+    ),
+    (
+        # Shared input health: each process's absolute input counts per rollout (JSON), the
+        # last `keep` written kept (put_input_health). `seq` orders the writes (a counter in
+        # the file: the processes' clocks need not agree).
+        "CREATE TABLE input_health (rollout TEXT NOT NULL, process TEXT NOT NULL,"
+        " data TEXT NOT NULL, seq INTEGER NOT NULL, updated_at REAL NOT NULL,"
+        " PRIMARY KEY (rollout, process))",
+        "CREATE INDEX input_health_seq ON input_health (rollout, seq)",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -326,8 +337,11 @@ class SQLiteStore:
 
     # -- samples --------------------------------------------------------------------------
 
-    async def add_samples(self, rollout: str, delta: RolloutAccumulator) -> None:
-        """Merge ``delta`` into the row in one write transaction.
+    async def add_samples(
+        self, rollout: str, delta: RolloutAccumulator, *, batch: tuple[str, int] | None = None
+    ) -> None:
+        """Merge ``delta`` into the row in one write transaction (``batch`` is not needed: a
+        local commit's outcome is always known to the caller).
 
         Decoding the stored totals is most of a flush's cost (milliseconds for a rollout
         with many signals, holding the GIL the proxy's event loop needs). So the store keeps
@@ -500,6 +514,65 @@ class SQLiteStore:
             return None if holder is None else Lease(holder, token, expires_at)
 
         return await self._run("read the leadership lease", job)
+
+    # -- shared input health --
+
+    async def put_input_health(
+        self,
+        rollout: str,
+        process: str,
+        entry: dict[str, Any],
+        *,
+        keep: int = DEFAULT_MAX_INPUT_PROCESSES,
+    ) -> None:
+        check_keep(keep)
+        text = encode(entry, f"input health of rollout {rollout!r}")
+
+        def job(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.execute(
+                    "INSERT INTO input_health (rollout, process, data, seq, updated_at)"
+                    " VALUES (?1, ?2, ?3, (SELECT coalesce(max(seq), 0) + 1 FROM input_health"
+                    " WHERE rollout = ?1), ?4) ON CONFLICT (rollout, process) DO UPDATE SET"
+                    " data = excluded.data, seq = excluded.seq, updated_at = excluded.updated_at",
+                    (rollout, process, text, time.time()),
+                )
+                # A walk of at most `keep` index entries, as for the decisions.
+                conn.execute(
+                    "DELETE FROM input_health WHERE rollout = ?1 AND seq <= ("
+                    "SELECT seq FROM input_health WHERE rollout = ?1"
+                    " ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
+                    (rollout, keep),
+                )
+
+        await self._run(f"write input health of rollout {rollout!r}", job)
+
+    async def input_health(self, rollout: str) -> dict[str, dict[str, Any]]:
+        what = f"input health of rollout {rollout!r} in {self.path}"
+
+        def job(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+            rows = conn.execute(
+                "SELECT process, data FROM input_health WHERE rollout = ? ORDER BY seq",
+                (rollout,),
+            ).fetchall()
+            return {str(process): decode(text, what) for process, text in rows}
+
+        return await self._run(f"read input health of rollout {rollout!r}", job)
+
+    async def drop_input_health(self, rollout: str, processes: Sequence[str] | None = None) -> None:
+        names = None if processes is None else list(processes)
+
+        def job(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                if names is None:
+                    conn.execute("DELETE FROM input_health WHERE rollout = ?", (rollout,))
+                else:
+                    conn.executemany(
+                        "DELETE FROM input_health WHERE rollout = ? AND process = ?",
+                        [(rollout, name) for name in names],
+                    )
+
+        await self._run(f"drop input health of rollout {rollout!r}", job)
 
 
 def new_etag() -> int:
