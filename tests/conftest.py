@@ -15,6 +15,7 @@ import yaml
 from canary.config import Config, load_config_text
 from canary.runtime import Runtime
 from loadtest.fake_model import FakeModelConfig, running_fake_model
+from tests.browser_harness import browser  # noqa: F401  (headless Chromium, for the pages)
 from tests.redis_harness import redis_server  # noqa: F401  (the fixture, for every test)
 
 FAST = {"latency": "fixed", "latency_median": 0.0005}
