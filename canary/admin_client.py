@@ -26,7 +26,10 @@ __all__ = [
 ]
 
 DEFAULT_ADMIN_URL: Final = "http://127.0.0.1:9901"
-ACTIONS: Final = ("pause", "resume", "promote", "rollback")
+# POST /api/v1/rollouts/{name}/{action}: "promote" sends all traffic to the candidate,
+# "advance" moves to the next step (promoting from the last), "retry" starts a rolled-back
+# rollout again from step 1 with fresh samples.
+ACTIONS: Final = ("pause", "resume", "promote", "advance", "rollback", "retry")
 
 
 class AdminUnreachableError(AdminError):
@@ -117,22 +120,33 @@ class AdminClient:
         """Summary of one rollout with its ``metrics`` and ``decisions``."""
         return self._call("GET", f"/api/v1/rollouts/{quote(name, safe='')}")
 
+    def history(self, name: str) -> dict[str, Any]:
+        """The rollout's metric history (``GET /api/v1/rollouts/NAME/history``)."""
+        return self._call("GET", f"/api/v1/rollouts/{quote(name, safe='')}/history")
+
+    def distributions(self, name: str) -> dict[str, Any]:
+        """Per-arm latency and ttft distributions (``GET .../distributions``)."""
+        return self._call("GET", f"/api/v1/rollouts/{quote(name, safe='')}/distributions")
+
     def action(self, name: str, action: str, reason: str | None = None) -> dict[str, Any]:
-        """Pause, resume, promote or roll back rollout ``name``; returns the new phase.
+        """Send an operator command to rollout ``name``; returns where it is now.
 
         Parameters
         ----------
         name
             Rollout name.
         action
-            One of ``pause``, ``resume``, ``promote``, ``rollback``.
+            One of :data:`ACTIONS`: ``pause``, ``resume``, ``promote`` (all traffic to the
+            candidate), ``advance`` (the next step), ``rollback``, ``retry`` (a rolled-back
+            rollout from step 1 with fresh samples).
         reason
             Why, recorded in the decision log.
 
         Returns
         -------
         dict
-            ``{"name", "phase", "action", "reason"}`` as the admin API answered.
+            ``{"name", "phase", "action", "reason"}`` as the admin API answered (this
+            canary adds ``step``, ``steps``, ``weights``, ``shadow`` and ``attempt``).
         """
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {', '.join(ACTIONS)}, got {action!r}")

@@ -1,5 +1,6 @@
-"""Command line: ``canary run | validate``, and the admin API commands ``status``,
-``promote | rollback | pause | resume NAME`` and ``reload``.
+"""Command line: ``canary run [--workers N] | validate | simulate FILE``, ``canary report
+NAME`` (from the admin API or the state file), and the admin API commands ``status [NAME]
+[--watch]``, ``promote [--full] | rollback | pause | resume | retry NAME`` and ``reload``.
 """
 
 from __future__ import annotations
@@ -9,14 +10,17 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from canary import __version__
 from canary.config import AdminConfig, load_config
 from canary.errors import AdminError, CanaryError, ConfigError
+from canary.simulate import add_parser as add_simulate_parser
 from canary.workers import WorkerSpec, check_workers, parse_workers
 
 if TYPE_CHECKING:
@@ -102,8 +106,18 @@ def _validate(args: argparse.Namespace) -> int:
 
 ADMIN_URL_ENV = "CANARY_ADMIN_URL"
 ADMIN_TOKEN_ENV = "CANARY_ADMIN_TOKEN"
-_WIDTH = 120  # status lines are cut to this many columns
-_PAST = {"pause": "paused", "resume": "resumed", "promote": "promoted", "rollback": "rolled back"}
+DEFAULT_WIDTH = 120  # columns of output that goes to no terminal (a pipe, a file) without $COLUMNS
+WATCH_DEFAULT = 2.0  # seconds between the snapshots of `canary status --watch`
+_WATCH_RANGE = (0.1, 3600.0)
+_FLEX_MIN = 12  # a free-text last column (reason, last decision) is cut down to this first
+_PAST = {
+    "pause": "paused",
+    "resume": "resumed",
+    "promote": "promoted",
+    "advance": "advanced",
+    "rollback": "rolled back",
+    "retry": "retried",
+}
 
 
 def _admin_section(path: str) -> AdminConfig:
@@ -183,19 +197,65 @@ def resolve_admin(
 
 def _cut(text: str, width: int) -> str:
     text = " ".join(text.split())  # reasons may hold newlines: keep one row per line
-    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+    return _clip(text, width)
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    """Left-aligned columns two spaces apart; the last column is cut to fit ``_WIDTH``."""
-    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
-    room = max(_WIDTH - sum(w + 2 for w in widths[:-1]), len(headers[-1]), 20)
-    widths[-1] = min(widths[-1], room)
+def _clip(line: str, width: int) -> str:
+    """``line`` (one line, spacing kept) cut to ``width`` characters with an ellipsis."""
+    return line if len(line) <= width else line[: max(width - 1, 0)] + "…"
+
+
+def terminal_width() -> int:
+    """Columns to fit: ``$COLUMNS``, else the terminal's, else :data:`DEFAULT_WIDTH`."""
+    return max(20, shutil.get_terminal_size((DEFAULT_WIDTH, 24)).columns)
+
+
+def _table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    width: int,
+    *,
+    flex: bool = True,
+    drop: Sequence[int] = (),
+) -> list[str]:
+    """Left-aligned columns two spaces apart, every line at most ``width`` long.
+
+    When the table is wider: the last column (free text, when ``flex``) is cut first, down to
+    :data:`_FLEX_MIN` characters; then the columns of ``drop`` (indices, least useful first)
+    are left out one at a time; and if it is still too wide, every line is cut at ``width``
+    with an ellipsis (a row never wraps).
+    """
+    table = [[" ".join(str(c).split()) for c in row] for row in [headers, *rows]]
+    cols = list(range(len(headers)))
+    dropping = [i for i in drop if i < len(headers)]
+    while True:
+        widths = [max(len(row[i]) for row in table) for i in cols]
+        used = sum(widths) + 2 * (len(cols) - 1)
+        if used <= width:
+            break
+        if flex:
+            room = width - (used - widths[-1])
+            if room >= min(widths[-1], _FLEX_MIN):
+                widths[-1] = room
+                break
+        if not dropping:
+            break
+        cols.remove(dropping.pop(0))
     lines = []
-    for row in [list(headers), *rows]:
-        cells = [*row[:-1], _cut(row[-1], widths[-1])]
-        lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
+    for row in table:
+        cells = [_cut(row[i], w).ljust(w) for i, w in zip(cols, widths, strict=True)]
+        lines.append(_clip("  ".join(cells).rstrip(), width))
     return lines
+
+
+def _clock(at: float, utc: bool = False) -> str:
+    """A wall-clock time with its zone: ``2026-12-07 20:31:05 UTC``, ``... CET``, or the
+    offset (``... +0530``) where the zone has no name of letters."""
+    when = datetime.fromtimestamp(at, tz=UTC if utc else None).astimezone(UTC if utc else None)
+    zone = when.tzname() or ""
+    if not zone.isalpha():
+        zone = when.strftime("%z")
+    return f"{when:%Y-%m-%d %H:%M:%S} {zone}".rstrip()
 
 
 def _duration(seconds: Any) -> str:
@@ -311,13 +371,9 @@ def _metric_row(m: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _decision_row(d: Mapping[str, Any], steps: Any) -> list[str]:
+def _decision_row(d: Mapping[str, Any], steps: Any, utc: bool = False) -> list[str]:
     at = d.get("at")
-    when = (
-        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
-        if isinstance(at, int | float)
-        else "?"
-    )
+    when = _clock(at, utc) if isinstance(at, int | float) else "?"
     step = _step_number(d)
     return [
         when,
@@ -333,63 +389,288 @@ def _decision_time(d: Mapping[str, Any]) -> float:
     return float(at) if isinstance(at, int | float) else 0.0
 
 
-def _print_rollout(r: Mapping[str, Any]) -> None:
-    print("\n".join(_table(_ROLLOUT_HEADERS, [_rollout_row(r)])))
+_ROLLOUT_DROP = (5, 3, 4)  # ELAPSED, SAMPLES P/C, STEP PROGRESS go first on a narrow terminal
+_METRIC_DROP = (5, 4, 2)  # SAMPLES P/C, TOLERANCE, ESTIMATE
+_DECISION_DROP = (3, 1)  # BY, STEP
+
+
+def _times(r: Mapping[str, Any], now: float, utc: bool) -> list[str]:
+    """When the rollout started and when its max_duration ends, with the zone (the admin
+    API gives durations: they are placed on this machine's clock)."""
+    parts = []
+    elapsed, deadline_in = r.get("elapsed"), r.get("deadline_in")
+    if isinstance(elapsed, int | float):
+        parts.append(f"started {_clock(now - elapsed, utc)} ({_duration(elapsed)} ago)")
+    terminal = r.get("phase") in ("promoted", "rolled_back")
+    if isinstance(deadline_in, int | float) and not terminal:
+        when = _clock(now + deadline_in, utc)
+        left = f"in {_duration(deadline_in)}" if deadline_in >= 0 else "passed"
+        parts.append(f"max_duration ends {when} ({left})")
+    return parts
+
+
+def _rollout_lines(r: Mapping[str, Any], width: int, utc: bool, now: float) -> list[str]:
+    """``canary status NAME``: the rollout's row, its times, metrics and last decisions."""
+    lines = _table(_ROLLOUT_HEADERS, [_rollout_row(r)], width, drop=_ROLLOUT_DROP)
+    times = _times(r, now, utc)
+    if times and len("; ".join(times)) <= width:
+        lines.append("; ".join(times))
+    else:  # one line each on a narrow terminal
+        lines += [_cut(t, width) for t in times]
     if r.get("status"):
-        print(f"now: {r['status']}")
+        lines.append(_cut(f"now: {r['status']}", width))
     metrics = [m for m in r.get("metrics") or [] if isinstance(m, Mapping)]
     net = r.get("net_value")
     if isinstance(net, Mapping):
         metrics.append(net)
     metrics += [g for g in r.get("guards") or [] if isinstance(g, Mapping)]
-    print()
+    lines.append("")
     if metrics:
-        print("\n".join(_table(_METRIC_HEADERS, [_metric_row(m) for m in metrics])))
+        rows = [_metric_row(m) for m in metrics]
+        lines += _table(_METRIC_HEADERS, rows, width, flex=False, drop=_METRIC_DROP)
     else:
-        print("no metrics")
+        lines.append("no metrics")
     decisions = [d for d in r.get("decisions") or [] if isinstance(d, Mapping)]
     decisions.sort(key=_decision_time)
-    print()
+    lines.append("")
     if decisions:
-        print(f"last {min(len(decisions), 10)} of {len(decisions)} decision(s):")
-        rows = [_decision_row(d, r.get("steps", "?")) for d in decisions[-10:]]
-        print("\n".join(_table(_DECISION_HEADERS, rows)))
+        lines.append(f"last {min(len(decisions), 10)} of {len(decisions)} decision(s):")
+        rows = [_decision_row(d, r.get("steps", "?"), utc) for d in decisions[-10:]]
+        lines += _table(_DECISION_HEADERS, rows, width, drop=_DECISION_DROP)
     else:
-        print("no decisions yet")
+        lines.append("no decisions yet")
+    return lines
+
+
+def _list_lines(rollouts: Sequence[Any], width: int) -> list[str]:
+    """``canary status``: one row per rollout."""
+    if not rollouts:
+        return ["no rollouts"]
+    rows = [_rollout_row(r) for r in rollouts if isinstance(r, Mapping)]
+    return _table(_ROLLOUT_HEADERS, rows, width, drop=_ROLLOUT_DROP)
 
 
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=False))
 
 
-def _status(args: argparse.Namespace, client: AdminClient) -> None:
+def _snapshot(args: argparse.Namespace, client: AdminClient) -> Any:
+    """What ``status`` shows, as the admin API answered it."""
     if args.name is not None:
-        rollout = client.rollout(args.name)
-        if args.json:
-            _print_json(rollout)
-        else:
-            _print_rollout(rollout)
+        return client.rollout(args.name)
+    return {"rollouts": client.rollouts()}
+
+
+def _render(args: argparse.Namespace, data: Any, width: int) -> list[str]:
+    if args.name is not None:
+        return _rollout_lines(data, width, args.utc, time.time())
+    return _list_lines(data["rollouts"], width)
+
+
+def _status(args: argparse.Namespace, client: AdminClient) -> None:
+    interval = _watch_interval(args)
+    if interval is not None:
+        _watch(args, client, interval)
         return
-    rollouts = client.rollouts()
+    data = _snapshot(args, client)
     if args.json:
-        _print_json({"rollouts": rollouts})
-    elif not rollouts:
-        print("no rollouts")
+        _print_json(data)
     else:
-        rows = [_rollout_row(r) for r in rollouts if isinstance(r, Mapping)]
-        print("\n".join(_table(_ROLLOUT_HEADERS, rows)))
+        print("\n".join(_render(args, data, terminal_width())))
+
+
+def _watch_interval(args: argparse.Namespace) -> float | None:
+    """``--watch [SECONDS]`` (None: no watching). ``status --watch NAME`` reads NAME as the
+    rollout, not as seconds."""
+    if args.watch is None:
+        return None
+    try:
+        seconds = float(args.watch)
+    except ValueError:
+        if args.name is not None:
+            raise AdminError(
+                f"--watch: expected seconds such as 2 or 0.5, got {args.watch!r}", exit_code=2
+            ) from None
+        args.name, seconds = args.watch, WATCH_DEFAULT
+    low, high = _WATCH_RANGE
+    if not low <= seconds <= high:  # also NaN
+        raise AdminError(
+            f"--watch: expected {low:g} to {high:g} seconds, got {args.watch!r}", exit_code=2
+        )
+    return seconds
+
+
+# Terminal control (ECMA-48): cursor home, erase to end of line / of screen, hide/show cursor.
+_HOME, _ERASE_LINE, _ERASE_BELOW, _ERASE_ALL = "\x1b[H", "\x1b[K", "\x1b[J", "\x1b[2J"
+_HIDE_CURSOR, _SHOW_CURSOR = "\x1b[?25l", "\x1b[?25h"
+
+
+def _watch(args: argparse.Namespace, client: AdminClient, interval: float) -> None:
+    """``status --watch``: a snapshot every ``interval`` seconds until Ctrl-C.
+
+    On a terminal each snapshot redraws the screen in place (cursor home, each line erased to
+    its end, the rest of the screen erased; cut to the terminal's width and height); to a
+    pipe or file each snapshot is printed after a blank line, without escape codes (with
+    ``--json``: one JSON object per line). The admin API not answering shows an error line
+    and the watch goes on; a refused token, or a rollout unknown at the first call, ends it
+    as ``status`` would.
+    """
+    from canary.admin_client import AdminUnauthorizedError, AdminUnreachableError
+
+    out = sys.stdout
+    tty = out.isatty() and not args.json
+    what = "canary status" + (f" {args.name}" if args.name else "")
+    shown = False  # a snapshot came through
+    last: list[str] = []
+    first = True
+    if tty:
+        out.write(_HIDE_CURSOR + _ERASE_ALL)
+    try:
+        while True:
+            size = shutil.get_terminal_size((DEFAULT_WIDTH, 24))
+            width = max(20, size.columns)
+            now = time.time()
+            try:
+                data = _snapshot(args, client)
+            except AdminError as exc:
+                if isinstance(exc, AdminUnauthorizedError):
+                    raise
+                if not shown and not isinstance(exc, AdminUnreachableError):
+                    raise
+                error = f"{_clock(now, args.utc)}: {exc}"
+                if args.json:
+                    print(f"canary: {error}", file=sys.stderr, flush=True)
+                    body = None
+                else:
+                    body = [_cut(f"error: {error}", width)]
+                    if tty and last:
+                        body += ["", "last snapshot:", *last]
+            else:
+                shown = True
+                if args.json:
+                    body = [json.dumps(data, separators=(",", ":"))]
+                else:
+                    body = last = _render(args, data, width)
+            if body is not None:
+                if args.json:
+                    lines = body
+                else:
+                    header = f"every {interval:g}s: {what}    {_clock(now, args.utc)}"
+                    lines = [_clip(header, width), *([""] if tty else []), *body]
+                if tty:
+                    _redraw(out, lines, width, size.lines)
+                else:
+                    if not first and not args.json:
+                        out.write("\n")
+                    out.write("\n".join(lines) + "\n")
+                out.flush()
+                first = False
+            time.sleep(interval)
+    except KeyboardInterrupt:  # Ctrl-C: the way to stop watching, not an error
+        pass
+    finally:
+        if tty:
+            out.write(_SHOW_CURSOR)
+            out.flush()
+
+
+def _redraw(out: Any, lines: list[str], width: int, height: int) -> None:
+    """Draw ``lines`` over the previous snapshot: from the top left, each line cut to
+    ``width`` and erased to its end, the screen below erased; at most ``height - 1`` lines
+    (one more would scroll the screen and break the redrawing in place)."""
+    rows = max(height - 1, 1)
+    if len(lines) > rows:
+        more = len(lines) - rows + 1
+        lines = [*lines[: rows - 1], f"… {more} more line(s): a taller terminal shows them"]
+    text = "".join(_clip(line, width) + _ERASE_LINE + "\n" for line in lines)
+    out.write(_HOME + text + _ERASE_BELOW)
 
 
 def _action(args: argparse.Namespace, client: AdminClient) -> None:
-    answer = client.action(args.name, args.command, args.reason)
-    name = answer.get("name", args.name)
-    print(f"{name}: {_PAST[args.command]} (phase {answer.get('phase', '?')})")
+    action = args.command
+    if action == "promote" and not args.full:
+        action = "advance"
+    answer = client.action(args.name, action, args.reason)
+    print(_action_line(args.name, action, answer))
+
+
+def _action_line(name: str, action: str, answer: Mapping[str, Any]) -> str:
+    """What an operator command did: ``fraud: advanced to step 3/4 (weight 25%), phase
+    running``; ``fraud: promoted (phase promoted)``."""
+    name = str(answer.get("name", name))
+    phase = answer.get("phase", "?")
+    done = answer.get("action")
+    if done == "PROMOTE" or action in ("pause", "resume", "promote", "rollback"):
+        verb = "promoted" if done == "PROMOTE" else _PAST[action]
+        return f"{name}: {verb} (phase {phase})"
+    step = _step(answer) if "steps" in answer else None
+    if action == "advance":
+        where = f" to step {step}" if step else ""
+        return f"{name}: advanced{where} (phase {phase})"
+    attempt = answer.get("attempt")
+    tries = f", attempt {attempt}" if isinstance(attempt, int) else ""
+    where = f" from step {step}" if step else ""
+    return f"{name}: retried{where} with fresh samples (phase {phase}{tries})"
 
 
 def _reload(args: argparse.Namespace, client: AdminClient) -> None:
     answer = client.reload()
     names = [str(n) for n in answer.get("rollouts") or []]
     print(f"reloaded: {len(names)} rollout(s)" + (f": {', '.join(names)}" if names else ""))
+
+
+def _report(args: argparse.Namespace) -> int:
+    """``canary report NAME``: from the state store (``--state``) or the admin API."""
+    from canary.report import from_admin, render_html, render_markdown, report_from_store
+
+    if args.state == "" and not args.config:
+        print("canary report: --state without FILE needs -c FILE (its state:)", file=sys.stderr)
+        return 2
+    try:
+        if args.state is not None:
+            config = load_config(args.config) if args.config else None
+            where = args.state or None
+            if where is not None and where.startswith(("redis://", "rediss://", "unix://")):
+                store = {"backend": "redis", "url": where}
+            elif where is not None:
+                store = {"backend": "sqlite", "path": where}
+            else:
+                assert config is not None
+                s = config.state
+                store = {"backend": s.backend, "path": s.path, "url": s.url or ""}
+            data = asyncio.run(report_from_store(args.name, config=config, **store))
+        else:
+            from canary.admin_client import AdminClient
+
+            url, token = resolve_admin(args.admin, args.config, os.environ)
+            with AdminClient(url, token, timeout=args.timeout) as client:
+                data = from_admin(client, args.name)
+        render = render_markdown if args.format == "md" else render_html
+        text = render(data, utc=args.utc)
+        if args.output in (None, "-"):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        else:
+            tmp = f"{args.output}.tmp{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as out:
+                out.write(text)
+            os.replace(tmp, args.output)
+            print(f"{args.output}: {data.name}: {data.phase} ({len(text):,} bytes)")
+    except BrokenPipeError:
+        return _closed_pipe()
+    except AdminError as exc:
+        print(exc, file=sys.stderr)
+        return exc.exit_code
+    except CanaryError as exc:  # ConfigError, StoreError, UnknownRollout
+        from canary.errors import UnknownRollout
+
+        message = exc.args[0] if isinstance(exc, UnknownRollout) and exc.args else exc
+        print(f"canary report: {message}", file=sys.stderr)
+        return 4 if isinstance(exc, UnknownRollout) else 1
+    except OSError as exc:
+        print(f"canary report: cannot write {args.output}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _admin_command(
@@ -489,6 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check rollout files; exit 1 listing every error")
     validate.add_argument("files", nargs="+", help="rollout files (YAML)")
     validate.set_defaults(func=_validate)
+    add_simulate_parser(sub)
 
     token_note = (
         f"The bearer token is read from ${ADMIN_TOKEN_ENV}, else from the variable named by "
@@ -501,19 +783,56 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("name", nargs="?", metavar="NAME", help="one rollout, in detail")
     status.add_argument("--json", action="store_true", help="print the admin API's JSON")
+    status.add_argument(
+        "-w",
+        "--watch",
+        nargs="?",
+        const=str(WATCH_DEFAULT),
+        default=None,
+        metavar="SECONDS",
+        help=f"show it again every SECONDS ({WATCH_DEFAULT:g} when omitted) until Ctrl-C: "
+        "redrawn in place on a terminal, else a snapshot after a blank line each time "
+        "(with --json one JSON object per line); the admin API not answering shows an "
+        "error line and the watch goes on",
+    )
+    status.add_argument(
+        "--utc", action="store_true", help="show times in UTC (default: the local time zone)"
+    )
     _add_admin_options(status)
     status.set_defaults(func=_admin_command(_status))
 
-    for action, what in (
-        ("promote", "send all traffic to the candidate now"),
-        ("rollback", "send all traffic back to production now"),
-        ("pause", "stop advancing (traffic split kept) until resume"),
-        ("resume", "continue a paused rollout"),
+    for action, what, more in (
+        (
+            "promote",
+            "move the rollout to its next step now (--full: all traffic to the candidate)",
+            "As an automatic advance: the next step's weight, its requests and min_duration "
+            "counted from now; from the last step it promotes. From a shadow step the next "
+            "step sends real users to the candidate. A paused or held rollout stays paused or "
+            "held at the next step.",
+        ),
+        ("rollback", "send all traffic back to production now", ""),
+        ("pause", "stop advancing (traffic split kept) until resume", ""),
+        ("resume", "continue a paused rollout", ""),
+        (
+            "retry",
+            "start a rolled-back rollout again from step 1 with the same candidate",
+            "Its samples start from zero (those of the attempt that was rolled back no longer "
+            "count), the step-1 weights are served, and the decision log keeps the history "
+            "with a RETRY entry.",
+        ),
     ):
         cmd = sub.add_parser(
-            action, help=what, description=f"{what[0].upper()}{what[1:]}. {token_note}"
+            action,
+            help=what,
+            description=f"{what[0].upper()}{what[1:]}. {more + ' ' if more else ''}{token_note}",
         )
         cmd.add_argument("name", metavar="NAME", help="rollout name")
+        if action == "promote":
+            cmd.add_argument(
+                "--full",
+                action="store_true",
+                help="promote all the way: the candidate gets 100%% now, from any step",
+            )
         cmd.add_argument("--reason", metavar="TEXT", help="recorded in the decision log")
         _add_admin_options(cmd)
         cmd.set_defaults(func=_admin_command(_action))
@@ -525,6 +844,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_admin_options(reload)
     reload.set_defaults(func=_admin_command(_reload))
+
+    report = sub.add_parser(
+        "report",
+        help="write a rollout's report: one self-contained HTML file, or Markdown",
+        description="A report of one rollout, running or finished: outcome and why, weights "
+        "over time, each metric's interval over time against its tolerance, per-arm "
+        "distributions, cost per 1k inferences, the decision log. From the admin API of a "
+        "running canary, or with --state straight from the state store (read-only, no "
+        "canary needed). " + token_note,
+    )
+    report.add_argument("name", metavar="NAME", help="rollout name")
+    report.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default: stdout)")
+    report.add_argument(
+        "--format", choices=("html", "md"), default="html", help="html (default) or md"
+    )
+    report.add_argument(
+        "--state",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="FILE|URL",
+        help="read the state store instead of the admin API: a SQLite file, a redis:// URL, "
+        "or (no value) the state: section of -c FILE; -c FILE also gives the rollout's "
+        "metrics, steps and pricing",
+    )
+    report.add_argument(
+        "--utc", action="store_true", help="show times in UTC (default: the local time zone)"
+    )
+    _add_admin_options(report)
+    report.set_defaults(func=_report)
     return parser
 
 
@@ -557,8 +906,11 @@ __all__ = [
     "ADMIN_TOKEN_ENV",
     "ADMIN_URL_ENV",
     "CLOSED_PIPE_EXIT",
+    "DEFAULT_WIDTH",
     "WATCH_CONFIG_DEFAULT",
+    "WATCH_DEFAULT",
     "build_parser",
     "main",
     "resolve_admin",
+    "terminal_width",
 ]

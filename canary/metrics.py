@@ -10,7 +10,7 @@ path (weights) are ordinary prometheus_client gauges. Labels are low-cardinality
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info
@@ -156,6 +156,13 @@ class ProxyCollector(Collector):
             "Accumulated cost of the requests each arm answered (currency of the pricing).",
             labels=["rollout", "arm"],
         )
+        priced = CounterMetricFamily(
+            "canary_priced_requests",
+            "Requests whose cost is in canary_cost (answered without error, with a price): "
+            "1000 * rate(canary_cost_total) / rate(canary_priced_requests_total) is the cost "
+            "per 1000 inferences over any window, summed over processes first.",
+            labels=["rollout", "arm"],
+        )
         cost_1k = GaugeMetricFamily(
             "canary_cost_per_1k_requests",
             "Cost of 1000 requests per arm from its pricing, averaged since start.",
@@ -196,6 +203,7 @@ class ProxyCollector(Collector):
                 req_bytes.add_metric([name, arm], a.request_bytes)
                 resp_bytes.add_metric([name, arm], a.response_bytes)
                 cost.add_metric([name, arm], a.cost_total)
+                priced.add_metric([name, arm], a.cost_n)
                 if a.cost_n:
                     cost_1k.add_metric([name, arm], 1000.0 * a.cost_total / a.cost_n)
                 forced.add_metric([name, arm], a.forced)
@@ -214,7 +222,7 @@ class ProxyCollector(Collector):
         inflight = GaugeMetricFamily(
             "canary_inflight_requests", "Requests the proxy is forwarding right now.", c.inflight
         )
-        yield from (requests, errors, latency, ttft, req_bytes, resp_bytes, cost, cost_1k)
+        yield from (requests, errors, latency, ttft, req_bytes, resp_bytes, cost, priced, cost_1k)
         yield from (forced, failovers, disconnects, shadow, rejected, inflight)
 
 
@@ -300,6 +308,50 @@ class InputCollector(Collector):
         yield from (requests, values, *gauges.values(), drift, learning)
 
 
+QuantileRow = tuple[str, str, float, float]
+"""``(arm, signal, quantile level, value)``: one per-arm quantile of a rollout's signal."""
+
+
+class ControllerCollector(Collector):
+    """What the controller computes when ``/metrics`` is scraped (never on the hot path):
+    each arm's quantiles of the rollouts' quantile-judged signals as the analysis sees them
+    (``Metrics.quantile_source``, see :mod:`canary.controller.gauges`) and whether this process
+    leads (``Metrics.leading_source``). Nothing is exported until a controller registers."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        source, leading = self._metrics.quantile_source, self._metrics.leading_source
+        quantile = GaugeMetricFamily(
+            "canary_signal_quantile",
+            "Each arm's quantile of a signal (latency and ttft in seconds, and every signal a "
+            "pNN or distribution metric judges) at the analysis' resolution (0.5% relative "
+            "error): over the arm's samples since the rollout started, post-stratified over "
+            "the traffic splits both arms have samples in, as the quantile test compares "
+            "them (candidate/production at a metric's quantile = canary_metric_estimate).",
+            labels=["rollout", "arm", "signal", "quantile"],
+        )
+        if source is not None:
+            for rollout, rows in source():
+                for arm, signal, q, value in rows:
+                    quantile.add_metric([rollout, arm, signal, _level(q)], value)
+        yield quantile
+        if leading is not None:
+            yield GaugeMetricFamily(
+                "canary_leader",
+                "1 while this process analyses and decides the rollouts (it holds the state "
+                "store's lease, or it is alone on its store), 0 while it follows. Analysis "
+                "gauges of a follower may be stale: read them where this is 1.",
+                1 if leading() else 0,
+            )
+
+
+def _level(q: float) -> str:
+    """A quantile level as a label value: 0.5, 0.95, 0.999 (as Prometheus summaries)."""
+    return repr(round(q, 6))
+
+
 class Metrics:
     """The exported metrics of one process (or one test), on their own registry."""
 
@@ -311,6 +363,10 @@ class Metrics:
         # Input health monitors by rollout; the proxy swaps in the current ones on (re)load.
         self.inputs: dict[str, InputMonitor] = {}
         r.register(InputCollector(self))
+        # Set by the controller (controller/gauges.py), read at scrape time.
+        self.quantile_source: Callable[[], Iterable[tuple[str, list[QuantileRow]]]] | None = None
+        self.leading_source: Callable[[], bool] | None = None
+        r.register(ControllerCollector(self))
         self.build_info = Info("canary_build", "canary version.", registry=r)
         self.build_info.info({"version": canary.__version__})
         self.weight = Gauge(
@@ -464,11 +520,13 @@ class Metrics:
 __all__ = [
     "LATENCY_BUCKETS",
     "ArmCounters",
+    "ControllerCollector",
     "HistogramCounts",
     "InputCollector",
     "Metrics",
     "ProxyCollector",
     "ProxyCounters",
+    "QuantileRow",
     "RolloutCounters",
     "bump",
 ]

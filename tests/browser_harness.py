@@ -117,9 +117,7 @@ def browser(tmp_path: Path) -> Iterator[Browser]:
     port = free_port()
     log = tmp_path / "chromedriver.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [driver, f"--port={port}"], stdout=out, stderr=subprocess.STDOUT
-        )
+        proc = subprocess.Popen([driver, f"--port={port}"], stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     client = httpx.Client(timeout=60)
     session: str | None = None

@@ -50,15 +50,20 @@ def command(port: int, *args: str, timeout: float = 1.0) -> bytes:
 
 class RedisServer:
     """One ``redis-server`` process on ``127.0.0.1:port``; :meth:`start` again after
-    :meth:`stop` brings it back on the same port, empty."""
+    :meth:`stop` brings it back on the same port, empty. With ``persistent=True`` it keeps
+    an append-only file in ``directory`` (fsynced on every write), so that :meth:`shutdown`
+    (or :meth:`stop`) and :meth:`start` bring it back on the same port with its data."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, port: int | None = None, *, persistent: bool = False
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail(MISSING, pytrace=False)
         self.binary = binary
         self.directory = directory
         self.port = port if port is not None else free_port()
+        self.persistent = persistent
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -84,7 +89,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.persistent else "no",
+                "--appendfsync",
+                "always",
                 "--daemonize",
                 "no",
                 "--dir",
@@ -124,8 +131,23 @@ class RedisServer:
         process.kill()
         process.wait(timeout=10)
 
+    def shutdown(self) -> None:
+        """SIGTERM the server and wait for it to exit (a clean stop: it closes its clients and,
+        when persistent, syncs its append-only file); idempotent."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGCONT)
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
     def restart(self) -> None:
-        """Kill and start again on the same port: the data is gone (no persistence)."""
+        """Kill and start again on the same port: the data is gone (unless persistent)."""
         self.stop()
         self.start()
 
@@ -147,10 +169,10 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def running_redis(port: int | None = None) -> Iterator[RedisServer]:
+def running_redis(port: int | None = None, *, persistent: bool = False) -> Iterator[RedisServer]:
     """A started :class:`RedisServer` in a temporary directory, killed on exit."""
     with tempfile.TemporaryDirectory(prefix="canary-redis-") as directory:
-        server = RedisServer(Path(directory), port)
+        server = RedisServer(Path(directory), port, persistent=persistent)
         for attempt in range(3):  # the free port may be taken between the pick and the bind
             try:
                 server.start()

@@ -83,7 +83,18 @@ ALLOWED: dict[str, set[str]] = {
     "workers": {"config", "errors"},
     "supervisor": {"admin", "config", "errors", "workers"},
     "admin_client": {"errors"},
-    "cli": {"admin_client", "config", "errors", "runtime", "supervisor", "workers"},
+    "simulate": {"config", "decision", "errors", "observe", "signals"},
+    "report": {"admin_client", "config", "decision", "errors", "observe", "stats", "store"},
+    "cli": {
+        "admin_client",
+        "config",
+        "errors",
+        "report",
+        "runtime",
+        "simulate",
+        "supervisor",
+        "workers",
+    },
     "__main__": {"cli"},
 }
 
@@ -205,6 +216,18 @@ EXPORTS: dict[str, set[str]] = {
         "Timeouts",
         "Transport",
         "UpstreamResponse",
+    },
+    "canary.report": {
+        "Distribution",
+        "HistoryPoint",
+        "Outcome",
+        "ReportData",
+        "from_admin",
+        "from_store",
+        "outcome",
+        "render_html",
+        "render_markdown",
+        "report_from_store",
     },
     "canary.stats": {
         "ArmClusters",

@@ -1,4 +1,5 @@
-"""`canary status | promote | rollback | pause | resume | reload` against a fake admin API.
+"""`canary status | promote | rollback | pause | resume | retry | reload` against a fake admin
+API (the real one: tests/test_operator_actions.py).
 
 The CLI is synchronous (httpx.Client), so the fake admin server runs in a thread with its own
 event loop; the tests themselves are plain functions and never touch pytest-asyncio's loop.
@@ -138,6 +139,8 @@ _ALLOWED = {
     "resume": ({"paused"}, "running"),
     "promote": ({"running", "paused", "holding"}, "promoted"),
     "rollback": ({"running", "paused", "holding"}, "rolled_back"),
+    "advance": ({"running", "paused", "holding"}, ""),  # "": the phase stays
+    "retry": ({"rolled_back"}, "running"),
 }
 
 
@@ -205,11 +208,19 @@ class FakeAdmin:
                 {"error": f"cannot {action} {rollout['name']}: it is {rollout['phase']}"},
                 status=409,
             )
-        rollout["phase"] = phase
+        answer = {"name": rollout["name"], "action": action.upper()}
+        if action == "advance":
+            rollout["step"] += 1
+            rollout["weights"] = {"production": 50.0, "candidate": 50.0}
+        elif action == "retry":
+            rollout.update(step=0, weights={"production": 95.0, "candidate": 5.0}, attempt=2)
+            answer["attempt"] = 2
+        if action in ("advance", "retry"):
+            for key in ("step", "steps", "step_kind", "weights"):
+                answer[key] = rollout[key]
+        rollout["phase"] = phase or rollout["phase"]
         reason = body.get("reason") or f"{action} by hand"
-        return web.json_response(
-            {"name": rollout["name"], "phase": phase, "action": action, "reason": reason}
-        )
+        return web.json_response({**answer, "phase": rollout["phase"], "reason": reason})
 
     async def _reload(self, request: web.Request) -> web.Response:
         if self.reload_issues is not None:
@@ -245,6 +256,7 @@ def running(fake: FakeAdmin) -> Iterator[FakeAdmin]:
 def admin(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeAdmin]:
     monkeypatch.delenv("CANARY_ADMIN_URL", raising=False)
     monkeypatch.setenv("CANARY_ADMIN_TOKEN", TOKEN)
+    monkeypatch.setenv("COLUMNS", "120")  # tables fit the terminal: make it one width
     with running(FakeAdmin()) as fake:
         yield fake
 
@@ -333,23 +345,34 @@ def test_status_of_an_unknown_rollout(admin: FakeAdmin, capsys: pytest.CaptureFi
 
 
 @pytest.mark.parametrize(
-    ("action", "name", "line"),
+    ("argv", "action", "line"),
     [
-        ("promote", "fraud-model", "fraud-model: promoted (phase promoted)"),
-        ("rollback", "fraud-model", "fraud-model: rolled back (phase rolled_back)"),
-        ("pause", "fraud-model", "fraud-model: paused (phase paused)"),
-        ("resume", "llm-chat", "llm-chat: resumed (phase running)"),
+        (
+            ["promote", "fraud-model"],
+            "advance",
+            "fraud-model: advanced to step 3/4 weight 50% (phase running)",
+        ),
+        (["promote", "fraud-model", "--full"], "promote", "fraud-model: promoted (phase promoted)"),
+        (["rollback", "fraud-model"], "rollback", "fraud-model: rolled back (phase rolled_back)"),
+        (["pause", "fraud-model"], "pause", "fraud-model: paused (phase paused)"),
+        (["resume", "llm-chat"], "resume", "llm-chat: resumed (phase running)"),
+        (
+            ["retry", "old-model"],
+            "retry",
+            "old-model: retried from step 1/4 weight 5% with fresh samples "
+            "(phase running, attempt 2)",
+        ),
     ],
 )
 def test_actions_send_the_request_with_reason_and_token(
-    admin: FakeAdmin, capsys: pytest.CaptureFixture[str], action: str, name: str, line: str
+    admin: FakeAdmin, capsys: pytest.CaptureFixture[str], argv: list[str], action: str, line: str
 ) -> None:
-    code, out, err = cli(capsys, action, name, "--reason", "p95 too high", "--admin", admin.url)
+    code, out, err = cli(capsys, *argv, "--reason", "p95 too high", "--admin", admin.url)
     assert (code, out, err) == (0, line + "\n", "")
     assert admin.requests == [
         {
             "method": "POST",
-            "path": f"/api/v1/rollouts/{name}/{action}",
+            "path": f"/api/v1/rollouts/{argv[1]}/{action}",
             "body": {"reason": "p95 too high"},
             "content_type": "application/json",
             "authorization": f"Bearer {TOKEN}",
@@ -393,7 +416,13 @@ def test_action_not_allowed_in_the_phase_exits_5(
 ) -> None:
     code, out, err = cli(capsys, "promote", "old-model", "--admin", admin.url)
     assert (code, out) == (5, "")
+    assert err.strip() == "cannot advance old-model: it is rolled_back"
+    code, out, err = cli(capsys, "promote", "--full", "old-model", "--admin", admin.url)
+    assert (code, out) == (5, "")
     assert err.strip() == "cannot promote old-model: it is rolled_back"
+    code, out, err = cli(capsys, "retry", "fraud-model", "--admin", admin.url)
+    assert (code, out) == (5, "")
+    assert err.strip() == "cannot retry fraud-model: it is running"
 
 
 def test_admin_api_down_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -537,7 +566,7 @@ def test_as_a_process_stderr_stays_clean(admin: FakeAdmin) -> None:
     argv = [sys.executable, "-m", "canary", "promote", "old-model", "--admin", admin.url]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env)
     assert (done.returncode, done.stdout) == (5, "")
-    assert done.stderr == "cannot promote old-model: it is rolled_back\n"
+    assert done.stderr == "cannot advance old-model: it is rolled_back\n"
 
 
 # --- the client on its own -------------------------------------------------------------------
@@ -550,7 +579,7 @@ def test_client_methods(admin: FakeAdmin) -> None:
         assert client.rollout("llm-chat") == before["llm-chat"]
         answer = client.action("fraud-model", "pause", "why not")
         assert answer == {
-            "name": "fraud-model", "phase": "paused", "action": "pause", "reason": "why not"
+            "name": "fraud-model", "phase": "paused", "action": "PAUSE", "reason": "why not"
         }  # fmt: skip
         with pytest.raises(AdminConflictError) as conflict:
             client.action("fraud-model", "pause")

@@ -15,7 +15,7 @@ import pytest
 from canary.controller import Controller
 from canary.controller.leadership import Leadership
 from canary.decision import Phase
-from canary.errors import CommandRejected
+from canary.errors import CommandRejected, StoreError
 from canary.metrics import Metrics
 from canary.observe import Recorder
 from canary.store import SQLiteStore
@@ -171,3 +171,29 @@ async def test_each_process_learns_its_share_of_the_traffic(tmp_path: Path, cloc
     assert a.shares and b.shares
     assert a.shares[-1] == pytest.approx(0.75, abs=0.03)
     assert b.shares[-1] == pytest.approx(0.25, abs=0.03)
+
+
+async def test_a_new_leader_keeps_the_samples_it_could_not_write_yet(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """After a store outage the process that takes the lease adopts every rollout from the
+    store: what it recorded during the outage, not written yet, must survive the adoption
+    (it used to be dropped with the old rollout object: ~30% of a 10 s outage's requests)."""
+    a, b = await _two(tmp_path, clock)
+    assert a.lead.leading
+    real = b.store.add_samples
+
+    async def down(*args: object, **kwargs: object) -> None:
+        raise StoreError("connection reset")
+
+    b.store.add_samples = down  # type: ignore[method-assign]
+    for round_ in range(8):  # 2 s: a (stopped) lets its lease run out, b takes it
+        _feed(b.recorder, 100, 10, seed=round_)
+        await b.ctl.tick()
+        clock.t += 0.25
+    assert b.lead.leading
+    b.store.add_samples = real  # type: ignore[method-assign]
+    await b.ctl.tick()
+    stored = await b.store.get_samples("m")
+    assert stored is not None
+    assert stored.production.observed + stored.candidate.observed == 800

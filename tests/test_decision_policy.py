@@ -310,6 +310,99 @@ def test_state_round_trips_through_a_dict() -> None:
         RolloutState.from_dict({**s.to_dict(), "version": 99})
 
 
+# --- operator: advance one step, retry --------------------------------------------------
+
+
+def test_advance_is_a_manual_automatic_advance_with_a_fresh_step() -> None:
+    r = _rollout()  # shadow, weight 5, weight 50
+    s = _state(r)
+    d = command(s, "advance", "looks fine", r)
+    assert d.manual and d.action is Action.ADVANCE
+    assert d.reason == ("advanced by an operator: looks fine from step 1/3 to step 2/3 (weight 5%)")
+    # from the shadow step the next step's weight sends real users to the candidate
+    moved = transition(r, s, d, 80, T0 + 30)
+    assert moved.step == 1 and moved.weights(r) == (5.0, False)
+    assert (moved.step_started_at, moved.step_base) == (T0 + 30, 80)  # a fresh step
+    assert moved.phase is Phase.RUNNING and moved.last_action == "ADVANCE"
+    # exactly as the automatic ADVANCE of the same step
+    auto = decide(r, s.with_(step_started_at=T0 - 100), _analysis(candidate=80), T0 + 30)
+    assert auto.action is Action.ADVANCE
+    assert transition(r, s, auto, 80, T0 + 30).with_(reason=d.reason, updated_at=0) == (
+        moved.with_(updated_at=0)
+    )
+    # the new step waits for its own requests and duration, counted from the advance
+    d2 = decide(r, moved, _analysis(OK_ALL, candidate=150), T0 + 40)
+    assert d2.action is Action.CONTINUE and "70/100 candidate requests" in d2.reason
+
+
+def test_advance_from_the_last_step_promotes() -> None:
+    r = _rollout()
+    s = _state(r, step=2)
+    d = command(s, "advance", None, r)
+    assert d.action is Action.PROMOTE and d.manual
+    assert "advanced past the last step 3/3" in d.reason
+    assert transition(r, s, d, 0, T0).phase is Phase.PROMOTED
+
+
+@pytest.mark.parametrize("phase", [Phase.PAUSED, Phase.HOLDING])
+def test_advance_keeps_a_paused_or_held_rollout_so(phase: Phase) -> None:
+    r = _rollout()
+    s = _state(r, step=1, phase=phase, paused_at=T0 if phase is Phase.PAUSED else None)
+    moved = transition(r, s, command(s, "advance", None, r), 10, T0 + 5)
+    assert moved.step == 2 and moved.phase is phase and moved.weights(r) == (50.0, False)
+    assert decide(r, moved, _analysis(OK_ALL), T0 + 6).action is Action.HOLD
+
+
+def test_retry_starts_a_rolled_back_rollout_again_from_step_1() -> None:
+    r = _rollout()
+    s = _state(r, step=2, phase=Phase.ROLLED_BACK, failing_since=T0, failing_requests=9)
+    d = command(s, "retry", "fixed the config", r)
+    assert d.manual and d.action is Action.RETRY
+    assert d.reason == (
+        "retried by an operator: fixed the config: attempt 2 with the same candidate and "
+        "fresh samples, from step 1/3 (shadow)"
+    )
+    again = transition(r, s, d, 12345, T0 + 600)
+    fresh = RolloutState.start(r, T0 + 600)
+    assert again == fresh.with_(attempt=2, last_action="RETRY", reason=d.reason)
+    assert again.step_base == 0  # its samples start anew: the old count is not a base
+    assert again.deadline == T0 + 600 + 3600 and again.weights(r) == (0.0, True)
+    assert RolloutState.from_dict(again.to_dict()) == again  # attempt is persisted
+    # a state stored before retries existed reads as attempt 1
+    old = {k: v for k, v in s.to_dict().items() if k != "attempt"}
+    assert RolloutState.from_dict(old).attempt == 1
+    back = again.with_(phase=Phase.ROLLED_BACK)
+    assert transition(r, back, command(back, "retry", None, r), 0, T0 + 900).attempt == 3
+
+
+@pytest.mark.parametrize(
+    ("phase", "action", "message"),
+    [
+        (Phase.RUNNING, "retry", "is running; only a rolled-back rollout can be retried"),
+        (Phase.PAUSED, "retry", "is paused; only a rolled-back"),
+        (Phase.HOLDING, "retry", "is holding; only a rolled-back"),
+        (Phase.PROMOTED, "retry", "is promoted; only a rolled-back"),
+        (Phase.PROMOTED, "advance", "already promoted"),
+        (Phase.ROLLED_BACK, "advance", "is rolled_back; retry it"),
+        (Phase.ROLLED_BACK, "promote", "is rolled_back; retry it"),
+    ],
+)
+def test_advance_and_retry_are_rejected_naming_the_phase(
+    phase: Phase, action: str, message: str
+) -> None:
+    r = _rollout()
+    with pytest.raises(CommandRejected, match=message):
+        command(_state(r, phase=phase), action, None, r)
+
+
+def test_advance_and_retry_need_the_config() -> None:
+    r = _rollout()
+    with pytest.raises(ValueError, match="needs the rollout's config"):
+        command(_state(r), "advance")
+    with pytest.raises(ValueError, match="needs the rollout's config"):
+        command(_state(r, phase=Phase.ROLLED_BACK), "retry")
+
+
 # --- analysis on real accumulators --------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import subprocess
 import time
@@ -17,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import yaml
 
 from loadtest.crash_loss import canary_process
 from loadtest.fake_model import FakeModelConfig, running_fake_model
-from tests.redis_harness import RedisServer, free_port
+from tests.redis_harness import RedisServer, free_port, running_redis
 
 INTERVAL = 1.0  # analysis interval: the lease's TTL (runtime.lease_ttl) and the hand-over bound
 
@@ -241,3 +243,102 @@ async def test_a_leader_paused_past_its_lease_does_not_act_and_forwards_commands
         for a in admins:
             view = (await client.get(a + "/api/v1/rollouts/m")).json()
             assert [d["action"] for d in view["decisions"]] == ["START", "PAUSE", "RESUME"]
+
+
+LONG = os.environ.get("CANARY_LONG_TESTS") == "1"
+OUTAGE = 10.0  # seconds Redis stays stopped in the long form
+
+
+@pytest.mark.skipif(not LONG, reason="long form: set CANARY_LONG_TESTS=1 to run it")
+@pytest.mark.parametrize("how", ["pause", "restart"])
+async def test_a_10s_redis_outage_under_traffic_through_both_replicas(
+    tmp_path: Path, how: str
+) -> None:
+    """Redis stopped for 10 s (SIGSTOP, or a clean stop and a start on the same port with its
+    append-only file) while both replicas serve: every request answered with the weights they
+    had, /readyz 503 with the reason and canary_store_up 0 on both, no decision, ready again
+    after, and every request counted once."""
+    with running_redis(persistent=how == "restart") as server:
+        async with _two_replicas(tmp_path, server) as (_, admins, proxies, client):
+            sent, deadline = 0, time.monotonic() + 30
+            while True:  # both replicas at the second step (50%) first
+                r = await client.post(proxies[sent % 2] + "/predict", json={"id": sent})
+                assert r.status_code == 200, r.text
+                sent += 1
+                if sent % 40 == 0:
+                    views = [(await client.get(a + "/api/v1/rollouts/m")).json() for a in admins]
+                    if all(v["step_index"] == 1 for v in views):
+                        break
+                assert time.monotonic() < deadline, "the replicas did not both reach step 2"
+            before = [d["action"] for d in views[0]["decisions"]]
+            assert before == ["START", "ADVANCE"]
+
+            failed: list[str] = []
+            during = 0
+            outage = False
+            stop = asyncio.Event()
+
+            async def traffic(proxy: str) -> None:
+                nonlocal sent, during
+                while not stop.is_set():
+                    try:
+                        r = await client.post(proxy + "/predict", json={"id": sent})
+                        if r.status_code != 200:
+                            failed.append(f"{r.status_code} {r.text[:200]}")
+                    except httpx.HTTPError as exc:
+                        failed.append(repr(exc))
+                    sent += 1
+                    during += outage
+                    await asyncio.sleep(0.01)
+
+            tasks = [asyncio.create_task(traffic(p)) for p in proxies]
+            try:
+                await asyncio.sleep(1.0)
+                outage = True
+                down = time.monotonic()
+                server.pause() if how == "pause" else server.shutdown()
+                unready: list[float | None] = [None, None]
+                while time.monotonic() - down < OUTAGE:
+                    for i, a in enumerate(admins):
+                        if unready[i] is None:
+                            ready = await client.get(a + "/readyz")
+                            metrics = (await client.get(a + "/metrics")).text
+                            if ready.status_code == 503 and "canary_store_up 0.0" in metrics:
+                                assert "state store unavailable" in ready.text, ready.text
+                                unready[i] = time.monotonic() - down
+                        view = (await client.get(a + "/api/v1/rollouts/m")).json()
+                        assert view["weights"]["candidate"] == 50.0  # served as before
+                    await asyncio.sleep(0.2)
+                assert all(u is not None for u in unready), unready
+                server.resume() if how == "pause" else server.start()
+                outage = False
+                up = time.monotonic()
+                back: list[float | None] = [None, None]
+                while not all(b is not None for b in back):
+                    for i, a in enumerate(admins):
+                        if back[i] is None and (await client.get(a + "/readyz")).status_code == 200:
+                            back[i] = time.monotonic() - up
+                    assert time.monotonic() - up < 15, f"not ready again 15 s after: {back}"
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(1.0)
+            finally:
+                stop.set()
+                await asyncio.gather(*tasks)
+            assert failed == [], failed[:5]
+            deadline = time.monotonic() + 15 * INTERVAL
+            while True:  # the last samples reach the store and both views
+                views = [(await client.get(a + "/api/v1/rollouts/m")).json() for a in admins]
+                counted = [v["samples"]["production"] + v["samples"]["candidate"] for v in views]
+                assert all(c <= sent for c in counted), (counted, sent)  # nothing twice
+                if all(c == sent for c in counted) or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.25)
+            assert counted == [sent, sent], (counted, sent, during)  # none lost, none merged twice
+            for view in views:  # the controllers held: no decision, the same step
+                assert [d["action"] for d in view["decisions"]] == before
+                assert view["step_index"] == 1 and view["phase"] == "running"
+            print(
+                f"\n{how}: {OUTAGE:g} s outage, {during} requests during it, {len(failed)} "
+                f"errors, 503 after {max(u or 0 for u in unready):.2f} s, ready again after "
+                f"{back[0]:.2f} / {back[1]:.2f} s, {sent} requests counted {counted}"
+            )

@@ -13,9 +13,11 @@ the proxy.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,11 +28,12 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from canary.admin.views import leader_view, rollout_detail, rollout_summary
+from canary.admin.dashboard import add_dashboard
+from canary.admin.views import leader_view, rollout_detail, rollout_history, rollout_summary
 from canary.config import AdminConfig
 from canary.controller import Controller
 from canary.decision import MANUAL_ACTIONS
-from canary.errors import CommandRejected, ConfigError, NotLeader, UnknownRollout
+from canary.errors import CommandRejected, ConfigError, NotLeader, StoreError, UnknownRollout
 from canary.metrics import Metrics
 from canary.observe import Recorder
 from canary.observe.feedback import (
@@ -269,6 +272,37 @@ async def get_rollout(request: web.Request) -> web.Response:
     return web.json_response(_summary(ctx, name, True))
 
 
+async def get_history(request: web.Request) -> web.Response:
+    """``GET /api/v1/rollouts/{name}/history[?since=UNIX_SECONDS]``: the rollout's metric
+    history as the state store keeps it (the same on every process), oldest first."""
+    ctx = request.app[CONTEXT]
+    name = request.match_info["name"]
+    if ctx.controller is None or name not in ctx.controller.names():
+        return _error(404, f"no rollout named {name!r}")
+    since: float | None = None
+    raw = request.query.get("since")
+    if raw is not None:
+        try:
+            since = float(raw)
+        except ValueError:
+            since = math.nan
+        if not math.isfinite(since):
+            return _error(400, f"since must be a number of Unix seconds, got {raw[:50]!r}")
+    try:
+        points = await ctx.controller.history(name, since)
+        config = ctx.controller.view(name).config
+    except UnknownRollout:  # removed by a reload meanwhile
+        return _error(404, f"no rollout named {name!r}")
+    except (StoreError, TimeoutError) as exc:
+        return _error(503, f"the state store did not answer: {exc or 'timed out'}")
+    body = rollout_history(config, points)
+    if len(points) <= 50:
+        return web.json_response(body)
+    # A whole history (hundreds of KB): encoded off the event loop the proxy shares.
+    text = await asyncio.to_thread(json.dumps, body)
+    return web.Response(text=text, content_type="application/json")
+
+
 def _authorized(request: web.Request) -> bool:
     token = request.app[CONTEXT].token
     if token is None:
@@ -339,6 +373,8 @@ async def rollout_action(request: web.Request) -> web.Response:
         return await _forward_to_leader(request, exc.admin_url, body)
     except CommandRejected as exc:
         return _error(409, str(exc))
+    except (StoreError, TimeoutError) as exc:  # a retry that could not reset the store
+        return _error(503, f"rollout {name!r}: {action} not done: {exc or 'store timed out'}")
     log.info("rollout %s: %s by an operator via the admin API", name, action)
     return web.json_response(result)
 
@@ -430,7 +466,18 @@ async def feedback_handler(request: web.Request) -> web.Response:
         parsed = parse_feedback(raw)
     except FeedbackBodyError as exc:
         return _error(exc.status, str(exc))
-    report = join_feedback(parsed, ctx.feedback.feedback_stores(), ctx.recorder)
+    sharing = ctx.controller.feedback_sharing if ctx.controller is not None else None
+    if sharing is None:
+        report = join_feedback(parsed, ctx.feedback.feedback_stores(), ctx.recorder)
+    else:  # shared mode: claimed through the store, so any process's answers join
+        try:
+            report = await sharing.join(parsed, ctx.feedback.feedback_stores(), ctx.recorder)
+        except (StoreError, TimeoutError) as exc:
+            return _error(
+                503,
+                "the state store shared with the other canary processes did not answer, so "
+                f"no label of this body was counted: send it again ({exc or 'timed out'})",
+            )
     for (rollout, result), n in report.counts.items():
         ctx.metrics.feedback.labels(rollout, result).inc(n)
     return web.json_response(report.to_json())
@@ -452,13 +499,17 @@ def make_admin_app(
     app[CONTEXT] = AdminContext(
         routing, metrics, ready, controller, reload, token, feedback=feedback, recorder=recorder
     )
+    if controller is not None and feedback is not None:  # shared mode: flushes write answers
+        controller.share_feedback(feedback.feedback_stores)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/api/v1/leader", leader)
     app.router.add_get("/api/v1/rollouts", list_rollouts)
     app.router.add_get("/api/v1/rollouts/{name}", get_rollout)
+    app.router.add_get("/api/v1/rollouts/{name}/history", get_history)
     app.router.add_post("/api/v1/rollouts/{name}/{action}", rollout_action)
     app.router.add_post("/api/v1/reload", reload_handler)
     app.router.add_post("/api/v1/feedback", feedback_handler)
+    add_dashboard(app, controller, token_required=token is not None)  # /dashboard, its files
     return app

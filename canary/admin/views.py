@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from canary.config import RolloutConfig
 from canary.controller import RolloutView
+from canary.controller.history import metric_info
 from canary.controller.leadership import Leadership
 from canary.decision import step_fields
 from canary.stats import MetricResult
@@ -107,4 +109,11 @@ def leader_view(lead: Leadership | None) -> dict[str, Any]:
     }
 
 
-__all__ = ["leader_view", "result_dict", "rollout_detail", "rollout_summary"]
+def rollout_history(cfg: RolloutConfig, points: list[dict[str, Any]]) -> dict[str, Any]:
+    """``GET /api/v1/rollouts/{name}/history``: the rollout's history points, oldest first
+    (their keys: :mod:`canary.controller.history`), and what each metric ``k`` of a point is
+    (name, signal, stat, the tolerance as configured and the scale of its numbers)."""
+    return {"rollout": cfg.name, "points": points, "metrics": metric_info(cfg)}
+
+
+__all__ = ["leader_view", "result_dict", "rollout_detail", "rollout_history", "rollout_summary"]

@@ -13,9 +13,11 @@ from typing import Any, Protocol
 from canary.analyzer import AnalysisJob, Analyzer, InlineAnalyzer
 from canary.config import Config, RolloutConfig, WebhookConfig
 from canary.controller.gauges import Gauges
+from canary.controller.history import HistoryWriter, history_point
 from canary.controller.leadership import Leadership, admin_url_of
 from canary.controller.persistence import StoreGuard, StoreWriter
 from canary.controller.rollout import DECISIONS_SHOWN, Rollout, RolloutView
+from canary.controller.shared_feedback import FeedbackSharing, FeedbackSource
 from canary.controller.shared_inputs import InputSharing
 from canary.decision import (
     Action,
@@ -26,6 +28,7 @@ from canary.decision import (
     decide,
     fingerprint,
     resume_failures,
+    step_fields,
     transition,
     upgrade_entry,
 )
@@ -55,7 +58,9 @@ _EVENTS = {
     Action.RESUME: "resume",
     Action.HOLD: "hold",
     Action.START: "start",
+    Action.RETRY: "start",  # a retried rollout starts again (its log entry says RETRY)
 }
+RETRY_KEEPS_DECISIONS = 1000  # decision-log entries a retry writes back after the reset
 
 
 class WeightSink(Protocol):
@@ -116,7 +121,7 @@ class Controller:
         self._guard = StoreGuard(
             store, metrics, STORE_TIMEOUT if store_timeout is None else store_timeout
         )
-        self._gauges = Gauges(metrics)
+        self._gauges = Gauges(metrics, lambda: self._rollouts, self._acting)
         self._recorder = recorder
         self._metrics = metrics
         self._apply_weights = apply_weights
@@ -146,10 +151,31 @@ class Controller:
             if leadership is not None
             else None
         )
+        # Shared: answers for feedback posted to any process (controller/shared_feedback.py).
+        self._feedback = (
+            FeedbackSharing(store, metrics, timeout=self._guard.timeout)
+            if leadership is not None
+            else None
+        )
+        # Metric history for the dashboard and reports: queued here, written by each flush.
+        self._history = HistoryWriter(
+            store, metrics, timeout=self._guard.timeout, fence=self._fence
+        )
         self._lock = asyncio.Lock()  # control path only: evaluation vs operator commands
         self._task: asyncio.Task[None] | None = None
         self._eval_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
+
+    @property
+    def feedback_sharing(self) -> FeedbackSharing | None:
+        """Shared mode: feedback joined over every process (None: this process alone)."""
+        return self._feedback
+
+    def share_feedback(self, source: FeedbackSource) -> None:
+        """Shared mode: the proxy's feedback stores, whose answers each flush writes to the
+        store so that labels posted to any process join them (a no-op when alone)."""
+        if self._feedback is not None:
+            self._feedback.attach(source)
 
     @property
     def leadership(self) -> Leadership | None:
@@ -251,6 +277,9 @@ class Controller:
     async def flush(self) -> None:
         """Move the proxy's deltas into the totals and the store; retry unsaved writes."""
         await self._writer.flush()
+        if self._feedback is not None:
+            await self._feedback.flush()
+        await self._history.flush()
 
     async def check_store(self) -> None:
         """One health check of the store (the watchdog's step; tests call it directly)."""
@@ -279,7 +308,9 @@ class Controller:
             async with self._lock:
                 try:
                     for r in self.config.rollouts:
-                        self._rollouts[r.name] = await self._adopt(r)
+                        adopted = await self._adopt(r)
+                        _keep_unflushed(self._rollouts.get(r.name), adopted)
+                        self._rollouts[r.name] = adopted
                 except StoreError as exc:
                     self._guard.failed("take over", exc)
                     return  # tried again at the next flush
@@ -317,7 +348,12 @@ class Controller:
         if data is not None and data != ro.stored:
             state = RolloutState.from_dict(data)
             if state.fingerprint == ro.state.fingerprint:
+                if state.attempt != ro.state.attempt:  # retried by the leader: samples
+                    self._recorder.remove(name)  # taken here before it must not count
+                    ro.pending = RolloutAccumulator(ro.totals.accuracy)
+                    ro.batch, ro.waiting = None, None
                 ro.stored, ro.state = data, state
+                self._gauges.state(ro.config, state)  # the phase and step it serves now
                 stored = await self._store.decisions(name, DECISIONS_SHOWN)
                 ro.decisions.clear()
                 ro.decisions.extend(upgrade_entry(e, len(ro.config.steps)) for e in stored)
@@ -442,9 +478,13 @@ class Controller:
         if new is not ro.state:
             with contextlib.suppress(FencedError):  # the new leader decides
                 await self._apply(ro, decision, new, now)
+        elif export and not ro.state.phase.terminal:
+            self._record_history(ro, now)
 
     async def command(self, name: str, action: str, reason: str | None = None) -> dict[str, Any]:
-        """Carry out an operator's pause/resume/promote/rollback; raise CommandRejected."""
+        """Carry out an operator's command (one of ``MANUAL_ACTIONS``: pause, resume,
+        promote, advance, rollback, retry); raise CommandRejected (StoreError: a retry could
+        not reset the store, nothing changed)."""
         ro = self._rollouts.get(name)
         if ro is None:
             raise UnknownRollout(name)
@@ -458,24 +498,82 @@ class Controller:
                 admin_url=admin_url_of(leader, self._leadership.key),
             )
         async with self._lock:
-            decision = command(ro.state, action, reason)
+            ro = self._rollouts.get(name, ro)  # replaced meanwhile (a reload, a retry)
+            decision = command(ro.state, action, reason, ro.config)
             now = self._clock()
-            observed = ro.totals.candidate.observed
-            new = transition(ro.config, ro.state, decision, observed, now)
-            ro.status = decision.reason
             try:
-                await self._apply(ro, decision, new, now)
+                if decision.action is Action.RETRY:
+                    ro = await self._retry(ro, decision, now)
+                else:
+                    observed = ro.totals.candidate.observed
+                    new = transition(ro.config, ro.state, decision, observed, now)
+                    ro.status = decision.reason
+                    await self._apply(ro, decision, new, now)
             except FencedError as exc:
                 raise CommandRejected(
                     f"this canary process lost the leadership of the rollouts ({exc}); "
                     "send the command to the leader"
                 ) from exc
+        weight, shadow = ro.state.weights(ro.config)
+        index = min(ro.state.step, len(ro.config.steps) - 1)
         return {
             "name": name,
             "phase": ro.state.phase.value,
             "action": decision.action.value,
             "reason": decision.reason,
+            **step_fields(ro.state.step, len(ro.config.steps)),
+            "step_kind": "shadow" if ro.config.steps[index].is_shadow else "weight",
+            "weights": {"production": 100.0 - weight, "candidate": weight},
+            "shadow": shadow,
+            "attempt": ro.state.attempt,
         }
+
+    async def _retry(self, ro: Rollout, decision: Decision, now: float) -> Rollout:
+        """Start rolled-back ``ro`` again (an operator's retry; ``self._lock`` held): the
+        same arms from step 1 with fresh samples, as :meth:`_begin` starts a rollout (the
+        store's state, samples and input counts reset, the proxy's unflushed samples
+        dropped), except that the decision log stays: its stored entries are written back
+        after the reset, then RETRY. Returns the rollout that replaced ``ro``.
+
+        Raises StoreError (FencedError: not the leader) when the store could not be read or
+        reset; nothing changed then. A crash between the reset and the write of the new
+        state restarts the rollout as new (START) without its earlier log.
+        """
+        cfg, name = ro.config, ro.config.name
+        if not self.store_ok:
+            raise StoreError(
+                f"the state store is unavailable ({self.store_error}); a retry resets the "
+                "rollout's samples in it: retry when it is back"
+            )
+        timeout, fence = self._guard.timeout, self._fence()
+        new = transition(cfg, ro.state, decision, 0, now)
+        # No write of the old samples, log or history lands after the reset.
+        async with self._writer.exclusive(), self._history.exclusive():
+            await check_identity(self._store)
+            stored = await asyncio.wait_for(
+                self._store.decisions(name, RETRY_KEEPS_DECISIONS), timeout
+            )
+            history = [upgrade_entry(e, len(cfg.steps)) for e in stored]
+            history += [e for e in ro.unsaved if e not in history]  # not stored yet
+            await asyncio.wait_for(self._store.reset(name, fence=fence), timeout)
+            self._history.forget(name)  # the store's history went with the reset
+            # From here on the retry happens: the store holds nothing of the rollout until
+            # the save below (or, if it fails, the next flush) writes the new attempt.
+            self._recorder.remove(name)  # samples taken before the retry must not count
+            fresh = Rollout.fresh(cfg, ro.state, None, history, self._recorder.accuracy)
+            fresh.unsaved = list(history)  # written back by the save of the new state
+            fresh.status = decision.reason
+            self._rollouts[name] = fresh
+            if self._inputs is not None:  # stopped processes' input counts go
+                try:
+                    await asyncio.wait_for(self._inputs.drop(name), timeout)
+                except (StoreError, TimeoutError) as exc:
+                    log.warning("rollout %s: retry kept older input counts: %s", name, exc)
+        log.info(
+            "rollout %s: retried; attempt %d starts at step 1/%d", name, new.attempt, len(cfg.steps)
+        )
+        await self._apply(fresh, decision, new, now)
+        return fresh
 
     async def _apply(self, ro: Rollout, decision: Decision, new: RolloutState, now: float) -> None:
         """Carry out a decision (FencedError: another process leads; nothing was done)."""
@@ -510,6 +608,7 @@ class Controller:
                 ro.decisions.pop()
             ro.status = "not the leader any more: the decision was neither stored nor acted on"
             raise
+        self._record_history(ro, now, decision)
         if self._leadership is not None and not (ro.state_dirty or ro.unsaved):
             self._served[name] = weights  # stored: every process serves it from the store
             self._apply_weights(name, weights)
@@ -566,7 +665,9 @@ class Controller:
     async def _begin(self, r: RolloutConfig, now: float) -> Rollout:
         await check_identity(self._store)  # no fresh start over a store that lost its data
         fence = self._fence()
-        await self._store.reset(r.name, fence=fence)
+        async with self._history.exclusive():  # no old point lands after the reset
+            await self._store.reset(r.name, fence=fence)
+            self._history.forget(r.name)  # the store's history went with the reset
         if self._inputs is not None:  # stopped processes' input counts go; live ones rewrite
             await self._inputs.drop(r.name)
         self._recorder.remove(r.name)  # samples of the old arms must not leak in
@@ -575,6 +676,7 @@ class Controller:
         ro.decisions.append(entry)
         await self._store.put_state(r.name, ro.state.to_dict(), fence=fence)
         await self._store.append_decision(r.name, entry, fence=fence)
+        self._record_history(ro, now, Decision(Action.START, "rollout started"))
         log.info("rollout %s: started at step 1/%d", r.name, len(r.steps))
         # Once per rollout: a restart that resumes it (_resume) sends nothing.
         if self._notifier is not None and r.webhooks:
@@ -611,6 +713,25 @@ class Controller:
             raise UnknownRollout(name)
         return ro.view(self._clock(), self.store_ok)
 
+    def _record_history(self, ro: Rollout, now: float, decision: Decision | None = None) -> None:
+        """Queue the history point of ``ro`` now (a decision point with ``decision``)."""
+        samples = (ro.totals.production.observed, ro.totals.candidate.observed)
+        point = history_point(ro.config, ro.state, ro.analysis, now, samples, decision)
+        self._history.record(ro.config.name, point, keep=decision is not None)
+
+    async def history(self, name: str, since: float | None = None) -> list[dict[str, Any]]:
+        """The metric history of rollout ``name`` (points after Unix time ``since``), oldest
+        first, as the store keeps it (the same on every process) plus the points this process
+        has not written yet; raise UnknownRollout, StoreError or TimeoutError."""
+        if name not in self._rollouts:
+            raise UnknownRollout(name)
+        points = await asyncio.wait_for(self._store.history(name, since), self._guard.timeout)
+        tail = points[-50:]
+        for p in self._history.pending(name):
+            if (since is None or p["t"] > since) and p not in tail:
+                points.append(p)
+        return points
+
     def views(self) -> list[RolloutView]:
         """Every configured rollout, in config order."""
         return [self.view(name) for name in self._rollouts]
@@ -620,6 +741,20 @@ class Controller:
 
     def totals(self, name: str) -> RolloutAccumulator:
         return self._rollouts[name].totals
+
+
+def _keep_unflushed(old: Rollout | None, new: Rollout) -> None:
+    """A rollout this process adopts from the store when it takes the lease keeps what this
+    process recorded and has not written yet (after a store outage, the whole outage's
+    requests): the stored totals do not hold them. Not when the adopted rollout is another
+    one (new endpoints, or retried): those samples are of the old one."""
+    if old is None or old is new:
+        return
+    if (old.state.fingerprint, old.state.attempt) != (new.state.fingerprint, new.state.attempt):
+        return
+    if new.pending.empty and new.batch is None:
+        new.pending, new.batch, new.waiting = old.pending, old.batch, old.waiting
+    new.own, new.share_at, new.share = old.own, old.share_at, old.share
 
 
 def _retime(state: RolloutState, old: RolloutConfig, new: RolloutConfig) -> RolloutState:

@@ -8,7 +8,7 @@ import contextlib
 import itertools
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from canary.controller.leadership import Leadership
 from canary.controller.rollout import Rollout
@@ -149,6 +149,14 @@ class StoreWriter:
         # retry again (Store.add_samples ``batch``).
         self._writer = uuid.uuid4().hex
         self._batches = itertools.count(1)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """No flush and no save runs meanwhile: a caller that replaces a rollout's samples and
+        decision log in the store (an operator's retry) holds it, so that no write of the old
+        ones lands after the replacement."""
+        async with self._flush_lock, self._save_lock:
+            yield
 
     async def flush(self) -> None:
         """Move the proxy's deltas into the totals and the store; retry unsaved writes.

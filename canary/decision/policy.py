@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from canary.config import RolloutConfig
+from canary.config import RolloutConfig, StepConfig
 from canary.decision.analysis import Analysis
 from canary.decision.state import Action, Decision, Evidence, Phase, RolloutState
 from canary.errors import CommandRejected
@@ -34,7 +34,8 @@ from canary.stats import MetricResult, Verdict
 HARD_FAILURE_SECONDS = 2.0
 HARD_FAILURE_REQUESTS = 5
 
-MANUAL_ACTIONS = ("pause", "resume", "promote", "rollback")
+# The operator commands of ``POST /api/v1/rollouts/{name}/{action}`` (see :func:`command`).
+MANUAL_ACTIONS = ("pause", "resume", "promote", "advance", "rollback", "retry")
 
 
 @dataclass(frozen=True)
@@ -285,8 +286,29 @@ def failure_clock_moved(old: RolloutState, new: RolloutState) -> bool:
     return (old.failing_since, old.failing_requests) != (new.failing_since, new.failing_requests)
 
 
-def command(state: RolloutState, action: str, reason: str | None = None) -> Decision:
-    """Validate an operator command against the current phase; raise CommandRejected."""
+def command(
+    state: RolloutState,
+    action: str,
+    reason: str | None = None,
+    rollout: RolloutConfig | None = None,
+) -> Decision:
+    """Validate an operator command against the current phase; raise CommandRejected.
+
+    ``action`` is one of :data:`MANUAL_ACTIONS`:
+
+    - ``pause`` / ``resume``: freeze every automatic action / let the policy act again.
+    - ``promote``: the candidate gets 100% now, from any step (the API's full promotion).
+    - ``advance``: the next step now, exactly as an automatic ADVANCE (a fresh step: its
+      samples and ``min_duration`` count from now); from the last step it promotes. A shadow
+      step advances like any other: the next step's weight sends real users to the
+      candidate. The phase stays: a paused or held rollout advances and stays paused or held.
+    - ``rollback``: production gets 100% now.
+    - ``retry``: a rolled-back rollout starts again from step 1 with the same arms; the
+      caller starts its samples afresh (:func:`transition` gives the new attempt's state).
+
+    ``rollout`` (the rollout's config) is needed by ``advance`` and ``retry``, which name the
+    steps in their reasons.
+    """
     phase = state.phase
     who = f"by an operator{': ' + reason if reason else ''}"
     if action == "pause":
@@ -301,20 +323,59 @@ def command(state: RolloutState, action: str, reason: str | None = None) -> Deci
                 f"rollout {state.name!r} is {phase.value}; only a paused or held rollout resumes"
             )
         return Decision(Action.RESUME, f"resumed {who}", manual=True)
-    if action == "promote":
+    if action in ("promote", "advance"):
         if phase is Phase.PROMOTED:
             raise CommandRejected(f"rollout {state.name!r} is already promoted")
         if phase is Phase.ROLLED_BACK:
             raise CommandRejected(
-                f"rollout {state.name!r} was rolled back; deploy a new candidate (change its "
-                "endpoints) and reload to start a new rollout"
+                f"rollout {state.name!r} is rolled_back; retry it to start again from step 1 "
+                "with the same candidate and fresh samples, or deploy a new candidate (change "
+                "its endpoints) and reload to start a new rollout"
             )
-        return Decision(Action.PROMOTE, f"promoted {who}", manual=True)
+        if action == "promote":
+            return Decision(Action.PROMOTE, f"promoted {who}", manual=True)
+        steps = _steps_of(rollout, action)
+        index = min(state.step, len(steps) - 1)
+        if index >= len(steps) - 1:
+            return Decision(
+                Action.PROMOTE,
+                f"promoted {who} (advanced past the last step {index + 1}/{len(steps)})",
+                manual=True,
+            )
+        nxt = steps[index + 1]
+        what = "shadow" if nxt.is_shadow else f"weight {nxt.candidate_weight:g}%"
+        return Decision(
+            Action.ADVANCE,
+            f"advanced {who} from step {index + 1}/{len(steps)} to step "
+            f"{index + 2}/{len(steps)} ({what})",
+            manual=True,
+        )
     if action == "rollback":
         if phase is Phase.ROLLED_BACK:
             raise CommandRejected(f"rollout {state.name!r} is already rolled back")
         return Decision(Action.ROLLBACK, f"rolled back {who}", manual=True)
+    if action == "retry":
+        if phase is not Phase.ROLLED_BACK:
+            raise CommandRejected(
+                f"rollout {state.name!r} is {phase.value}; only a rolled-back rollout can be "
+                "retried"
+            )
+        steps = _steps_of(rollout, action)
+        first = steps[0]
+        what = "shadow" if first.is_shadow else f"weight {first.candidate_weight:g}%"
+        return Decision(
+            Action.RETRY,
+            f"retried {who}: attempt {state.attempt + 1} with the same candidate and fresh "
+            f"samples, from step 1/{len(steps)} ({what})",
+            manual=True,
+        )
     raise CommandRejected(f"unknown action {action!r}; expected one of {', '.join(MANUAL_ACTIONS)}")
+
+
+def _steps_of(rollout: RolloutConfig | None, action: str) -> Sequence[StepConfig]:
+    if rollout is None:
+        raise ValueError(f"command {action!r} needs the rollout's config")
+    return rollout.steps
 
 
 def transition(
@@ -324,8 +385,17 @@ def transition(
     candidate_observed: int,
     now: float,
 ) -> RolloutState:
-    """The state after carrying out ``decision`` (the same object when nothing changes)."""
+    """The state after carrying out ``decision`` (the same object when nothing changes).
+
+    RETRY gives the state of the rollout's next attempt, as a new rollout starts (step 1,
+    fresh step and ``max_duration`` clocks, no samples counted: ``candidate_observed`` is not
+    read); the caller starts the samples afresh and keeps the decision log.
+    """
     a = decision.action
+    if a is Action.RETRY:
+        return RolloutState.start(rollout, now).with_(
+            attempt=state.attempt + 1, last_action=a.value, reason=decision.reason
+        )
     common = {"last_action": a.value, "reason": decision.reason, "updated_at": now}
     if a is Action.ADVANCE:
         return state.with_(

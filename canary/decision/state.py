@@ -41,6 +41,7 @@ class Action(enum.StrEnum):
     PAUSE = "PAUSE"
     RESUME = "RESUME"
     START = "START"
+    RETRY = "RETRY"  # an operator started a rolled-back rollout again: same arms, new samples
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class RolloutState:
     failure_observed: int | None = None
     failure_errors: int = 0
     failure_checked_at: float | None = None  # wall time of the check that last moved the clock
+    attempt: int = 1  # 1 + the times an operator retried it (each retry starts its samples anew)
 
     @classmethod
     def start(cls, rollout: RolloutConfig, now: float) -> RolloutState:

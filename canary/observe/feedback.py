@@ -30,12 +30,33 @@ of the last dropped entries are remembered (:data:`TOMBSTONES`, per rollout) so 
 feedback reads ``expired`` (or ``duplicate``) rather than ``unknown``; ids dropped before
 those count as ``unknown``.
 
-One canary process holds one store per rollout: feedback must reach the process that served
-the request (canary runs as a single worker; see the README).
+One canary process holds one store per rollout. Several processes on one state store
+(``--workers``, replicas on one Redis: the controller has a ``Leadership``) share the joins
+(``canary/controller/shared_feedback.py``): the proxy's per-request call stays this O(1)
+in-memory :meth:`FeedbackStore.add`, which in shared mode also marks the id in an outbox;
+every controller flush (250 ms) writes the outbox's answers to the state store in batches
+(:meth:`FeedbackStore.take_outbox`, ``Store.put_answers``: bounded there too by ``ttl``, in
+Unix seconds since the processes' monotonic clocks differ, and ``max_entries``). A feedback
+body posted to any process is one store round trip (``Store.claim_answers``) that claims
+every item's id atomically, so an answer counts at most once over every process and a second
+label reads ``duplicate`` wherever it is posted; an id this process holds is claimed through
+the store too (a claimed marker when it is not written yet). The claiming process scores the
+answers (:func:`score`, the same rules as :meth:`FeedbackStore.join`) and records the values
+(``arrival``) or holds them until the answer's stored time + ``ttl`` (``maturity``,
+:meth:`FeedbackStore.settle`, recorded by :meth:`FeedbackStore.take_ripe`). Limits: an answer
+not yet flushed (within one flush interval of the request) reads ``unknown`` at the other
+processes; values held for maturity by a process that dies are lost with it; a store that
+does not answer fails the body (503) and counts none of it; a claim whose reply was lost
+after the store ran it (a network cut) leaves its labels uncounted, and a resend reads them
+``duplicate``. ``expired`` reads come from the store's entries, kept up to twice ``ttl``
+within ``max_entries``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import heapq
+import itertools
 import json
 import time
 from collections import OrderedDict
@@ -52,6 +73,7 @@ __all__ = [
     "MAX_ITEMS",
     "RESULTS",
     "TOMBSTONES",
+    "Answer",
     "FeedbackBodyError",
     "FeedbackItem",
     "FeedbackReport",
@@ -59,11 +81,13 @@ __all__ = [
     "ParsedFeedback",
     "Value",
     "ValueRecorder",
+    "decode_answers",
     "join_feedback",
     "parse_feedback",
     "parse_item",
     "record_ripe",
     "same_json",
+    "score",
     "store_for",
     "uses_feedback",
 ]
@@ -228,7 +252,8 @@ def same_json(a: object, b: object) -> bool:
 # -- the store ------------------------------------------------------------------------------
 
 # arm, propensity, prediction (None: none extracted), sticky cluster (the unit of analysis)
-_Answer = tuple[str, float, object, int]
+Answer = tuple[str, float, object, int]
+_Answer = Answer
 
 
 class _Entry:
@@ -275,10 +300,12 @@ class FeedbackStore:
         *,
         clock: Callable[[], float] = time.monotonic,
         identity: object = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.rollout = rollout
         self.identity = identity
         self._clock = clock
+        self._wall = wall  # Unix seconds: the times other processes compare (shared mode)
         # OrderedDict, not dict: popping a plain dict from the front leaves holes that every
         # later ``next(iter(d))`` walks over (quadratic); OrderedDict's front is O(1).
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
@@ -290,6 +317,13 @@ class FeedbackStore:
         self._ripe: list[Value] = []  # matured values not yet taken (take_ripe)
         self.evicted = 0  # dropped because the store was full
         self.expired = 0  # dropped because their ttl passed
+        # Shared mode (several processes on one state store, see the module docstring): ids
+        # added or changed since the last take_outbox(), and values of answers claimed
+        # through the store that wait for their maturity (Unix due time, order, values).
+        self.sharing = False
+        self._outbox: OrderedDict[str, None] = OrderedDict()
+        self._held: list[tuple[float, int, list[Value]]] = []
+        self._held_order = itertools.count()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -316,6 +350,11 @@ class FeedbackStore:
         """The values whose answers matured since the last call (``count_at: maturity``)."""
         self._expire(self._clock())
         ripe, self._ripe = self._ripe, []
+        held = self._held
+        if held:
+            now = self._wall()
+            while held and held[0][0] <= now:
+                ripe.extend(heapq.heappop(held)[2])
         return ripe
 
     def _bury(self, rid: str, joined: bool) -> None:
@@ -354,6 +393,11 @@ class FeedbackStore:
         """
         now = self._clock()
         self._expire(now)
+        if self.sharing:  # written to the state store by the next flush (take_outbox)
+            outbox = self._outbox
+            outbox[request_id] = None
+            if len(outbox) > self.max_entries:
+                outbox.popitem(last=False)
         entries = self._entries
         entry = entries.get(request_id)
         answer: _Answer = (arm, propensity, prediction, cluster)
@@ -396,31 +440,142 @@ class FeedbackStore:
             return (DUPLICATE if stone else EXPIRED), []
         if entry.joined:
             return DUPLICATE, []
-        values: list[Value] = []
-        if item.kind == "label":
-            for answer in (entry.seen, entry.mirror):
-                if answer is not None and answer[2] is not None:
-                    arm, propensity, prediction, cluster = answer
-                    try:
-                        hit = same_json(prediction, item.value)
-                    except RecursionError:
-                        hit = False  # only absurdly nested values get here
-                    values.append((arm, 1.0 if hit else 0.0, propensity, cluster))
-            if not values:
-                return NO_PREDICTION, []
-        else:
-            if entry.seen is None:
-                return UNKNOWN, []
-            arm, propensity, _, cluster = entry.seen
-            value = item.value
-            assert isinstance(value, bool | float)  # parse_item guarantees it
-            values.append((arm, float(value), propensity, cluster))
+        result, values = score(item, entry.seen, entry.mirror)
+        if result != ACCEPTED:
+            return result, []
         entry.joined = True
         entry.seen = entry.mirror = None  # the marker is all a joined entry needs
         if self.at_maturity:
             entry.values = values
             return ACCEPTED, []
         return ACCEPTED, values
+
+    # -- shared feedback answers --
+
+    @property
+    def shared_key(self) -> str:
+        """The rollout's name in the state store's answers: with its arms' endpoints, so that
+        a rollout started anew (other endpoints) never joins its predecessor's answers."""
+        if self.identity is None:
+            return self.rollout
+        digest = hashlib.sha256(repr(self.identity).encode()).hexdigest()[:16]
+        return f"{self.rollout}#{digest}"
+
+    def share(self) -> None:
+        """Start shared mode: every answer added from now on, and every one held now, goes
+        to the outbox (:meth:`take_outbox`)."""
+        if not self.sharing:
+            self.sharing = True
+            self.requeue(rid for rid, e in self._entries.items() if not e.joined)
+
+    def take_outbox(self, limit: int) -> list[tuple[str, float, str, bool, bool]]:
+        """Up to ``limit`` of the answers added or changed since they were last taken, for
+        the state store: ``(request id, Unix time of the answer, its answers as JSON, holds
+        the user's answer, holds a prediction)``; joined and dropped ones are left out."""
+        outbox = self._outbox
+        if not outbox:
+            return []
+        mono, wall = self._clock(), self._wall()
+        out = []
+        for _ in range(min(limit, len(outbox))):
+            rid = outbox.popitem(last=False)[0]
+            entry = self._entries.get(rid)
+            if entry is None or entry.joined:
+                continue
+            try:
+                data = json.dumps([entry.seen, entry.mirror])
+            except (TypeError, ValueError, RecursionError):
+                continue  # not JSON: stays local (feedback to this process still joins it)
+            seen, mirror = entry.seen, entry.mirror
+            predicted = any(a is not None and a[2] is not None for a in (seen, mirror))
+            out.append((rid, wall - (mono - entry.at), data, seen is not None, predicted))
+        return out
+
+    def requeue(self, request_ids: Iterable[str]) -> None:
+        """Put ids whose write failed back into the outbox (the next flush retries them)."""
+        outbox = self._outbox
+        for rid in request_ids:
+            outbox[rid] = None
+        while len(outbox) > self.max_entries:
+            outbox.popitem(last=False)
+
+    def local_answers(self, request_id: str) -> tuple[float, _Answer | None, _Answer | None] | None:
+        """``(Unix time, the user's answer, the mirror's)`` of an id this process holds and
+        has not joined; None otherwise."""
+        now = self._clock()
+        self._expire(now)
+        entry = self._entries.get(request_id)
+        if entry is None or entry.joined:
+            return None
+        return self._wall() - (now - entry.at), entry.seen, entry.mirror
+
+    def settle(self, request_id: str, values: list[Value], at: float) -> list[Value]:
+        """Values of an answer claimed through the state store (``at``: its Unix time): the
+        local entry, if any, is marked joined; with ``count_at: maturity`` the values wait
+        until ``at + ttl`` (:meth:`take_ripe`), else they are returned to record now."""
+        self.mark_joined(request_id)
+        if self.at_maturity:
+            heapq.heappush(self._held, (at + self.ttl, next(self._held_order), values))
+            return []
+        return values
+
+    def mark_joined(self, request_id: str) -> None:
+        """The answers of ``request_id`` were claimed (here or by another process): what
+        this process holds of them is dropped, and never written to the store again."""
+        entry = self._entries.get(request_id)
+        if entry is not None and not entry.joined:
+            entry.joined = True
+            entry.seen = entry.mirror = None
+
+    @property
+    def held(self) -> int:
+        """Values of claimed answers waiting for their maturity (shared mode)."""
+        return sum(len(v) for _, _, v in self._held)
+
+
+def score(
+    item: FeedbackItem, seen: _Answer | None, mirror: _Answer | None
+) -> tuple[str, list[Value]]:
+    """``item`` scored against the answers of its id: ``accepted`` with the values to record,
+    or why nothing counts (``no_prediction``; ``unknown`` for ``correct``/``reward`` when
+    the answer the user saw is not held)."""
+    values: list[Value] = []
+    if item.kind == "label":
+        for answer in (seen, mirror):
+            if answer is not None and answer[2] is not None:
+                arm, propensity, prediction, cluster = answer
+                try:
+                    hit = same_json(prediction, item.value)
+                except RecursionError:
+                    hit = False  # only absurdly nested values get here
+                values.append((arm, 1.0 if hit else 0.0, propensity, cluster))
+        if not values:
+            return NO_PREDICTION, []
+        return ACCEPTED, values
+    if seen is None:
+        return UNKNOWN, []
+    arm, propensity, _, cluster = seen
+    value = item.value
+    assert isinstance(value, bool | float)  # parse_item guarantees it
+    return ACCEPTED, [(arm, float(value), propensity, cluster)]
+
+
+def decode_answers(data: str) -> tuple[_Answer | None, _Answer | None]:
+    """The ``(user's answer, mirror's)`` of :meth:`FeedbackStore.take_outbox`'s JSON;
+    ValueError when it is not that."""
+    pair = json.loads(data)
+    if not isinstance(pair, list) or len(pair) != 2:
+        raise ValueError(f"stored answers must be a pair, got {data[:60]!r}")
+    out: list[_Answer | None] = []
+    for answer in pair:
+        if answer is None:
+            out.append(None)
+            continue
+        arm, propensity, prediction, cluster = answer
+        if not isinstance(arm, str) or isinstance(propensity, bool):
+            raise ValueError(f"a stored answer is malformed: {answer!r}")
+        out.append((arm, float(propensity), prediction, int(cluster)))
+    return out[0], out[1]
 
 
 def uses_feedback(rollout: RolloutConfig) -> bool:

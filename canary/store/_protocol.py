@@ -10,6 +10,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from canary.errors import StoreDataLost, StoreError
 from canary.observe import RolloutAccumulator
+from canary.store._history import DEFAULT_MAX_HISTORY
 
 DEFAULT_MAX_DECISIONS = 10_000
 DEFAULT_MAX_INPUT_PROCESSES = 1000  # input-health entries kept per rollout (shared input health)
@@ -159,6 +160,30 @@ class Store(Protocol):
         safe). No entry anywhere: with ``local`` set, a claimed entry of that rollout and time
         is written (``marked``: the caller has the answers itself, and a later
         :meth:`put_answers` of them changes nothing), else None."""
+
+    # -- metric history --
+
+    async def append_history(
+        self,
+        rollout: str,
+        point: dict[str, Any],
+        *,
+        at: float,
+        keep: bool = False,
+        max_points: int = DEFAULT_MAX_HISTORY,
+        fence: int | None = None,
+    ) -> None:
+        """Append ``point`` (a JSON-serialisable dict) at Unix time ``at`` to the history of
+        ``rollout``; ``keep``: a point never thinned (a decision). Then, in the same atomic
+        step, when more than ``max_points`` are kept, thin them
+        (:func:`canary.store._history.thin`: resolution proportional to age; the first, the
+        newest and the ``keep`` points stay). ``fence`` as in :meth:`put_state`;
+        :meth:`reset` forgets the history. Not idempotent: a resend may add the point twice
+        (harmless: the same values at the same time)."""
+
+    async def history(self, rollout: str, since: float | None = None) -> list[dict[str, Any]]:
+        """The history points of ``rollout`` kept now, sorted by time (then by append),
+        oldest first; with ``since``, only those at a time after it."""
 
 
 @runtime_checkable
@@ -357,6 +382,27 @@ def check_claims(rollouts: Mapping[str, float], claims: Sequence[AnswerClaim]) -
         check_answers(ttl, 1)
 
 
+def judge_claim(
+    rollout: str,
+    claim: AnswerClaim,
+    ttl: float,
+    now: float,
+    row: tuple[float, str | None, bool, bool, str],
+) -> tuple[ClaimResult, bool]:
+    """The outcome of ``claim`` on a stored entry ``(at, data, seen, predicted, claimed by)``
+    and whether the entry is to be marked claimed by the claim's token now."""
+    at, data, seen, predicted, claimed = row
+    if claimed:
+        if claimed != claim.token:
+            return ClaimResult(rollout, TAKEN, at, None), False
+        return ClaimResult(rollout, MARKED if data is None else CLAIMED, at, data), False
+    if at + ttl <= now:
+        return ClaimResult(rollout, EXPIRED, at, None), False
+    if not meets(claim.need, seen, predicted):
+        return ClaimResult(rollout, UNMET, at, data), False
+    return ClaimResult(rollout, CLAIMED, at, data), True
+
+
 def meets(need: str, seen: bool, predicted: bool) -> bool:
     """An entry with these flags can be claimed for ``need``."""
     return need == "" or (need == "seen" and seen) or (need == "predicted" and predicted)
@@ -403,6 +449,7 @@ __all__ = [
     "decode",
     "encode",
     "encode_accumulator",
+    "judge_claim",
     "let_go",
     "meets",
     "merge_in_pieces",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -11,6 +13,7 @@ from typing import Any
 
 from canary.errors import FencedError, StoreError
 from canary.observe import RolloutAccumulator
+from canary.store._history import DEFAULT_MAX_HISTORY, check_max_points, thin
 from canary.store._protocol import (
     CLAIMED,
     DEFAULT_MAX_DECISIONS,
@@ -67,6 +70,9 @@ class MemoryStore:
         self._decisions: dict[str, deque[str]] = {}
         self._inputs: dict[str, dict[str, str]] = {}  # rollout -> process -> entry (JSON)
         self._answers: dict[str, dict[str, _Kept]] = {}  # shared feedback: rollout -> id -> kept
+        # metric history: rollout -> [(at, append number, keep, point JSON)], sorted
+        self._history: dict[str, list[tuple[float, int, bool, str]]] = {}
+        self._history_seq = itertools.count()
 
     def __repr__(self) -> str:
         return f"MemoryStore(max_decisions={self.max_decisions})"
@@ -89,6 +95,7 @@ class MemoryStore:
         self._decisions.clear()
         self._inputs.clear()
         self._answers.clear()
+        self._history.clear()
 
     async def get_state(self, rollout: str) -> dict[str, Any] | None:
         self._check()
@@ -150,6 +157,7 @@ class MemoryStore:
         self._state.pop(rollout, None)
         self._samples.pop(rollout, None)
         self._decisions.pop(rollout, None)
+        self._history.pop(rollout, None)
 
     async def rollouts(self) -> list[str]:
         self._check()
@@ -283,6 +291,38 @@ class MemoryStore:
                 result = ClaimResult(name, MARKED, at, None)
             out.append(result)
         return out
+
+    # -- metric history --
+
+    async def append_history(
+        self,
+        rollout: str,
+        point: dict[str, Any],
+        *,
+        at: float,
+        keep: bool = False,
+        max_points: int = DEFAULT_MAX_HISTORY,
+        fence: int | None = None,
+    ) -> None:
+        check_max_points(max_points)
+        self._check()
+        text = encode(point, f"history of rollout {rollout!r}")
+        when = float(at)
+        if not math.isfinite(when):
+            raise StoreError(f"cannot store history of rollout {rollout!r}: time {at!r}")
+        self._fenced(fence, f"history of rollout {rollout!r}")
+        points = self._history.setdefault(rollout, [])
+        bisect.insort(points, (when, next(self._history_seq), keep, text))
+        if len(points) > max_points:
+            drop = set(thin([p[0] for p in points], [p[2] for p in points], max_points))
+            points[:] = [p for i, p in enumerate(points) if i not in drop]
+
+    async def history(self, rollout: str, since: float | None = None) -> list[dict[str, Any]]:
+        self._check()
+        what = f"history of rollout {rollout!r}"
+        points = self._history.get(rollout, [])
+        start = 0 if since is None else bisect.bisect_right(points, (float(since), math.inf))
+        return [decode(p[3], what) for p in points[start:]]
 
 
 class _Kept:

@@ -8,6 +8,12 @@ Layout (every key under ``key_prefix``, ``canary:`` by default)::
     rollouts             set     names with any of the three above
     inputs:<rollout>     hash    shared input health: process -> its counts as JSON
     inputs-order:<rollout> zset  process -> time of its last write (the oldest are dropped)
+    history:<rollout>    zset    metric history: score = the point's Unix time, member =
+                                 16-digit append number, keep flag ("1"/"0"), point JSON
+    history-seq:<rollout> string INCR counter of the history's append numbers
+    answers:<key>        hash    shared feedback: request id -> its answers (opaque JSON)
+    answers-at:<key>     zset    request id -> Unix time of the answer (bounds, expiry)
+    answers-meta:<key>   hash    request id -> "<seen><predicted>|<claim token>"
     lease                hash    holder, token; PX expiry = the lease's TTL
     lease-token          string  INCR counter of fencing tokens (starts at the Redis clock in
                                  ms, see _ACQUIRE); never deleted
@@ -35,8 +41,8 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -47,10 +53,18 @@ from redis.exceptions import RedisError, WatchError
 
 from canary.errors import FencedError, StoreError
 from canary.observe import RolloutAccumulator
+from canary.store._history import DEFAULT_MAX_HISTORY, LOW_WATER, check_max_points
 from canary.store._protocol import (
+    CLAIMED,
     DEFAULT_MAX_DECISIONS,
     DEFAULT_MAX_INPUT_PROCESSES,
+    UNMET,
+    AnswerClaim,
+    ClaimResult,
     Lease,
+    StoredAnswer,
+    check_answers,
+    check_claims,
     check_keep,
     check_lease_request,
     check_limit,
@@ -143,11 +157,11 @@ return {1, ''}
 """
 )
 
-# KEYS lease, state, samples, decisions, rollouts; ARGV fence, rollout.
+# KEYS lease, state, samples, decisions, rollouts, history, history-seq; ARGV fence, rollout.
 _RESET = (
     _FENCE
     + """
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7])
 redis.call('SREM', KEYS[5], ARGV[2])
 return {1, ''}
 """
@@ -181,6 +195,189 @@ end
 return 1
 """
 _SCRIPTS["put_input_health"] = _PUT_INPUT_HEALTH
+
+
+# -- shared feedback answers --
+# Per rollout: answers:<r> hash id -> data, answers-at:<r> zset id -> at (Unix seconds of the
+# answer), answers-meta:<r> hash id -> "<seen><predicted>|<claim token>" (token "" = not
+# claimed; a marker of answers the claimer held itself has meta but no data). Each write
+# sets the three keys to expire 2 x ttl later: a rollout nobody answers for leaves nothing.
+_ANSWERS_DROP = """
+local function drop(ids)
+  for j = 1, #ids, 1000 do
+    local part = {unpack(ids, j, math.min(j + 999, #ids))}
+    redis.call('HDEL', KEYS[1], unpack(part))
+    redis.call('ZREM', KEYS[2], unpack(part))
+    redis.call('HDEL', KEYS[3], unpack(part))
+  end
+end
+"""
+# KEYS data, at, meta; ARGV cutoff (drop at <= it), max_entries, expiry ms, then per answer
+# id, at, data, flags ("11": seen, predicted). A claimed entry is never overwritten.
+_PUT_ANSWERS = (
+    _ANSWERS_DROP
+    + """
+for b = 4, #ARGV, 4 do
+  local id = ARGV[b]
+  local meta = redis.call('HGET', KEYS[3], id)
+  if (not meta) or string.sub(meta, 4) == '' then
+    redis.call('HSET', KEYS[1], id, ARGV[b + 2])
+    redis.call('ZADD', KEYS[2], ARGV[b + 1], id)
+    redis.call('HSET', KEYS[3], id, ARGV[b + 3] .. '|')
+  end
+end
+drop(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1]))
+local extra = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[2])
+if extra > 0 then
+  drop(redis.call('ZRANGE', KEYS[2], 0, extra - 1))
+end
+for k = 1, 3 do
+  redis.call('PEXPIRE', KEYS[k], ARGV[3])
+end
+return 1
+"""
+)
+# KEYS data, at, meta of each rollout in lookup order; ARGV now, number of rollouts, each
+# rollout's ttl, then per claim id, token, need, local rollout (1-based, 0: none), local at.
+# Per claim: {0} (nothing anywhere) or {rollout index, status, at, data or ''}.
+_CLAIM_ANSWERS = """
+local now = tonumber(ARGV[1])
+local nr = tonumber(ARGV[2])
+local out = {}
+for b = 3 + nr, #ARGV, 5 do
+  local id, token, need = ARGV[b], ARGV[b + 1], ARGV[b + 2]
+  local li = tonumber(ARGV[b + 3])
+  local res = {0}
+  for r = 1, nr do
+    local kd, ka, km = KEYS[r * 3 - 2], KEYS[r * 3 - 1], KEYS[r * 3]
+    local meta = redis.call('HGET', km, id)
+    if meta then
+      local at = redis.call('ZSCORE', ka, id) or '0'
+      local by = string.sub(meta, 4)
+      local data = redis.call('HGET', kd, id)
+      if by ~= '' then
+        if by ~= token then
+          res = {r, 'taken', at, ''}
+        elseif data then
+          res = {r, 'claimed', at, data}
+        else
+          res = {r, 'marked', at, ''}
+        end
+      elseif tonumber(at) + tonumber(ARGV[2 + r]) <= now then
+        res = {r, 'expired', at, ''}
+      elseif not (need == '' or (need == 'seen' and string.sub(meta, 1, 1) == '1')
+          or (need == 'predicted' and string.sub(meta, 2, 2) == '1')) then
+        res = {r, 'unmet', at, data or ''}
+      else
+        redis.call('HSET', km, id, string.sub(meta, 1, 3) .. token)
+        res = {r, 'claimed', at, data or ''}
+      end
+      break
+    end
+  end
+  if res[1] == 0 and li > 0 then
+    local lat = ARGV[b + 4]
+    redis.call('HDEL', KEYS[li * 3 - 2], id)
+    redis.call('ZADD', KEYS[li * 3 - 1], lat, id)
+    redis.call('HSET', KEYS[li * 3], id, '00|' .. token)
+    local ms = math.ceil(tonumber(ARGV[2 + li]) * 2000)
+    for k = li * 3 - 1, li * 3 do
+      if redis.call('PTTL', KEYS[k]) < ms then
+        redis.call('PEXPIRE', KEYS[k], ms)
+      end
+    end
+    res = {li, 'marked', lat, ''}
+  end
+  out[#out + 1] = res
+end
+return out
+"""
+_SCRIPTS["put_answers"] = _PUT_ANSWERS
+_SCRIPTS["claim_answers"] = _CLAIM_ANSWERS
+ANSWERS_PER_CALL = 1000  # answers written per script call (Redis runs one script at a time)
+
+
+# -- metric history --
+# The same function as canary.store._history.thin, on the history zset: KEYS[2] ``history``;
+# ARGV[5] max points, ARGV[6] points left by a thinning. Member = 16-digit append number,
+# keep flag, JSON (so equal times sort by append). The first and the newest always stay.
+_THIN_LUA = """
+local function thin(key, max, low)
+  local n = redis.call('ZCARD', key)
+  if n <= max then
+    return
+  end
+  local all = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+  local members, times, keeps = {}, {}, {}
+  for j = 1, #all, 2 do
+    local k = (j + 1) / 2
+    members[k] = all[j]
+    times[k] = tonumber(all[j + 1])
+    keeps[k] = string.sub(all[j], 17, 17) == '1'
+  end
+  local target = n - low
+  local newest = times[n]
+  local scored = {}
+  for k = 2, n - 1 do
+    if not keeps[k] then
+      local age = newest - times[k]
+      if age < 1e-9 then
+        age = 1e-9
+      end
+      scored[#scored + 1] = {(times[k + 1] - times[k - 1]) / age, k}
+    end
+  end
+  table.sort(scored, function(a, b)
+    if a[1] ~= b[1] then
+      return a[1] < b[1]
+    end
+    return a[2] < b[2]
+  end)
+  local taken, count = {}, 0
+  for _, e in ipairs(scored) do
+    if count >= target then
+      break
+    end
+    local k = e[2]
+    if not taken[k - 1] and not taken[k + 1] then
+      taken[k] = true
+      count = count + 1
+    end
+  end
+  local over = n - count - max
+  local k = 2
+  while over > 0 and k < n do
+    if not taken[k] then
+      taken[k] = true
+      count = count + 1
+      over = over - 1
+    end
+    k = k + 1
+  end
+  local drop = {}
+  for i = 2, n - 1 do
+    if taken[i] then
+      drop[#drop + 1] = members[i]
+    end
+  end
+  for j = 1, #drop, 1000 do
+    redis.call('ZREM', key, unpack(drop, j, math.min(j + 999, #drop)))
+  end
+end
+"""
+# KEYS lease, history, history-seq; ARGV fence, at, keep flag, JSON, max points, low.
+_APPEND_HISTORY = (
+    _FENCE
+    + _THIN_LUA
+    + """
+local seq = redis.call('INCR', KEYS[3])
+local member = string.format('%016d', seq) .. ARGV[3] .. ARGV[4]
+redis.call('ZADD', KEYS[2], ARGV[2], member)
+thin(KEYS[2], tonumber(ARGV[5]), tonumber(ARGV[6]))
+return {1, ''}
+"""
+)
+_SCRIPTS["append_history"] = _APPEND_HISTORY
 
 
 _USERINFO_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*):[^/@]*@")
@@ -515,6 +712,7 @@ class RedisStore:
             self._key("samples", rollout),
             self._key("decisions", rollout),
             self._rollouts_key,
+            *self._history_keys(rollout),
         ]
         await self._fenced(f"reset rollout {rollout!r}", "reset", keys, [rollout], fence)
 
@@ -602,6 +800,130 @@ class RedisStore:
                     await pipe.execute()
 
         await self._run(f"drop input health of rollout {rollout!r}", drop)
+
+    # -- shared feedback answers --
+
+    def _answer_keys(self, rollout: str) -> list[str]:
+        return [
+            self._key("answers", rollout),
+            self._key("answers-at", rollout),
+            self._key("answers-meta", rollout),
+        ]
+
+    async def put_answers(
+        self,
+        rollout: str,
+        answers: Sequence[StoredAnswer],
+        *,
+        ttl: float,
+        max_entries: int,
+        now: float | None = None,
+    ) -> None:
+        """One script per :data:`ANSWERS_PER_CALL` answers (idempotent: a resend writes the
+        same entries, and never over a claimed one)."""
+        check_answers(ttl, max_entries)
+        cutoff = (time.time() if now is None else now) - 2 * ttl
+        head: list[str | int] = [repr(cutoff), max_entries, max(1, math.ceil(ttl * 2000))]
+        keys = self._answer_keys(rollout)
+        for start in range(0, max(1, len(answers)), ANSWERS_PER_CALL):
+            args = list(head)
+            for a in answers[start : start + ANSWERS_PER_CALL]:
+                flags = f"{int(a.seen)}{int(a.predicted)}"
+                args.extend((a.request_id, repr(float(a.at)), a.data, flags))
+            await self._run(
+                f"write feedback answers of rollout {rollout!r}",
+                self._script("put_answers", keys, args),
+            )
+
+    async def claim_answers(
+        self,
+        rollouts: Mapping[str, float],
+        claims: Sequence[AnswerClaim],
+        *,
+        now: float | None = None,
+    ) -> list[ClaimResult | None]:
+        """One script: every claim of the call, atomically (idempotent by the claims'
+        tokens: a resend after a lost answer gets the same results)."""
+        check_claims(rollouts, claims)
+        if not claims:
+            self._live()
+            return []
+        names = list(rollouts)
+        keys = [k for name in names for k in self._answer_keys(name)]
+        index = {name: i + 1 for i, name in enumerate(names)}
+        args: list[str | int] = [repr(time.time() if now is None else now), len(names)]
+        args.extend(repr(float(rollouts[name])) for name in names)
+        for c in claims:
+            li, lat = (0, "0") if c.local is None else (index[c.local[0]], repr(float(c.local[1])))
+            args.extend((c.request_id, c.token, c.need, li, lat))
+        reply = await self._run("claim feedback answers", self._script("claim_answers", keys, args))
+        try:
+            out: list[ClaimResult | None] = []
+            for row in reply:
+                if int(row[0]) == 0:
+                    out.append(None)
+                    continue
+                status, data = _str(row[1]), _str(row[3])
+                keep = status in (CLAIMED, UNMET)
+                out.append(
+                    ClaimResult(
+                        names[int(row[0]) - 1], status, float(_str(row[2])), data if keep else None
+                    )
+                )
+            if len(out) != len(claims):
+                raise ValueError(f"{len(out)} results for {len(claims)} claims")
+            return out
+        except (TypeError, ValueError, IndexError) as exc:
+            raise StoreError(f"{self._where}: corrupt claim reply: {exc}") from exc
+
+    # -- metric history --
+
+    def _history_keys(self, rollout: str) -> list[str]:
+        return [self._key("history", rollout), self._key("history-seq", rollout)]
+
+    async def append_history(
+        self,
+        rollout: str,
+        point: dict[str, Any],
+        *,
+        at: float,
+        keep: bool = False,
+        max_points: int = DEFAULT_MAX_HISTORY,
+        fence: int | None = None,
+    ) -> None:
+        """One Lua script: the fence checked, the point added, the history thinned."""
+        check_max_points(max_points)
+        text = encode(point, f"history of rollout {rollout!r}")
+        when = float(at)
+        if not math.isfinite(when):
+            raise StoreError(f"cannot store history of rollout {rollout!r}: time {at!r}")
+        keys = [self._lease_key, *self._history_keys(rollout)]
+        low = int(max_points * LOW_WATER)
+        # Not retried on a broken connection: the point may have been added already.
+        await self._fenced(
+            f"append history of rollout {rollout!r}",
+            "append_history",
+            keys,
+            [repr(when), "1" if keep else "0", text, max_points, low],
+            fence,
+            idempotent=False,
+        )
+
+    async def history(self, rollout: str, since: float | None = None) -> list[dict[str, Any]]:
+        key = self._key("history", rollout)
+        low = "-inf" if since is None else f"({float(since)!r}"
+        what = f"history of rollout {rollout!r} in {self._safe_url}"
+
+        async def read(client: aioredis.Redis) -> list[bytes | str]:
+            return cast(list[bytes | str], await client.zrangebyscore(key, low, "+inf"))
+
+        members = await self._run(f"read history of rollout {rollout!r}", read)
+
+        def decoded() -> list[dict[str, Any]]:
+            return [decode(_str(m)[17:], what) for m in members]
+
+        # Up to max_points decoded: milliseconds the proxy's event loop need not wait for.
+        return await asyncio.to_thread(decoded) if len(members) > 50 else decoded()
 
 
 def _fence(fence: int | None) -> str:

@@ -12,21 +12,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from canary.errors import FencedError, StoreError
 from canary.observe import RolloutAccumulator
+from canary.store._history import DEFAULT_MAX_HISTORY, check_max_points, thin
 from canary.store._protocol import (
     DEFAULT_MAX_DECISIONS,
     DEFAULT_MAX_INPUT_PROCESSES,
+    MARKED,
+    AnswerClaim,
+    ClaimResult,
     Lease,
+    StoredAnswer,
+    check_answers,
+    check_claims,
     check_keep,
     check_lease_request,
     check_limit,
@@ -34,6 +42,7 @@ from canary.store._protocol import (
     decode,
     encode,
     encode_accumulator,
+    judge_claim,
     merge_in_pieces,
 )
 
@@ -81,6 +90,30 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " data TEXT NOT NULL, seq INTEGER NOT NULL, updated_at REAL NOT NULL,"
         " PRIMARY KEY (rollout, process))",
         "CREATE INDEX input_health_seq ON input_health (rollout, seq)",
+    ),
+    (
+        # Shared feedback answers: each analysed answer by request id, claimed at most once
+        # (claim_answers); `at` in Unix seconds of the serving process. `data` NULL: a
+        # claimed marker of answers the claimer held itself. `claimed`: the claim's token.
+        "CREATE TABLE answers (rollout TEXT NOT NULL, request_id TEXT NOT NULL,"
+        " at REAL NOT NULL, data TEXT, seen INTEGER NOT NULL, predicted INTEGER NOT NULL,"
+        " claimed TEXT NOT NULL DEFAULT '', PRIMARY KEY (rollout, request_id))",
+        "CREATE INDEX answers_at ON answers (rollout, at)",
+        # Rows per rollout, kept by triggers, so that trimming to max_entries walks only the
+        # rows it deletes (an upsert that updates fires no INSERT trigger).
+        "CREATE TABLE answer_counts (rollout TEXT PRIMARY KEY, n INTEGER NOT NULL)",
+        "CREATE TRIGGER answers_added AFTER INSERT ON answers BEGIN"
+        " INSERT INTO answer_counts (rollout, n) VALUES (NEW.rollout, 1)"
+        " ON CONFLICT (rollout) DO UPDATE SET n = n + 1; END",
+        "CREATE TRIGGER answers_removed AFTER DELETE ON answers BEGIN"
+        " UPDATE answer_counts SET n = n - 1 WHERE rollout = OLD.rollout; END",
+    ),
+    (
+        # Metric history: one row per point (JSON), sorted by (at, id); `keep` marks the
+        # points thinning never drops (decisions). Bounded per rollout by append_history.
+        "CREATE TABLE history (id INTEGER PRIMARY KEY AUTOINCREMENT, rollout TEXT NOT NULL,"
+        " at REAL NOT NULL, keep INTEGER NOT NULL, data TEXT NOT NULL)",
+        "CREATE INDEX history_rollout_at ON history (rollout, at, id)",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -444,7 +477,7 @@ class SQLiteStore:
         def job(conn: sqlite3.Connection) -> None:
             with _transaction(conn):
                 self._fenced(conn, fence, f"reset of rollout {rollout!r}")
-                for table in ("state", "samples", "decisions"):
+                for table in ("state", "samples", "decisions", "history"):
                     conn.execute(f"DELETE FROM {table} WHERE rollout = ?", (rollout,))
 
         await self._run(f"reset rollout {rollout!r}", job)
@@ -573,6 +606,148 @@ class SQLiteStore:
                     )
 
         await self._run(f"drop input health of rollout {rollout!r}", job)
+
+    # -- shared feedback answers --
+
+    async def put_answers(
+        self,
+        rollout: str,
+        answers: Sequence[StoredAnswer],
+        *,
+        ttl: float,
+        max_entries: int,
+        now: float | None = None,
+    ) -> None:
+        check_answers(ttl, max_entries)
+        rows = [
+            (rollout, a.request_id, a.at, a.data, int(a.seen), int(a.predicted)) for a in answers
+        ]
+        cutoff = (self._clock() if now is None else now) - 2 * ttl
+
+        def job(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.executemany(
+                    "INSERT INTO answers (rollout, request_id, at, data, seen, predicted)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (rollout, request_id) DO UPDATE SET"
+                    " at = excluded.at, data = excluded.data, seen = excluded.seen,"
+                    " predicted = excluded.predicted WHERE answers.claimed = ''",
+                    rows,
+                )
+                conn.execute("DELETE FROM answers WHERE rollout = ? AND at <= ?", (rollout, cutoff))
+                row = conn.execute(
+                    "SELECT n FROM answer_counts WHERE rollout = ?", (rollout,)
+                ).fetchone()
+                extra = 0 if row is None else int(row[0]) - max_entries
+                if extra > 0:  # the oldest go: a walk of the rows deleted only
+                    conn.execute(
+                        "DELETE FROM answers WHERE rowid IN (SELECT rowid FROM answers"
+                        " WHERE rollout = ? ORDER BY at, rowid LIMIT ?)",
+                        (rollout, extra),
+                    )
+
+        await self._run(f"write feedback answers of rollout {rollout!r}", job)
+
+    async def claim_answers(
+        self,
+        rollouts: Mapping[str, float],
+        claims: Sequence[AnswerClaim],
+        *,
+        now: float | None = None,
+    ) -> list[ClaimResult | None]:
+        check_claims(rollouts, claims)
+        when = self._clock() if now is None else now
+        order = list(rollouts.items())
+
+        def job(conn: sqlite3.Connection) -> list[ClaimResult | None]:
+            out: list[ClaimResult | None] = []
+            with _transaction(conn):  # the write lock up front: one claimer at a time
+                for claim in claims:
+                    result: ClaimResult | None = None
+                    for name, ttl in order:
+                        row = conn.execute(
+                            "SELECT at, data, seen, predicted, claimed FROM answers"
+                            " WHERE rollout = ? AND request_id = ?",
+                            (name, claim.request_id),
+                        ).fetchone()
+                        if row is None:
+                            continue
+                        at, data, seen, predicted, by = row
+                        kept = (float(at), data, bool(seen), bool(predicted), str(by))
+                        result, take = judge_claim(name, claim, ttl, when, kept)
+                        if take:
+                            conn.execute(
+                                "UPDATE answers SET claimed = ? WHERE rollout = ?"
+                                " AND request_id = ?",
+                                (claim.token, name, claim.request_id),
+                            )
+                        break
+                    if result is None and claim.local is not None:
+                        name, at = claim.local
+                        conn.execute(  # no row of the id in this rollout (looked above)
+                            "INSERT INTO answers (rollout, request_id, at, data, seen,"
+                            " predicted, claimed) VALUES (?, ?, ?, NULL, 0, 0, ?)",
+                            (name, claim.request_id, at, claim.token),
+                        )
+                        result = ClaimResult(name, MARKED, at, None)
+                    out.append(result)
+            return out
+
+        return await self._run("claim feedback answers", job)
+
+    # -- metric history --
+
+    async def append_history(
+        self,
+        rollout: str,
+        point: dict[str, Any],
+        *,
+        at: float,
+        keep: bool = False,
+        max_points: int = DEFAULT_MAX_HISTORY,
+        fence: int | None = None,
+    ) -> None:
+        """One transaction: the point inserted, then (about once per ``max_points / 4``
+        appends) the rollout's points read by the (rollout, at) index and the thinned ones
+        deleted."""
+        check_max_points(max_points)
+        text = encode(point, f"history of rollout {rollout!r}")
+        when = float(at)
+        if not math.isfinite(when):
+            raise StoreError(f"cannot store history of rollout {rollout!r}: time {at!r}")
+
+        def job(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                self._fenced(conn, fence, f"history of rollout {rollout!r}")
+                conn.execute(
+                    "INSERT INTO history (rollout, at, keep, data) VALUES (?, ?, ?, ?)",
+                    (rollout, when, int(keep), text),
+                )
+                (count,) = conn.execute(
+                    "SELECT count(*) FROM history WHERE rollout = ?", (rollout,)
+                ).fetchone()
+                if count <= max_points:
+                    return
+                rows = conn.execute(
+                    "SELECT id, at, keep FROM history WHERE rollout = ? ORDER BY at, id",
+                    (rollout,),
+                ).fetchall()
+                drop = thin([r[1] for r in rows], [bool(r[2]) for r in rows], max_points)
+                conn.executemany("DELETE FROM history WHERE id = ?", [(rows[i][0],) for i in drop])
+
+        await self._run(f"append history of rollout {rollout!r}", job)
+
+    async def history(self, rollout: str, since: float | None = None) -> list[dict[str, Any]]:
+        what = f"history of rollout {rollout!r} in {self.path}"
+        after = -math.inf if since is None else float(since)
+
+        def job(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                "SELECT data FROM history WHERE rollout = ? AND at > ? ORDER BY at, id",
+                (rollout, after),
+            ).fetchall()
+            return [decode(text, what) for (text,) in rows]
+
+        return await self._run(f"read history of rollout {rollout!r}", job)
 
 
 def new_etag() -> int:
