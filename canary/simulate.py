@@ -22,7 +22,8 @@ Traffic model (every parameter has a flag; docs/simulate.md):
 - 0/1 signals (``feedback`` labels, ``agreement``, a ``json:`` value judged in pp): correct
   with ``accuracy`` (90%); labels count ``feedback.ttl`` after the request
   (``count_at: maturity``) or ``label_delay`` after it (``arrival``);
-- ``cost``: the same per request on both arms (pricing is deterministic per request); other
+- ``cost``: each arm's price per request from its pricing (``tokens`` per request, the
+  ``per_hour`` part amortised over ``rate``), the same for every request; other
   continuous signals (``header:``, ``json:``, ``server_timing:``, ``tokens_per_s``, ``itl``):
   lognormal, median 1, log-sd 0.5;
 - sticky routing: ``users`` users (1000) with a uniform hash point and cluster each; a user's
@@ -258,6 +259,7 @@ class Traffic:
     error_rate: float = 0.01
     accuracy: float = 0.9
     label_delay: float = 0.0  # count_at: arrival
+    tokens: float = 500.0  # tokens per request, for per_1k_tokens pricing
     users: int = 1000  # sticky routing only
     user_latency_sigma: float = 0.5
     user_error_sigma: float = 1.0
@@ -274,6 +276,7 @@ class Traffic:
             ("--error-rate", self.error_rate, 0.0, 1.0),
             ("--accuracy", self.accuracy, 0.0, 1.0),
             ("--label-delay", self.label_delay, 0.0, 86400.0),
+            ("--tokens", self.tokens, 0.0, 1e7),
             ("--user-latency-sigma", self.user_latency_sigma, 0.0, 5.0),
             ("--user-error-sigma", self.user_error_sigma, 0.0, 10.0),
         ):
@@ -492,6 +495,12 @@ def make_plan(rollout: RolloutConfig, traffic: Traffic) -> Plan:
             "not simulated (scraped per window, not per request): "
             + ", ".join(m.name for m in dropped)
             + "; the other tests keep the file's alpha each"
+        )
+    costs = arm_costs(rollout, traffic)
+    if any(_family(m) == "cost" for m in rollout.analysis.metrics) and costs[0] != costs[1]:
+        notes.append(
+            f"cost from the arms' pricing: candidate {100 * (costs[1] / costs[0] - 1):+.1f}% "
+            "per request before any effect"
         )
     if rollout.inputs is not None:
         notes.append("input health not simulated (inputs are assumed not to drift)")
@@ -776,6 +785,7 @@ class Simulator:
             traffic.ttft_sigma if traffic.ttft_sigma is not None else traffic.latency_sigma
         )
         self.base_logit = _logit(traffic.error_rate)
+        self.cost = arm_costs(plan.rollout, traffic)
 
     # -- traffic of a block of intervals ---------------------------------------------------------
 
@@ -800,7 +810,7 @@ class Simulator:
         elif fam == "ttft":
             v = self.ttft_median * np.exp(self.ttft_sigma * rng.standard_normal(n) + u_lat)
         elif fam == "cost":
-            v = np.ones(n)
+            v = np.full(n, self.cost[1 if cand else 0])
         elif fam == "rate":
             prod = 1.0 if key == AGREEMENT else self.t.accuracy
             rate = _apply_rate(prod, eff)
@@ -1030,6 +1040,26 @@ class Simulator:
         )
         hit = np.nonzero(met)[0]
         return int(ticks[hit[0]]) if hit.size else None
+
+
+def arm_costs(rollout: RolloutConfig, traffic: Traffic) -> tuple[float, float]:
+    """Cost per request of (production, candidate) from the arms' pricing, as the proxy prices
+    it: ``per_request + per_1k_tokens * tokens / 1000 + per_hour * replicas / 3600 / rate``
+    (amortised over the rollout's total rate). A cost header is taken as equal on both arms;
+    arms without a priced component both cost 1 (only effects then differ)."""
+
+    def priced(arm: Any) -> float | None:
+        c = arm.cost
+        if c is None:
+            return None
+        v = c.per_request + c.per_1k_tokens * traffic.tokens / 1000.0
+        v += c.per_hour * c.replicas / 3600.0 / traffic.rate
+        return v if v > 0 else None
+
+    p, c = priced(rollout.production), priced(rollout.candidate)
+    if p is None or c is None:
+        return (1.0, 1.0)
+    return (p, c)
 
 
 def _upto(b: Batch, tick: int) -> Batch:
@@ -1579,7 +1609,7 @@ def format_report(report: Report) -> str:
         lines += [
             "",
             f"smallest regression caught within max_duration {_dur(a.max_duration)} "
-            f"(rolled back by that metric in >= {100 * DETECT_SHARE:.0f}% of repeats):",
+            f"(rolled back by that metric alone in >= {100 * DETECT_SHARE:.0f}% of repeats):",
         ]
         for d in report.detections:
             tol = d.text(None)
@@ -1701,6 +1731,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="label delay with feedback count_at: arrival (default 0)",
     )
+    g.add_argument(
+        "--tokens", type=float, default=500.0, help="tokens per request, for per_1k_tokens (500)"
+    )
     g.add_argument("--users", type=int, default=1000, help="sticky users (default 1000)")
     g.add_argument("--user-latency-sigma", type=float, default=0.5)
     g.add_argument("--user-error-sigma", type=float, default=1.0)
@@ -1752,6 +1785,7 @@ def traffic_from_args(args: argparse.Namespace) -> Traffic:
         error_rate=args.error_rate,
         accuracy=args.accuracy,
         label_delay=args.label_delay,
+        tokens=args.tokens,
         users=args.users,
         user_latency_sigma=args.user_latency_sigma,
         user_error_sigma=args.user_error_sigma,
@@ -1838,6 +1872,7 @@ __all__ = [
     "Traffic",
     "add_parser",
     "add_values",
+    "arm_costs",
     "default_scenarios",
     "format_report",
     "histogram_samples",

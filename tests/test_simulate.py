@@ -3,6 +3,7 @@ simulated rollouts that decide right, Prometheus and sample-file inputs, the CLI
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import math
@@ -30,6 +31,7 @@ from canary.simulate import (
     SimulateError,
     Simulator,
     Traffic,
+    arm_costs,
     default_scenarios,
     histogram_samples,
     load_latency_samples,
@@ -42,6 +44,7 @@ from canary.simulate import (
     resolve_effects,
     simulate,
 )
+from loadtest.fake_model import FakeModelConfig, running_fake_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MINIMAL = ROOT / "configs" / "minimal.yaml"
@@ -232,6 +235,14 @@ def test_sticky_shadow_and_labels_run_and_resources_are_left_out() -> None:
     assert s.quantiles("seconds")[2] < 30
 
 
+def test_cost_comes_from_the_arms_pricing() -> None:
+    cfg = load_config(ROOT / "configs" / "fraud-model.yaml").rollouts[0]
+    prod, cand = arm_costs(cfg, Traffic(rate=200.0))
+    assert prod == pytest.approx(2.40 * 2 / 3600 / 200) and cand / prod == pytest.approx(3.1 / 2.4)
+    assert arm_costs(_config(), Traffic(rate=200.0)) == (1.0, 1.0)  # not priced
+    assert any("+29.2%" in n for n in make_plan(cfg, Traffic(rate=200.0)).notes)
+
+
 def test_detection_brackets_the_smallest_caught_regression() -> None:
     r = _config(analysis={**_rollout()["analysis"], "max_duration": "2m"})  # type: ignore[dict-item]
     traffic = Traffic(rate=400.0, latency_median=0.02, latency_sigma=0.3, error_rate=0.0)
@@ -247,7 +258,7 @@ def test_time_bound_reports_what_is_done() -> None:
     r = _config(analysis={**_rollout()["analysis"], "max_duration": "1h"})  # type: ignore[dict-item]
     traffic = Traffic(rate=500.0)
     report = simulate(r, traffic, default_scenarios(r), repeats=50, detect=True, time_limit=1.0)
-    assert report.incomplete.startswith("stopped at the time limit (1 s)")
+    assert "stopped at the time limit (1 s)" in report.incomplete
     assert report.seconds < 10
 
 
@@ -349,6 +360,13 @@ def test_prometheus_rate_and_latency(metrics_server: tuple[str, list[int]]) -> N
     assert len(samples) > 1000 and "canary_request_duration_seconds" in what
     with pytest.raises(SimulateError, match="--prometheus"):
         read_prometheus("http://127.0.0.1:9/metrics", None, 0.0)
+
+
+async def test_prometheus_endpoint_without_a_histogram_is_refused_clearly() -> None:
+    """loadtest/fake_model.py's /metrics has process metrics but no latency histogram."""
+    async with running_fake_model(FakeModelConfig(model="p")) as url:
+        with pytest.raises(SimulateError, match=r"no histogram \(\*_bucket series\)"):
+            await asyncio.to_thread(read_prometheus, url + "/metrics", None, 0.0)
 
 
 # -- progress and the command line -----------------------------------------------------------------

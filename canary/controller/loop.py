@@ -163,6 +163,7 @@ class Controller:
         )
         self._lock = asyncio.Lock()  # control path only: evaluation vs operator commands
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()  # the loop ends after the round it is in
         self._eval_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
 
@@ -221,6 +222,7 @@ class Controller:
 
     async def start(self) -> None:
         if self._task is None:
+            self._stopping.clear()
             await self.analyzer.start()
             loop = asyncio.get_running_loop()
             self._task = loop.create_task(self._run(), name="controller")
@@ -230,7 +232,15 @@ class Controller:
                 self._watch_task = loop.create_task(watch, name="store-watch")
 
     async def stop(self) -> None:
-        """Stop the loop and write the last samples (a clean stop loses nothing)."""
+        """Stop the loop and write the last samples (a clean stop loses nothing).
+
+        The loop finishes the round it is in (within the store timeout) rather than being
+        cancelled in it: a write cancelled after the store applied it, but before the loop
+        marked it written, would be written again by the last flush (counted twice)."""
+        if self._task is not None:
+            self._stopping.set()
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._task), self._guard.timeout + 1.0)
         for task in (self._task, self._eval_task, self._watch_task):
             if task is not None:
                 task.cancel()
@@ -246,7 +256,7 @@ class Controller:
             await self._leadership.release()  # another process takes over at once
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             started = self._monotonic()
             try:
                 await self.flush()
@@ -260,7 +270,10 @@ class Controller:
             except Exception:  # a bug here must not stop the controller for good
                 log.exception("controller iteration failed")
             elapsed = self._monotonic() - started
-            await asyncio.sleep(max(0.0, self.flush_interval - elapsed))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._stopping.wait(), max(0.0, self.flush_interval - elapsed)
+                )
 
     async def tick(self) -> None:
         """One round of the loop, awaited to its end: flush, lead or follow, and (when this
