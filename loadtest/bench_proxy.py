@@ -942,12 +942,20 @@ _WRK_SOCKET = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+)
 
 
 def run_wrk(
-    wrk: str, script: Path, port: int, seconds: int, connections: int, pin: Pinning
+    wrk: str,
+    script: Path,
+    port: int,
+    seconds: int,
+    connections: int,
+    pin: Pinning,
+    threads: int = 1,
 ) -> tuple[float, int, str]:
+    """wrk's req/s and errors (non-2xx and socket errors) and its command line; ``threads``
+    > 1 for a script whose ``setup`` points each thread at its own port (bench_replicas)."""
     cmd = pin.wrap(
         pin.generator,
-        [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "-s", str(script),
-         f"http://{HOST}:{port}{PATH}"],
+        [wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "-s",
+         str(script), f"http://{HOST}:{port}{PATH}"],
     )  # fmt: skip
     r = subprocess.run(
         cmd, capture_output=True, text=True, timeout=seconds + 30, check=False,

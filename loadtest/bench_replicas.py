@@ -29,7 +29,6 @@ import shlex
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -40,11 +39,7 @@ import uvloop
 import yaml
 
 from loadtest.bench_proxy import (
-    _WRK_NON2XX,
-    _WRK_RPS,
-    _WRK_SOCKET,
     HOST,
-    PATH,
     REPO,
     Bench,
     ClientResult,
@@ -53,7 +48,6 @@ from loadtest.bench_proxy import (
     Proc,
     Settings,
     ThroughputRun,
-    _set_pdeathsig,
     canary_command,
     canary_config,
     choose_pinning,
@@ -63,6 +57,7 @@ from loadtest.bench_proxy import (
     open_loop,
     pct,
     progress,
+    run_wrk,
     start_nginx,
     start_redis,
     summarize,
@@ -140,26 +135,8 @@ def run_wrk_threads(
     wrk: str, script: Path, port: int, seconds: float, connections: int, bench: SpreadBench
 ) -> tuple[float, int, str]:
     """``bench_proxy.run_wrk`` with ``bench.threads`` threads (the script's ``setup`` points
-    each at its port): the same output parsing."""
-    cmd = bench.pin.wrap(
-        bench.pin.generator,
-        [wrk, f"-t{bench.threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
-         "--timeout", "5s", "-s", str(script), f"http://{HOST}:{port}{PATH}"],
-    )  # fmt: skip
-    r = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=seconds + 30, check=False,
-        preexec_fn=_set_pdeathsig,
-    )  # fmt: skip
-    out = r.stdout + r.stderr
-    m = _WRK_RPS.search(out)
-    if r.returncode != 0 or m is None:
-        raise RuntimeError(f"wrk failed ({r.returncode}): {out[-1500:]}")
-    errors = 0
-    if (m2 := _WRK_NON2XX.search(out)) is not None:
-        errors += int(m2.group(1))
-    if (m3 := _WRK_SOCKET.search(out)) is not None:
-        errors += sum(int(g) for g in m3.groups())
-    return float(m.group(1)), errors, shlex.join(cmd)
+    each at its port)."""
+    return run_wrk(wrk, script, port, max(1, round(seconds)), connections, bench.pin, bench.threads)
 
 
 def _split(total: int, n: int) -> list[int]:

@@ -19,13 +19,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import numpy as np
-
 from canary.config import Config, RolloutConfig
 from canary.decision import Phase, RolloutState, analyze, decide, upgrade_entry
 from canary.errors import AdminError, StoreError, UnknownRollout
 from canary.observe import RolloutAccumulator
 from canary.observe.cost import cost_per_1000
+from canary.observe.distributions import DISTRIBUTION_SIGNALS, distributions
 from canary.report._model import ARMS, Distribution, HistoryPoint, ReportData, is_num
 from canary.stats import MetricResult
 from canary.store import SQLiteStore, Store, open_store
@@ -33,9 +32,6 @@ from canary.store import SQLiteStore, Store, open_store
 if TYPE_CHECKING:
     from canary.admin_client import AdminClient
 
-DISTRIBUTION_SIGNALS = ("latency", "ttft")  # seconds, both (as the dashboard's)
-DISTRIBUTION_BINS = 40
-QUANTILES = (0.5, 0.9, 0.95, 0.99)
 MAX_DECISIONS = 10_000  # the store's own bound (DEFAULT_MAX_DECISIONS)
 
 
@@ -67,43 +63,6 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def distributions_json(totals: RolloutAccumulator, signals: tuple[str, ...]) -> dict[str, Any]:
-    """Each arm's distribution of ``signals`` in the shape of the admin API's
-    ``GET /api/v1/rollouts/{name}/distributions``: count, mean, quantiles and counts over
-    log-spaced bins shared by both arms, from the log-bucket histograms the analysis uses."""
-    out: dict[str, Any] = {}
-    for signal in signals:
-        hists = {}
-        for arm, acc in totals.arms.items():
-            sig = acc.signals.get(signal)
-            if sig is not None and sig.n:
-                hists[arm] = sig.hist
-        if not hists:
-            continue
-        arrays = {arm: h.to_arrays() for arm, h in hists.items()}
-        positive = [v[v > 0] for v, _ in arrays.values()]
-        lows = [float(p.min()) for p in positive if p.size]
-        highs = [float(p.max()) for p in positive if p.size]
-        lo, hi = (min(lows), max(highs)) if lows else (1e-3, 1.0)
-        if hi <= lo:
-            lo, hi = lo / 1.1, hi * 1.1
-        edges = np.geomspace(lo, hi, DISTRIBUTION_BINS + 1)
-        edges[-1] = hi * (1 + 1e-9)
-        arms: dict[str, Any] = {}
-        for arm, (values, counts) in arrays.items():
-            h = hists[arm]
-            binned, _ = np.histogram(np.clip(values, lo, None), bins=edges, weights=counts)
-            sig = totals.arms[arm].signals[signal]
-            arms[arm] = {
-                "n": h.count,
-                "mean": _finite(sig.mean),
-                "quantiles": {f"p{q * 100:g}": _finite(h.quantile(q)) for q in QUANTILES},
-                "counts": [int(c) for c in binned],
-            }
-        out[signal] = {"edges": [float(e) for e in edges], "arms": arms}
-    return out
-
-
 def _level(label: str) -> float | None:
     """``p95`` -> 0.95, ``0.95`` -> 0.95."""
     text = label[1:] if label.startswith("p") else label
@@ -130,7 +89,8 @@ def drop_echo(dists: dict[str, dict[str, Distribution]]) -> bool:
 
 
 def parse_distributions(signals: Any) -> dict[str, dict[str, Distribution]]:
-    """``distributions_json`` (or the admin API's answer's ``signals``) as Distributions."""
+    """:func:`canary.observe.distributions.distributions` (the admin API's answer's
+    ``signals``) as Distributions."""
     out: dict[str, dict[str, Distribution]] = {}
     if not isinstance(signals, Mapping):
         return out
@@ -588,7 +548,7 @@ def _store_distributions(
         for m in rollout.analysis.metrics:
             if m.stat.startswith("p") and m.signal not in signals:
                 signals.append(m.signal)
-    data.distributions = parse_distributions(distributions_json(totals, tuple(signals)))
+    data.distributions = parse_distributions(distributions(totals, signals=tuple(signals)))
     data.distributions_source = "from the state store (the merged log-bucket histograms)"
     if drop_echo(data.distributions):
         data.distributions_source += "; ttft left out: it equals latency (no streaming)"
@@ -732,7 +692,6 @@ async def report_from_store(
 
 __all__ = [
     "DISTRIBUTION_SIGNALS",
-    "distributions_json",
     "from_admin",
     "from_store",
     "open_readonly",
