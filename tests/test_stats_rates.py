@@ -110,6 +110,14 @@ def test_srm_flags_the_arm_that_drops_requests() -> None:
     assert "production drops more requests" in prod_drops.detail
 
 
+def test_srm_without_drops_says_so_instead_of_a_nan_ratio() -> None:
+    res = srm_test(
+        ArmRouting.from_strata({0.5: (1000, 1000)}), ArmRouting.from_strata({0.5: (990, 990)})
+    )
+    text = res.explain()
+    assert "no request dropped on either arm" in text and "nan" not in text, text
+
+
 def test_srm_routing_counts_are_checked() -> None:
     with pytest.raises(ValueError, match="answered must not exceed routed"):
         ArmRouting.from_strata({0.05: (10, 11)})

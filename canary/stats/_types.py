@@ -313,6 +313,9 @@ class MetricResult:
                 f"(positive = candidate better){detail}, {tail}"
             )
         sign = "+" if self.direction is Direction.INCREASE else "-"
+        if self.kind is MetricKind.SRM and math.isnan(self.estimate):
+            # Nothing dropped on either arm yet: there is no ratio of drop rates to show.
+            return f"{self.name}: no request dropped on either arm{detail}, {tail}"
         if self.relative:
             what = "candidate/production ratio"
             body = f"{_fmt_num(self.estimate)} [{_fmt_num(self.lower)}, {_fmt_num(self.upper)}]"
