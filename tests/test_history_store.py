@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -19,35 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from canary.errors import FencedError
-from canary.store import MemoryStore, RedisStore, SQLiteStore, Store
+from canary.store import MemoryStore, RedisStore, SQLiteStore
 from canary.store._history import DEFAULT_MAX_HISTORY, LOW_WATER, thin
 from canary.store.sqlite import MIGRATIONS, SCHEMA_VERSION
+from tests.store_harness import MakeStore, shared_store_factory  # noqa: F401  (make_store)
 
-MakeStore = Callable[[], Store]
 T0 = 1_800_000_000.0
-
-
-@pytest.fixture(params=["memory", "sqlite", "redis"])
-async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MakeStore]:
-    made: list[Store] = []
-    backend = request.param
-    url = request.getfixturevalue("redis_server").url if backend == "redis" else None
-    memory = MemoryStore()  # memory "clients" share the one object
-
-    def make() -> Store:
-        store: Store
-        if backend == "memory":
-            store = memory
-        elif url is not None:
-            store = RedisStore(url)
-        else:
-            store = SQLiteStore(tmp_path / "state.db")
-        made.append(store)
-        return store
-
-    yield make
-    for store in made:
-        await store.close()
 
 
 def _point(i: int, **extra: object) -> dict[str, object]:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
-from canary.store import MemoryStore, RedisStore, SQLiteStore, Store
+from canary.store import RedisStore, SQLiteStore, Store
 from canary.store._protocol import (
     CLAIMED,
     EXPIRED,
@@ -28,33 +27,10 @@ from canary.store._protocol import (
     StoredAnswer,
 )
 from canary.store.sqlite import MIGRATIONS, SCHEMA_VERSION
+from tests.store_harness import MakeStore, shared_store_factory  # noqa: F401  (make_store)
 
-MakeStore = Callable[[], Store]
 NOW = 1_800_000_000.0
 TTL = 60.0
-
-
-@pytest.fixture(params=["memory", "sqlite", "redis"])
-async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MakeStore]:
-    made: list[Store] = []
-    backend = request.param
-    url = request.getfixturevalue("redis_server").url if backend == "redis" else None
-    memory = MemoryStore()  # memory "clients" share the one object
-
-    def make() -> Store:
-        store: Store
-        if backend == "memory":
-            store = memory
-        elif url is not None:
-            store = RedisStore(url)
-        else:
-            store = SQLiteStore(tmp_path / "state.db")
-        made.append(store)
-        return store
-
-    yield make
-    for store in made:
-        await store.close()
 
 
 async def _opened(make: MakeStore) -> tuple[Store, Store]:

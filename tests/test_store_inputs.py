@@ -10,40 +10,15 @@ from __future__ import annotations
 
 import math
 import sqlite3
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from canary.errors import StoreError
-from canary.store import MemoryStore, RedisStore, SQLiteStore, Store
+from canary.store import SQLiteStore
 from canary.store.sqlite import MIGRATIONS, SCHEMA_VERSION
-
-MakeStore = Callable[[], Store]
-
-
-@pytest.fixture(params=["memory", "sqlite", "redis"])
-async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MakeStore]:
-    made: list[Store] = []
-    backend = request.param
-    url = request.getfixturevalue("redis_server").url if backend == "redis" else None
-    memory = MemoryStore()  # memory "clients" share the one object
-
-    def make() -> Store:
-        store: Store
-        if backend == "memory":
-            store = memory
-        elif url is not None:
-            store = RedisStore(url)
-        else:
-            store = SQLiteStore(tmp_path / "state.db")
-        made.append(store)
-        return store
-
-    yield make
-    for store in made:
-        await store.close()
+from tests.store_harness import MakeStore, shared_store_factory  # noqa: F401  (make_store)
 
 
 def _entry(n: int, **extra: Any) -> dict[str, Any]:
