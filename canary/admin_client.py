@@ -28,8 +28,9 @@ __all__ = [
 DEFAULT_ADMIN_URL: Final = "http://127.0.0.1:9901"
 # POST /api/v1/rollouts/{name}/{action}: "promote" sends all traffic to the candidate,
 # "advance" moves to the next step (promoting from the last), "retry" starts a rolled-back
-# rollout again from step 1 with fresh samples.
-ACTIONS: Final = ("pause", "resume", "promote", "advance", "rollback", "retry")
+# rollout again from step 1 with fresh samples, "approve" opens the gate of the transition
+# pending at the current step (docs/gates.md).
+ACTIONS: Final = ("pause", "resume", "promote", "advance", "rollback", "retry", "approve")
 
 
 class AdminUnreachableError(AdminError):
@@ -138,7 +139,8 @@ class AdminClient:
         action
             One of :data:`ACTIONS`: ``pause``, ``resume``, ``promote`` (all traffic to the
             candidate), ``advance`` (the next step), ``rollback``, ``retry`` (a rolled-back
-            rollout from step 1 with fresh samples).
+            rollout from step 1 with fresh samples), ``approve`` (open the gate of the
+            transition pending at the current step, once).
         reason
             Why, recorded in the decision log.
 

@@ -430,6 +430,7 @@ def _rollout_lines(r: Mapping[str, Any], width: int, utc: bool, now: float) -> l
         lines += _table(_METRIC_HEADERS, rows, width, flex=False, drop=_METRIC_DROP)
     else:
         lines.append("no metrics")
+    lines += _promql_lines(r, width)
     decisions = [d for d in r.get("decisions") or [] if isinstance(d, Mapping)]
     decisions.sort(key=_decision_time)
     lines.append("")
@@ -440,6 +441,19 @@ def _rollout_lines(r: Mapping[str, Any], width: int, utc: bool, now: float) -> l
     else:
         lines.append("no decisions yet")
     return lines
+
+
+def _promql_lines(r: Mapping[str, Any], width: int) -> list[str]:
+    """Why a promql: metric has no value on an arm (its last answer), one line each."""
+    out: list[str] = []
+    promql = r.get("promql")
+    for name, entry in promql.items() if isinstance(promql, Mapping) else ():
+        arms = entry.get("arms") if isinstance(entry, Mapping) else None
+        for arm, st in arms.items() if isinstance(arms, Mapping) else ():
+            if isinstance(st, Mapping) and st.get("result") not in ("ok", None):
+                why = f"promql {name} ({arm}): {st.get('result')}: {st.get('message', '')}"
+                out.append(_cut(why, width))
+    return out
 
 
 def _list_lines(rollouts: Sequence[Any], width: int) -> list[str]:
@@ -611,6 +625,14 @@ def _action_line(name: str, action: str, answer: Mapping[str, Any]) -> str:
     tries = f", attempt {attempt}" if isinstance(attempt, int) else ""
     where = f" from step {step}" if step else ""
     return f"{name}: retried{where} with fresh samples (phase {phase}{tries})"
+
+
+def _approve(args: argparse.Namespace, client: AdminClient) -> None:
+    answer = client.action(args.name, "approve", args.reason)
+    name, gate = answer.get("name", args.name), answer.get("gate", "its gate")
+    step = _step(answer) if "steps" in answer else None
+    where = f" at step {step}" if step else ""
+    print(f"{name}: approved {gate}{where} (phase {answer.get('phase', '?')})")
 
 
 def _reload(args: argparse.Namespace, client: AdminClient) -> None:
@@ -836,6 +858,20 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--reason", metavar="TEXT", help="recorded in the decision log")
         _add_admin_options(cmd)
         cmd.set_defaults(func=_admin_command(_action))
+
+    approve = sub.add_parser(
+        "approve",
+        help="open the gate an automatic advance or promotion waits at (docs/gates.md)",
+        description="Open the gate (confirm-advance, confirm-promotion) of the transition "
+        "pending at the rollout's current step, once: a manual gate, or a webhook gate that "
+        "keeps saying no. The approval is stored with the rollout's state (a restart keeps it) "
+        "and used when the analysis next calls for the transition; a rollback still happens "
+        "if a metric turns out worse. " + token_note,
+    )
+    approve.add_argument("name", metavar="NAME", help="rollout name")
+    approve.add_argument("--reason", metavar="TEXT", help="recorded in the decision log")
+    _add_admin_options(approve)
+    approve.set_defaults(func=_admin_command(_approve))
 
     reload = sub.add_parser(
         "reload",

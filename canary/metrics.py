@@ -79,13 +79,14 @@ class ArmCounters:
 
 
 class RolloutCounters:
-    __slots__ = ("arms", "client_disconnects", "failovers", "shadow")
+    __slots__ = ("arms", "client_disconnects", "failovers", "judge", "shadow")
 
     def __init__(self) -> None:
         self.arms = {arm: ArmCounters() for arm in ARMS}
         self.failovers = 0
         self.client_disconnects = 0
         self.shadow: dict[str, int] = {}  # by outcome
+        self.judge: dict[str, int] = {}  # judged pairs by result (canary/observe/judge.py)
 
 
 class ProxyCounters:
@@ -188,6 +189,14 @@ class ProxyCollector(Collector):
             "Mirrored shadow requests by outcome (sent, failed, dropped_busy, dropped_body).",
             labels=["rollout", "outcome"],
         )
+        judge = CounterMetricFamily(
+            "canary_judge_pairs",
+            "Pairs of answers (both arms, one request) sampled for the judge, by result: a "
+            "verdict (candidate, production, tie, scored; forfeit_candidate, forfeit_production: "
+            "that arm failed or answered empty while the other answered) or none (unparsable, "
+            "error, timeout, dropped_busy, dropped_rate, dropped_pending, no_answer).",
+            labels=["rollout", "result"],
+        )
         for name, rc in c.rollouts.items():
             for arm, a in rc.arms.items():
                 for code_class, n in a.requests.items():
@@ -211,10 +220,14 @@ class ProxyCollector(Collector):
             disconnects.add_metric([name], rc.client_disconnects)
             for outcome, n in rc.shadow.items():
                 shadow.add_metric([name, outcome], n)
+            for result, n in rc.judge.items():
+                judge.add_metric([name, result], n)
         rejected = CounterMetricFamily(
             "canary_proxy_rejected",
             "Requests the proxy answered itself, by reason "
-            "(no_route, body_too_large, client_timeout, bad_request, head_too_large).",
+            "(no_route, body_too_large, client_timeout, bad_request, head_too_large, http2; "
+            "OpenAI routing: model_not_found, model_missing, model_bad_json, "
+            "model_duplicate, model_body_too_large).",
             labels=["reason"],
         )
         for reason, n in c.rejected.items():
@@ -223,7 +236,7 @@ class ProxyCollector(Collector):
             "canary_inflight_requests", "Requests the proxy is forwarding right now.", c.inflight
         )
         yield from (requests, errors, latency, ttft, req_bytes, resp_bytes, cost, priced, cost_1k)
-        yield from (forced, failovers, disconnects, shadow, rejected, inflight)
+        yield from (forced, failovers, disconnects, shadow, rejected, inflight, judge)
 
 
 def _le(bound: float) -> str:
@@ -513,6 +526,42 @@ class Metrics:
             "Each arm's value of a resource metric in the latest complete window (per replica "
             "for gauges, per request for counters).",
             ["rollout", "arm", "metric"],
+            registry=r,
+        )
+        # -- promql evaluator (background task on the leader, see canary/observe/promql.py) ---
+        self.promql_queries = Counter(
+            "canary_promql_queries",
+            "promql: metric queries to analysis.prometheus by result (ok, error, timeout, "
+            "bad_query, empty, many_series, not_finite).",
+            ["rollout", "arm", "metric", "result"],
+            registry=r,
+        )
+        self.promql_windows = Counter(
+            "canary_promql_windows",
+            "promql: windows per analysis metric by outcome: recorded, or dropped "
+            "(query_failed: an arm had no value; not_positive: a ratio of values <= 0).",
+            ["rollout", "metric", "outcome"],
+            registry=r,
+        )
+        self.promql_value = Gauge(
+            "canary_promql_value",
+            "Each arm's value of a promql: metric in the latest complete window.",
+            ["rollout", "arm", "metric"],
+            registry=r,
+        )
+        # -- gates (canary/controller/gates.py, docs/gates.md) -------------------------------
+        self.gate_waiting = Gauge(
+            "canary_gate_waiting",
+            "1 while an automatic advance or promotion waits at its gate (confirm-advance, "
+            "confirm-promotion), else 0.",
+            ["rollout", "gate"],
+            registry=r,
+        )
+        self.gate_answers = Counter(
+            "canary_gate_answers",
+            "Answers of gates by result: yes (2xx), no (another status), timeout, error (not "
+            "reached), approved (an operator's canary approve).",
+            ["rollout", "gate", "result"],
             registry=r,
         )
 

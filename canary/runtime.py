@@ -27,6 +27,7 @@ from canary.controller.leadership import Leadership, holder_name
 from canary.errors import CanaryError, ConfigError, ConfigIssue
 from canary.metrics import Metrics
 from canary.observe import Recorder, Weights
+from canary.observe.promql import PromQLEvaluators
 from canary.observe.resources import ResourceScrapers
 from canary.proxy import H1Transport, HttpServer, Proxy, ServerLimits
 from canary.store import Store, open_store
@@ -144,9 +145,12 @@ class Runtime:
             leadership=self.leadership,
             on_leading=self._leading_changed,
             on_share=self.proxy.set_traffic_share,
+            gate_asker=self.webhooks,  # confirm-advance / confirm-promotion gates
         )
         # Background scrapers of rollouts with resource: metrics (never on the request path).
         self.resources = ResourceScrapers(self.recorder, self.metrics)
+        # Likewise the promql: queries to analysis.prometheus (docs/promql.md).
+        self.promql = PromQLEvaluators(self.recorder, self.metrics)
         self._proxy_server: HttpServer | None = None
         self._ready = False
         # What start() started, each part with its own stop; stop() unwinds it in reverse.
@@ -164,12 +168,15 @@ class Runtime:
         self.admin_port: int | None = None
 
     async def _leading_changed(self, leading: bool) -> None:
-        """Resource scrapes run on the leader only (one window per interval, not one per
-        process): started when this process takes over, stopped when it hands over."""
+        """Resource scrapes and promql queries run on the leader only (one window per
+        interval, not one per process): started when this process takes over, stopped when
+        it hands over."""
         if leading:
             await self.resources.apply(self.config)
+            await self.promql.apply(self.config)
         else:
             await self.resources.close()
+            await self.promql.close()
 
     def _apply_weights(self, rollout: str, weights: Weights) -> None:
         if rollout in self.proxy.routes:
@@ -241,6 +248,7 @@ class Runtime:
             token=token,
             feedback=self.proxy,
             recorder=self.recorder,
+            promql=self.promql.status,
         )
         admin_runner = web.AppRunner(admin_app, handle_signals=False, access_log=None)
         await admin_runner.setup()
@@ -271,8 +279,10 @@ class Runtime:
         # Without the loop too: stopping writes the last samples (a clean stop loses nothing).
         stack.push_async_callback(self.controller.stop)
         stack.push_async_callback(self.resources.close)  # safe on scrapers partly started
+        stack.push_async_callback(self.promql.close)
         if self.leadership is None or self.leadership.leading:
             await self.resources.apply(self.config)
+            await self.promql.apply(self.config)
         if self.watch_config is not None and self.config_path is not None:
             # Last in, so first out: no reload starts while the rest stops.
             self._start_config_watch(self.config_path, self.watch_config)
@@ -319,8 +329,10 @@ class Runtime:
 
     def _rejected(self, status: int) -> None:
         """A request the proxy port could not parse (400), with too big a head (431) or one
-        whose head did not arrive in time (408)."""
-        reason = {408: "client_timeout", 431: "head_too_large"}.get(status, "bad_request")
+        whose head did not arrive in time (408), or an HTTP/2 client (505: h2c, gRPC)."""
+        reason = {408: "client_timeout", 431: "head_too_large", 505: "http2"}.get(
+            status, "bad_request"
+        )
         self.metrics.counters.reject(reason)
 
     async def reload_async(self) -> list[str]:
@@ -345,6 +357,7 @@ class Runtime:
         self.config = new
         if self.leadership is None or self.leadership.leading:
             await self.resources.apply(new)
+            await self.promql.apply(new)
         log.info("configuration reloaded from %s", self.config_path)
         return [r.name for r in new.rollouts]
 

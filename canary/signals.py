@@ -16,13 +16,19 @@ Signal strings (DESIGN.md "Signals")::
     tokens_per_s | itl | cost                  derived at the end of a response
     header:NAME | server_timing:NAME | json:PATH   read from the response
     feedback | agreement | resource:NAME{...}  external: joined later, compared or scraped
+    promql:QUERY | promql:NAME                external: queried from a Prometheus server
+    judge                                      a judge's verdict on a pair of answers
+    finish_reason:VALUE | output_tokens | empty_answer | repetition | refusal
+                                               LLM answer quality, read from the response
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
+from urllib.parse import urlsplit
 
 from canary.errors import CanaryError
 
@@ -32,15 +38,23 @@ __all__ = [
     "BARE_SIGNALS",
     "CANDIDATE",
     "COST",
+    "EMPTY_ANSWER",
     "ERROR",
     "FEEDBACK",
+    "FINISH_REASON_PREFIX",
     "ITL",
+    "JUDGE",
     "LATENCY",
     "NO_ANSWER_CLASS",
     "OTHER_STATUS_CLASS",
+    "OUTPUT_TOKENS",
     "PREFIXED_SIGNALS",
     "PRODUCTION",
+    "PROMQL_PLACEHOLDERS",
+    "PROMQL_PREFIX",
     "RATE_SIGNALS",
+    "REFUSAL",
+    "REPETITION",
     "RESOURCE_PREFIX",
     "SOURCE_DERIVED",
     "SOURCE_EXTERNAL",
@@ -52,13 +66,22 @@ __all__ = [
     "ResourceQuery",
     "ResourceQueryError",
     "Signal",
+    "check_inline_promql",
+    "expand_promql",
     "is_continuous",
+    "is_promql",
+    "is_rate",
     "is_resource",
     "is_token",
+    "is_windowed",
     "json_path_segments",
     "paired_key",
     "parse_prediction",
     "parse_signal",
+    "promql_duration",
+    "promql_endpoints",
+    "promql_placeholders",
+    "promql_query_name",
     "status_class_labels",
 ]
 
@@ -84,6 +107,13 @@ ITL: Final = "itl"  # inter-token latency of a stream, seconds per token
 COST: Final = "cost"
 FEEDBACK: Final = "feedback"  # ground truth posted later, joined on the request id
 AGREEMENT: Final = "agreement"  # shadow steps: candidate's prediction == production's
+JUDGE: Final = "judge"  # a judge's verdict on both arms' answers to one request (win rate)
+# LLM answer quality, read from an OpenAI-compatible body or stream (canary.observe.answers)
+OUTPUT_TOKENS: Final = "output_tokens"  # usage.completion_tokens, else text events of a stream
+EMPTY_ANSWER: Final = "empty_answer"  # 0/1: the answer's text is empty or whitespace
+REPETITION: Final = "repetition"  # share of the answer's word n-grams that repeat, in [0, 1]
+REFUSAL: Final = "refusal"  # 0/1: a refusal pattern matches the start of the answer
+FINISH_REASON_PREFIX: Final = "finish_reason:"  # finish_reason:VALUE, 0/1 per answer
 
 # Bare signal names and the source of each.
 BARE_SIGNALS: Final[dict[str, str]] = {
@@ -95,6 +125,11 @@ BARE_SIGNALS: Final[dict[str, str]] = {
     COST: SOURCE_DERIVED,
     FEEDBACK: SOURCE_EXTERNAL,
     AGREEMENT: SOURCE_EXTERNAL,
+    JUDGE: SOURCE_EXTERNAL,
+    OUTPUT_TOKENS: SOURCE_RESPONSE,
+    EMPTY_ANSWER: SOURCE_RESPONSE,
+    REPETITION: SOURCE_RESPONSE,
+    REFUSAL: SOURCE_RESPONSE,
 }
 # NAME-taking signal kinds and the source of each.
 PREFIXED_SIGNALS: Final[dict[str, str]] = {
@@ -102,13 +137,16 @@ PREFIXED_SIGNALS: Final[dict[str, str]] = {
     "server_timing": SOURCE_RESPONSE,
     "json": SOURCE_RESPONSE,
     "resource": SOURCE_EXTERNAL,  # scraped from the arm's Prometheus endpoint
+    "promql": SOURCE_EXTERNAL,  # queried from a Prometheus server (analysis.prometheus)
+    "finish_reason": SOURCE_RESPONSE,  # the LLM answer's finish_reason (0/1 per answer)
 }
 RESOURCE_PREFIX: Final = "resource:"
+PROMQL_PREFIX: Final = "promql:"
 _JSON_PREFIX: Final = "json:"
 
 # Signals whose per-request value is 0 or 1 (or a reward in [0, 1]): compared as rates, the only
 # ones ``stat: rate`` applies to, and never as a distribution of values.
-RATE_SIGNALS: Final = (ERROR, FEEDBACK, AGREEMENT)
+RATE_SIGNALS: Final = (ERROR, FEEDBACK, AGREEMENT, JUDGE, EMPTY_ANSWER, REFUSAL)
 
 _EXPECTED = ", ".join([*BARE_SIGNALS, *(f"{k}:NAME" for k in PREFIXED_SIGNALS)])
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token (header and metric names)
@@ -125,10 +163,28 @@ def is_resource(signal: str) -> bool:
     return signal.startswith(RESOURCE_PREFIX)
 
 
+def is_promql(signal: str) -> bool:
+    """True for a ``promql:QUERY`` or ``promql:NAME`` signal (queried per window)."""
+    return signal.startswith(PROMQL_PREFIX)
+
+
+def is_windowed(signal: str) -> bool:
+    """True for a signal compared per time window, paired across the arms, not per request:
+    ``resource:`` (scraped from the arms) and ``promql:`` (queried from Prometheus)."""
+    return is_resource(signal) or is_promql(signal)
+
+
 def is_continuous(signal: str) -> bool:
     """True when the signal has a value per request that is not a rate: its values can be
-    compared as a distribution (latency, ttft, header:..., json:...; not error or resource:)."""
-    return signal not in RATE_SIGNALS and not is_resource(signal)
+    compared as a distribution (latency, ttft, header:..., json:...; not error, resource: or
+    promql:)."""
+    return not is_rate(signal) and not is_windowed(signal)
+
+
+def is_rate(signal: str) -> bool:
+    """True for a signal whose per-request value is 0 or 1 (or a reward in [0, 1]): the
+    RATE_SIGNALS and every ``finish_reason:VALUE``; ``stat: rate`` applies to these only."""
+    return signal in RATE_SIGNALS or signal.startswith(FINISH_REASON_PREFIX)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,8 +238,16 @@ def parse_signal(text: str) -> Signal:
             raise ValueError(f"{arg!r} in {text!r} is not a valid Server-Timing metric name")
     elif kind == "json":
         json_path_segments(arg)  # raises ValueError with the reason
+    elif kind == "finish_reason":
+        if not _JSON_SEGMENT.fullmatch(arg):
+            raise ValueError(
+                f"{arg!r} in {text!r} is not a finish_reason such as 'length', 'stop' or "
+                "'content_filter' (letters, digits, '_' and '-')"
+            )
     elif kind == "resource":
         ResourceQuery.parse(text)  # the name and label selector; a ResourceQueryError says why
+    elif kind == "promql" and promql_query_name(text) is None:
+        check_inline_promql(arg)  # placeholders; a query both arms would share is refused
     return Signal(kind, arg, text, source)
 
 
@@ -320,6 +384,110 @@ def paired_key(
     if batch is not None:
         return f"paired_batch{batch}:{scale}:{signal_key}"
     return f"paired{'_change' if changes else ''}:{scale}:{signal_key}"
+
+
+# --- promql signals -----------------------------------------------------------------------------
+
+#: Placeholders a ``promql:`` query may use, expanded per arm before it is sent.
+PROMQL_PLACEHOLDERS: Final = ("arm", "endpoints", "window")
+_PLACEHOLDER = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
+_QUERY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Go's regexp.QuoteMeta: what Prometheus' RE2 treats as special outside a character class.
+_RE2_SPECIAL = re.compile(r"([\\.+*?()|\[\]{}^$])")
+_ARM_PLACEHOLDERS = frozenset({"arm", "endpoints"})
+
+
+def promql_query_name(signal: str) -> str | None:
+    """The NAME of ``promql:NAME`` (a query named under each arm's ``queries``), or None for
+    an inline query.
+
+    The rule: the text after ``promql:`` is a name when it is one identifier
+    (``[A-Za-z_][A-Za-z0-9_]*``, no ``:``, braces, brackets, parentheses or spaces);
+    anything else is a PromQL query. A bare metric name is never a useful inline query:
+    both arms would get the same answer (see :func:`check_inline_promql`).
+    """
+    arg = signal[len(PROMQL_PREFIX) :] if is_promql(signal) else signal
+    return arg if _QUERY_NAME.fullmatch(arg) else None
+
+
+def promql_placeholders(query: str) -> frozenset[str]:
+    """The placeholders ``query`` uses; ValueError for an empty query, an unknown
+    placeholder or an unclosed ``{{``."""
+    if not query.strip():
+        raise ValueError("a promql query must not be empty")
+    found: set[str] = set()
+    for m in _PLACEHOLDER.finditer(query):
+        name = m.group(1)
+        if name not in PROMQL_PLACEHOLDERS:
+            known = ", ".join("{{" + p + "}}" for p in PROMQL_PLACEHOLDERS)
+            raise ValueError(f"unknown placeholder {m.group(0)!r} in {query!r}; expected {known}")
+        found.add(name)
+    if "{{" in _PLACEHOLDER.sub("", query):
+        raise ValueError(f"'{{{{' without a matching '}}}}' in {query!r}")
+    return frozenset(found)
+
+
+def check_inline_promql(query: str) -> frozenset[str]:
+    """Check an inline ``promql:QUERY``: its placeholders, and that it names the arm.
+
+    An inline query is sent once per arm, so it must use ``{{arm}}`` or ``{{endpoints}}``:
+    without them both arms would get the same answer and the comparison would be void.
+    """
+    found = promql_placeholders(query)
+    if not found & _ARM_PLACEHOLDERS:
+        raise ValueError(
+            f"the inline promql query {query!r} uses neither {{{{arm}}}} nor {{{{endpoints}}}}, "
+            "so both arms would get the same answer: select the series of each arm with "
+            'instance=~"{{endpoints}}" or a label set to {{arm}}, or name a query under the '
+            "queries of each arm and use promql:NAME"
+        )
+    return found
+
+
+def promql_endpoints(endpoints: Sequence[str]) -> str:
+    """The arm's endpoints as a regular expression of their ``host:port``, written for a
+    quoted PromQL string: ``instance=~"{{endpoints}}"``.
+
+    Each ``host:port`` is RE2-escaped (``.`` matches only a dot), then backslashes are
+    doubled for the string literal. An endpoint without an explicit port matches its
+    ``host`` with or without the scheme's default port (Prometheus versions differ on
+    whether ``instance`` carries it).
+    """
+    alternatives: list[str] = []
+    for url in endpoints:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:  # IPv6, as Prometheus writes it in instance
+            host = f"[{host}]"
+        explicit = parts.port
+        if explicit is not None:
+            alternatives.append(_re2_quote(f"{host}:{explicit}"))
+        else:
+            default = 443 if parts.scheme == "https" else 80
+            alternatives.append(_re2_quote(host) + f"(:{default})?")
+    return "|".join(alternatives).replace("\\", "\\\\")
+
+
+def _re2_quote(text: str) -> str:
+    return _RE2_SPECIAL.sub(r"\\\1", text)
+
+
+def promql_duration(seconds: float) -> str:
+    """``seconds`` as a PromQL duration: ``15s``, ``1500ms`` (whole milliseconds, at least 1)."""
+    ms = max(1, round(seconds * 1000))
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+def expand_promql(query: str, *, arm: str, endpoints: Sequence[str], window: float) -> str:
+    """``query`` with ``{{arm}}``, ``{{endpoints}}`` and ``{{window}}`` replaced for ``arm``
+    (ValueError as :func:`promql_placeholders` for a query that does not check)."""
+    promql_placeholders(query)
+    values = {
+        "arm": arm,
+        "endpoints": promql_endpoints(endpoints),
+        "window": promql_duration(window),
+    }
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], query)
 
 
 # --- status classes -----------------------------------------------------------------------------

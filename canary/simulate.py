@@ -92,7 +92,7 @@ from canary.signals import (
     LATENCY,
     OTHER_STATUS_CLASS,
     TTFT,
-    is_resource,
+    is_windowed,
     parse_signal,
     status_class_labels,
 )
@@ -203,8 +203,8 @@ def resolve_effects(
                 f"effect on {key!r}: no metric of rollout {rollout.name!r} measures {sig!r} "
                 f"(its metrics: {', '.join(f'{n} ({s})' for n, s in by_name.items())})"
             )
-        if is_resource(sig):
-            raise SimulateError(f"effect on {key!r}: resource metrics are not simulated")
+        if is_windowed(sig):
+            raise SimulateError(f"effect on {key!r}: resource and promql metrics are not simulated")
         family = _family_of(rollout, sig)
         if family in ("rate", "error") and effect.relative and effect.value <= -1.0:
             raise SimulateError(f"effect on {key!r}: a rate cannot fall by 100% or more")
@@ -219,7 +219,7 @@ def _key(m: MetricConfig) -> str:
 def _family(m: MetricConfig) -> str:
     """How a metric's signal is simulated: latency, ttft, error, rate, cost, value, resource."""
     key = _key(m)
-    if is_resource(key):
+    if is_windowed(key):  # resource: and promql: alike
         return "resource"
     if key == ERROR:
         return "error"
@@ -492,7 +492,7 @@ def make_plan(rollout: RolloutConfig, traffic: Traffic) -> Plan:
         )
         rollout = rollout.model_copy(update={"analysis": analysis})
         notes.append(
-            "not simulated (scraped per window, not per request): "
+            "not simulated (resource: and promql: are per window, not per request): "
             + ", ".join(m.name for m in dropped)
             + "; the other tests keep the file's alpha each"
         )

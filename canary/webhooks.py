@@ -3,14 +3,24 @@
 :meth:`WebhookSender.fire` only puts deliveries on a bounded queue; a fixed pool of worker tasks
 posts them, each with its own retries, so one slow or dead hook never delays another and a flood
 of events cannot open an unbounded number of sockets.
+
+:meth:`WebhookSender.ask` asks one gate (``confirm-advance``, ``confirm-promotion``) once and
+returns its answer; the controller awaits it in a task of its own (:mod:`canary.controller.gates`).
+
+Every delivery carries the hook's custom ``headers`` and, with ``secret_env``, an HMAC-SHA256
+signature: ``X-Canary-Timestamp: UNIX_SECONDS`` and ``X-Canary-Signature: sha256=HEX`` over
+``TIMESTAMP.BODY`` (the exact body bytes), made anew for each attempt (docs/gates.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,11 +33,55 @@ import httpx
 from canary import __version__
 from canary.config import WebhookConfig
 
-__all__ = ["WebhookResult", "WebhookSender"]
+__all__ = [
+    "SIGNATURE_HEADER",
+    "TIMESTAMP_HEADER",
+    "GateAnswer",
+    "WebhookResult",
+    "WebhookSender",
+    "sign",
+]
 
 log = logging.getLogger("canary.webhooks")
 
 WebhookResult = Literal["delivered", "failed", "dropped"]
+SIGNATURE_HEADER = "X-Canary-Signature"
+TIMESTAMP_HEADER = "X-Canary-Timestamp"
+GATE_ANSWER_SHOWN = 200  # characters of a gate's answer body kept for status and the log
+_GATE_ANSWER_READ = 4096  # bytes of a gate's answer body read at most
+
+
+def sign(secret: bytes, timestamp: str, body: bytes) -> str:
+    """The ``X-Canary-Signature`` value: ``sha256=`` and the hex HMAC-SHA256 of
+    ``TIMESTAMP.BODY`` under ``secret``."""
+    mac = hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256)
+    return "sha256=" + mac.hexdigest()
+
+
+def _delivery_headers(event: str, body: bytes, hook: WebhookConfig) -> dict[str, str]:
+    """The headers of one attempt: custom ones, then canary's own (which they cannot replace:
+    the config refuses those names), signed when ``secret_env`` is set."""
+    headers = dict(hook.headers)
+    headers["Content-Type"] = "application/json"
+    headers["X-Canary-Event"] = event
+    if hook.secret_env is not None:
+        secret = os.environ.get(hook.secret_env, "")
+        if not secret:  # checked when the config was loaded; unset since
+            raise _Fatal(f"${hook.secret_env} (secret_env) is not set: not sent unsigned")
+        stamp = str(int(time.time()))
+        headers[TIMESTAMP_HEADER] = stamp
+        headers[SIGNATURE_HEADER] = sign(secret.encode(), stamp, body)
+    return headers
+
+
+@dataclass(frozen=True, slots=True)
+class GateAnswer:
+    """What a gate answered: ``open`` on a 2xx; ``reason`` says what it answered, for
+    ``status`` and the decision log (``http://h/gate answered 403 'change freeze'``)."""
+
+    open: bool
+    reason: str
+    result: Literal["yes", "no", "timeout", "error"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +91,7 @@ class _Delivery:
     url: str
     timeout: float
     body: bytes
+    hook: WebhookConfig
 
 
 class _Retryable(Exception):
@@ -207,7 +262,7 @@ class WebhookSender:
         int
             Deliveries queued (hooks dropped because the queue is full are not counted).
         """
-        targets = [h for h in hooks if event in h.on]
+        targets = [h for h in hooks if event in h.on and h.url is not None]
         if not targets:
             return 0
         body = {"rollout": rollout, "event": event, "at": time.time(), **payload}
@@ -215,6 +270,7 @@ class WebhookSender:
         data = json.dumps(_finite(body), default=str, separators=(",", ":")).encode()
         queued = 0
         for hook in targets:
+            assert hook.url is not None
             if self._closed:
                 log.warning(
                     "webhook %s for %s to %s dropped: the sender is closed",
@@ -225,7 +281,9 @@ class WebhookSender:
                 self._report(rollout, "dropped")
                 continue
             try:
-                self._queue.put_nowait(_Delivery(rollout, event, hook.url, hook.timeout, data))
+                self._queue.put_nowait(
+                    _Delivery(rollout, event, hook.url, hook.timeout, data, hook)
+                )
             except asyncio.QueueFull:
                 log.warning(
                     "webhook %s for %s to %s dropped: %d deliveries already queued",
@@ -239,6 +297,21 @@ class WebhookSender:
                 queued += 1
                 self._pending += 1
         return queued
+
+    async def ask(
+        self,
+        rollout: str,
+        event: str,
+        hook: WebhookConfig,
+        payload: Mapping[str, Any],
+    ) -> GateAnswer:
+        """Ask gate ``hook`` once whether ``event`` (``confirm-advance``, ``confirm-promotion``)
+        may happen: POST ``{"rollout", "event", "at", **payload}``, signed like every delivery;
+        a 2xx within ``hook.timeout`` opens it. Never raises for what the gate does."""
+        client = self._client
+        if client is None or self._closed:
+            return GateAnswer(False, "the webhook client is not running", "error")
+        return await _ask(client, rollout, event, hook, payload)
 
     def pending(self) -> int:
         """Deliveries queued or in flight."""
@@ -296,7 +369,7 @@ class WebhookSender:
     async def _attempt(self, item: _Delivery) -> None:
         client = self._client
         assert client is not None, "workers run only after start()"
-        headers = {"Content-Type": "application/json", "X-Canary-Event": item.event}
+        headers = _delivery_headers(item.event, item.body, item.hook)
         try:
             # httpx's timeout bounds each phase; this bounds the whole attempt (a server that
             # trickles its answer byte by byte cannot hold a worker longer than the timeout)
@@ -317,3 +390,60 @@ class WebhookSender:
         if status >= 500 or status == 429:
             raise _Retryable(reason)
         raise _Fatal(reason)
+
+
+def _body_text(raw: bytes) -> str:
+    """A gate's answer body as one short line for ``status`` (its JSON ``reason``/``message``/
+    ``error`` field when it has one)."""
+    text = raw.decode("utf-8", "replace").strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        for key in ("reason", "message", "error"):
+            if isinstance(data.get(key), str):
+                text = data[key]
+                break
+    text = " ".join(text.split())  # no CR/LF in a status line
+    return text[:GATE_ANSWER_SHOWN] + ("…" if len(text) > GATE_ANSWER_SHOWN else "")
+
+
+async def _ask(
+    client: httpx.AsyncClient,
+    rollout: str,
+    event: str,
+    hook: WebhookConfig,
+    payload: Mapping[str, Any],
+) -> GateAnswer:
+    assert hook.url is not None, "a manual gate is not asked"
+    url = _safe_url(hook.url)
+    body = {"rollout": rollout, "event": event, "at": time.time(), **payload}
+    body["rollout"], body["event"] = rollout, event
+    data = json.dumps(_finite(body), default=str, separators=(",", ":")).encode()
+    try:
+        headers = _delivery_headers(event, data, hook)
+        # One attempt, bounded as a whole (a trickling answer cannot outlast the timeout);
+        # the controller asks again at its next analysis, so no retries here.
+        async with asyncio.timeout(hook.timeout):
+            async with client.stream(
+                "POST", hook.url, content=data, headers=headers, timeout=hook.timeout
+            ) as response:
+                raw = b""
+                async for chunk in response.aiter_bytes():
+                    raw += chunk
+                    if len(raw) >= _GATE_ANSWER_READ:
+                        break
+    except (TimeoutError, httpx.TimeoutException):
+        return GateAnswer(False, f"{url} did not answer within {hook.timeout:g}s", "timeout")
+    except _Fatal as exc:
+        return GateAnswer(False, f"{url} was not asked: {exc}", "error")
+    except httpx.HTTPError as exc:
+        why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return GateAnswer(False, f"{url} could not be reached ({why})", "error")
+    status = response.status_code
+    said = _body_text(raw)
+    reason = f"{url} answered {status}" + (f" {said!r}" if said else "")
+    if 200 <= status < 300:
+        return GateAnswer(True, reason, "yes")
+    return GateAnswer(False, reason, "no")

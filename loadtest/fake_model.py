@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import functools
@@ -30,6 +31,7 @@ import os
 import random
 import signal
 import statistics
+import struct
 import sys
 import time
 import uuid
@@ -53,6 +55,8 @@ __all__ = [
 ]
 
 LatencyKind = Literal["lognormal", "fixed"]
+AnswerStyle = Literal["normal", "repeat", "truncate", "refuse", "empty"]
+ANSWER_STYLES: tuple[str, ...] = ("normal", "repeat", "truncate", "refuse", "empty")
 
 #: Uncompressed body of ``GET /gzip`` (the response carries it gzipped).
 GZIP_BODY = json.dumps(
@@ -121,11 +125,30 @@ class FakeModelConfig:
     """(lower, upper, factor): a latency draw whose own quantile lies in [lower, upper] takes
     factor times longer; a regression in one part of the distribution only (``(0.6, 0.8,
     1.2)``: the p60-p80 band 20% slower, p50 and p95 unchanged)."""
+    answer_style: AnswerStyle = "normal"
+    """How chat answers degrade (streamed or not): ``repeat`` loops on a short phrase after a
+    few words, ``truncate`` ends with finish_reason ``length``, ``refuse`` answers with a
+    refusal, ``empty`` with no text; ``normal`` as ever."""
+    answer_share: float = 1.0
+    """Share of chat answers given ``answer_style`` (drawn per request, seeded); the rest are
+    normal."""
     seed: int = 0
+    served_models: tuple[str, ...] = ()
+    """Model names the OpenAI endpoints accept (vLLM ``--served-model-name``); a request naming
+    another is answered with the OpenAI API's 404 ``model_not_found``. Empty: any name."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.served_models, str):  # one name, not its characters
+            object.__setattr__(self, "served_models", (self.served_models,))
+        object.__setattr__(self, "served_models", tuple(self.served_models))
+        if any(not isinstance(m, str) or not m for m in self.served_models):
+            raise ValueError(f"served_models must be non-empty names, got {self.served_models!r}")
         if not self.model:
             raise ValueError("model must be a non-empty string")
+        if self.answer_style not in ANSWER_STYLES:
+            raise ValueError(
+                f"answer_style must be one of {', '.join(ANSWER_STYLES)}, got {self.answer_style!r}"
+            )
         if self.latency not in ("lognormal", "fixed"):
             raise ValueError(f"latency must be 'lognormal' or 'fixed', got {self.latency!r}")
         checks: list[tuple[str, float, float, float]] = [
@@ -148,6 +171,7 @@ class FakeModelConfig:
             ("user_error_sigma", self.user_error_sigma, 0.0, 5.0),
             ("latency_trend", self.latency_trend, 0.01, 100.0),
             ("trend_seconds", self.trend_seconds, 0.001, math.inf),
+            ("answer_share", self.answer_share, 0.0, 1.0),
         ]
         for name, value, low, high in checks:
             if not low <= value <= high:
@@ -200,6 +224,7 @@ class _ModelState:
     def __init__(self, cfg: FakeModelConfig) -> None:
         self.cfg = cfg
         self.rng = random.Random(cfg.seed)
+        self.style_rng = random.Random(f"{cfg.seed}:answer_style")  # leaves rng's draws alone
         self.answer_key = hashlib.blake2b(
             f"{cfg.seed}:{cfg.model}".encode(), digest_size=16
         ).digest()
@@ -428,12 +453,64 @@ def _completion_tokens(payload: dict[str, Any], default: int) -> int | None:
     return min(raw, _MAX_TOKENS)
 
 
+_REFUSAL_TOKENS = (
+    "I", "'m", " sorry", ",", " but", " I", " can", "'t", " help", " with", " that", ".",
+)  # fmt: skip
+_LOOP_TOKENS = (" and", " so", " on")
+
+
+def styled_answer(
+    st: _ModelState, tokens: list[str], finish_reason: str
+) -> tuple[list[str], str, int]:
+    """Apply the server's ``answer_style`` to one answer: (tokens, finish_reason, usage
+    completion_tokens). ``tokens`` is the normal answer; a share of answers is styled."""
+    cfg = st.cfg
+    style = cfg.answer_style
+    if style == "normal" or (cfg.answer_share < 1.0 and st.style_rng.random() >= cfg.answer_share):
+        return tokens, finish_reason, len(tokens)
+    n = len(tokens)
+    if style == "repeat":  # degenerate: a short opening, then the same phrase over and over
+        head = min(4, n)
+        loop = [_LOOP_TOKENS[i % len(_LOOP_TOKENS)] for i in range(n - head)]
+        return tokens[:head] + loop, finish_reason, n
+    if style == "truncate":
+        return tokens, "length", n
+    if style == "refuse":
+        return list(_REFUSAL_TOKENS), "stop", len(_REFUSAL_TOKENS)
+    return [], "stop", 0  # empty
+
+
+async def _open_stream(
+    request: web.Request, st: _ModelState, ttft: float, generation_s: float, queue_s: float
+) -> web.StreamResponse:
+    """An injected error (not prepared) or a prepared event stream, after the time to the
+    first token."""
+    if st.should_fail():
+        # A streamed request fails before its first byte, as real servers do on overload.
+        await st.infer(ttft)
+        return _injected_error(st)
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Model-Cost": st.cost_header,
+            # The header goes out before generation, so it can only promise the plan.
+            "Server-Timing": _server_timing(generation_s, queue_s),
+        }
+    )
+    await response.prepare(request)
+    await st.infer(ttft)
+    return response
+
+
 async def _chat_completions(request: web.Request) -> web.StreamResponse:
     st = request.app[STATE]
     cfg = st.cfg
     payload = await _read_json_object(request)
     if isinstance(payload, web.Response):
         return payload
+    if (refused := _check_model(cfg, payload)) is not None:
+        return refused
     n_tokens = _completion_tokens(payload, cfg.completion_tokens)
     if n_tokens is None:
         return _bad_request("max_tokens must be a positive integer")
@@ -448,10 +525,12 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     usage["total_tokens"] = usage["prompt_tokens"] + n_tokens
     ttft = min(cfg.ttft * cfg.slowdown, _MAX_LATENCY_S)
     gap = min(cfg.inter_token * cfg.slowdown, _MAX_INTERVAL_S)
-    generation_s = ttft + gap * (n_tokens - 1)
     cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     tokens = [_VOCAB[i % len(_VOCAB)] for i in range(n_tokens)]
+    tokens, finish_reason, usage["completion_tokens"] = styled_answer(st, tokens, finish_reason)
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    generation_s = ttft + gap * max(len(tokens) - 1, 0)
 
     if not payload.get("stream"):
         async with st.serving() as queue_s:
@@ -491,21 +570,22 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         return b"data: " + _dumps({**base, "choices": choices, **extra}) + b"\n\n"
 
     async with st.serving() as queue_s:
-        if st.should_fail():
-            # A streamed request fails before its first byte, as real servers do on overload.
-            await st.infer(ttft)
-            return _injected_error(st)
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                "X-Model-Cost": st.cost_header,
-                # The header goes out before generation, so it can only promise the plan.
-                "Server-Timing": _server_timing(generation_s, queue_s),
-            }
-        )
-        await response.prepare(request)
-        await st.infer(ttft)
+        response = await _open_stream(request, st, ttft, generation_s, queue_s)
+        if not response.prepared:
+            return response  # the injected error
+        if not tokens:  # an empty answer: the role alone, as servers send it
+            await response.write(
+                event(
+                    [
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
+            )
         for i, token in enumerate(tokens):
             if i:
                 await st.infer(gap)
@@ -521,6 +601,186 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
     return response
+
+
+def _check_model(cfg: FakeModelConfig, payload: dict[str, Any]) -> web.Response | None:
+    """vLLM's answers to a missing model (400) and to a name it does not serve (404), in the
+    OpenAI error format; None when the request may go on."""
+    model = payload.get("model")
+    if not cfg.served_models:
+        return None
+    if not isinstance(model, str) or not model:
+        return _json(
+            {
+                "error": {
+                    "message": "you must provide a model parameter",
+                    "type": "invalid_request_error",
+                    "param": "model",
+                    "code": None,
+                }
+            },
+            status=400,
+        )
+    if model not in cfg.served_models:
+        return _json(
+            {
+                "error": {
+                    "message": f"The model `{model}` does not exist.",
+                    "type": "invalid_request_error",
+                    "param": "model",
+                    "code": "model_not_found",
+                }
+            },
+            status=404,
+        )
+    return None
+
+
+def _prompt_words(prompt: Any) -> int | None:
+    """Whitespace-separated words of a completions ``prompt`` (a string or a list of them,
+    or token ids); None when it is none of these."""
+    if isinstance(prompt, str):
+        return max(1, len(prompt.split()))
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return max(1, sum(len(p.split()) for p in prompt))
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+            return len(prompt)
+    return None
+
+
+async def _completions(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/completions`` (legacy text completions), streamed or not, as vLLM answers."""
+    st = request.app[STATE]
+    cfg = st.cfg
+    payload = await _read_json_object(request)
+    if isinstance(payload, web.Response):
+        return payload
+    if (refused := _check_model(cfg, payload)) is not None:
+        return refused
+    prompt_tokens = _prompt_words(payload.get("prompt"))
+    if prompt_tokens is None:
+        return _bad_request("prompt must be a string, a list of strings or of token ids")
+    n_tokens = _completion_tokens(payload, cfg.completion_tokens)
+    if n_tokens is None:
+        return _bad_request("max_tokens must be a positive integer")
+    finish_reason = "length" if "max_tokens" in payload else "stop"
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": n_tokens,
+        "total_tokens": prompt_tokens + n_tokens,
+    }
+    ttft = min(cfg.ttft * cfg.slowdown, _MAX_LATENCY_S)
+    gap = min(cfg.inter_token * cfg.slowdown, _MAX_INTERVAL_S)
+    generation_s = ttft + gap * (n_tokens - 1)
+    base: dict[str, Any] = {
+        "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": cfg.model,
+    }
+    tokens = [_VOCAB[i % len(_VOCAB)] for i in range(n_tokens)]
+
+    def choice(text: str, finish: str | None) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+    if not payload.get("stream"):
+        async with st.serving() as queue_s:
+            await st.infer(generation_s)
+        headers = {"Server-Timing": _server_timing(generation_s, queue_s)}
+        if st.should_fail():
+            return _injected_error(st, headers)
+        headers["X-Model-Cost"] = st.cost_header
+        body = {**base, "choices": [choice("".join(tokens), finish_reason)], "usage": usage}
+        return _json(body, headers=headers)
+
+    options = payload.get("stream_options")
+    include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return b"data: " + _dumps({**base, "choices": choices, **extra}) + b"\n\n"
+
+    async with st.serving() as queue_s:
+        response = await _open_stream(request, st, ttft, generation_s, queue_s)
+        if not response.prepared:
+            return response  # the injected error
+        for i, token in enumerate(tokens):
+            if i:
+                await st.infer(gap)
+            last = i == len(tokens) - 1
+            await response.write(event([choice(token, finish_reason if last else None)]))
+        if include_usage:
+            await response.write(event([], usage=usage))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+    return response
+
+
+_EMBEDDING_DIMENSIONS = 8
+_MAX_EMBEDDING_INPUTS = 2048
+
+
+def _embedding(model: str, item: Any, dimensions: int) -> list[float]:
+    """A unit vector fixed by (model, input): the same text embeds the same on one model."""
+    seed = hashlib.blake2b(f"{model}\x00{json.dumps(item)}".encode(), digest_size=8).digest()
+    rng = random.Random(seed)
+    v = [rng.gauss(0.0, 1.0) for _ in range(dimensions)]
+    norm = math.sqrt(sum(x * x for x in v)) or 1.0
+    return [x / norm for x in v]
+
+
+async def _embeddings(request: web.Request) -> web.Response:
+    """``POST /v1/embeddings``: deterministic unit vectors, as floats or base64 float32 (the
+    ``openai`` client asks for base64 by default)."""
+    st = request.app[STATE]
+    cfg = st.cfg
+    payload = await _read_json_object(request)
+    if isinstance(payload, web.Response):
+        return payload
+    if (refused := _check_model(cfg, payload)) is not None:
+        return refused
+    raw = payload.get("input")
+    if isinstance(raw, str) or (
+        isinstance(raw, list) and raw and all(isinstance(t, int) for t in raw)
+    ):
+        items: list[Any] = [raw]
+    elif isinstance(raw, list) and 0 < len(raw) <= _MAX_EMBEDDING_INPUTS:
+        items = raw
+    else:
+        return _bad_request("input must be a string, a list of strings or of token ids")
+    encoding = payload.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        return _bad_request("encoding_format must be 'float' or 'base64'")
+    dimensions = payload.get("dimensions", _EMBEDDING_DIMENSIONS)
+    if (
+        isinstance(dimensions, bool)
+        or not isinstance(dimensions, int)
+        or not 1 <= dimensions <= 4096
+    ):
+        return _bad_request("dimensions must be an integer in [1, 4096]")
+    async with st.serving() as queue_s:
+        inference_s = st.sample_latency()
+        await st.infer(inference_s)
+    headers = {"Server-Timing": _server_timing(inference_s, queue_s)}
+    if st.should_fail():
+        return _injected_error(st, headers)
+    headers["X-Model-Cost"] = st.cost_header
+    data = []
+    tokens = 0
+    for i, item in enumerate(items):
+        vector = _embedding(cfg.model, item, dimensions)
+        tokens += len(item) if isinstance(item, list) else max(1, len(str(item).split()))
+        value: Any = vector
+        if encoding == "base64":
+            value = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    body = {
+        "object": "list",
+        "data": data,
+        "model": cfg.model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+    return _json(body, headers=headers)
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -663,6 +923,8 @@ def make_app(cfg: FakeModelConfig | None = None) -> web.Application:
     app.router.add_post("/v1/models/{name}:predict", _predict)
     app.router.add_post("/v2/models/{name}/infer", _predict)
     app.router.add_post("/v1/chat/completions", _chat_completions)
+    app.router.add_post("/v1/completions", _completions)
+    app.router.add_post("/v1/embeddings", _embeddings)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/metrics", _metrics)
     app.router.add_route("*", "/echo", _echo)
@@ -754,7 +1016,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--gpu-utilization-per-busy", type=float, default=defaults.gpu_utilization_per_busy
     )
+    parser.add_argument(
+        "--answer-style",
+        choices=ANSWER_STYLES,
+        default=defaults.answer_style,
+        help="how chat answers degrade: repeat, truncate, refuse, empty (default normal)",
+    )
+    parser.add_argument(
+        "--answer-share",
+        type=float,
+        default=defaults.answer_share,
+        help="share of chat answers given --answer-style (default 1.0)",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--served-model-name",
+        dest="served_models",
+        nargs="+",
+        default=list(defaults.served_models),
+        help="model names the OpenAI endpoints accept (default: any)",
+    )
     return parser
 
 

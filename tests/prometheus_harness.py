@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ from tests.redis_harness import free_port
 
 START_TIMEOUT = 30.0  # seconds for prometheus to answer /-/ready
 MISSING = (
-    "prometheus is not on PATH: the dashboard queries are not run through a real Prometheus "
+    "prometheus is not on PATH: the dashboard queries and promql: metrics are not run "
+    "through a real Prometheus "
     "(apt-get install prometheus; .ci/run installs it)"
 )
 
@@ -107,10 +109,24 @@ class Prometheus:
             await asyncio.sleep(0.5)
 
 
+def _static_configs(target: str | Sequence[str], labels: Mapping[str, Mapping[str, str]]) -> str:
+    """Flow-style YAML of one static config per target (its own labels); JSON is YAML."""
+    targets = [target] if isinstance(target, str) else list(target)
+    return ", ".join(
+        json.dumps({"targets": [t], "labels": dict(labels.get(t, {}))}) for t in targets
+    )
+
+
 @contextlib.asynccontextmanager
-async def running_prometheus(target: str, *, interval: str = "1s") -> AsyncIterator[Prometheus]:
+async def running_prometheus(
+    target: str | Sequence[str],
+    *,
+    interval: str = "1s",
+    labels: Mapping[str, Mapping[str, str]] | None = None,
+) -> AsyncIterator[Prometheus]:
     """A Prometheus on a free loopback port scraping ``target`` (``host:port``, path
-    ``/metrics``) every ``interval``; skips the test when the binary is missing."""
+    ``/metrics``; or several) every ``interval``, each target with its ``labels`` (target ->
+    label -> value) added to its series; skips the test when the binary is missing."""
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip(MISSING)
@@ -123,7 +139,7 @@ async def running_prometheus(target: str, *, interval: str = "1s") -> AsyncItera
             f"  evaluation_interval: {interval}\n"
             "scrape_configs:\n"
             "  - job_name: canary\n"
-            f"    static_configs: [{{targets: ['{target}']}}]\n"
+            f"    static_configs: [{_static_configs(target, labels or {})}]\n"
         )
         proc = subprocess.Popen(
             [

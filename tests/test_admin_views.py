@@ -19,7 +19,7 @@ from tests.test_controller import Clock, Sink, _config, _feed
 SUMMARY_KEYS = [
     "name", "phase", "step", "steps", "step_index", "step_kind", "weights", "shadow", "samples",
     "step_samples", "step_required", "step_elapsed", "step_min_duration", "elapsed",
-    "deadline_in", "status", "store_ok", "last_decision",
+    "deadline_in", "status", "store_ok", "last_decision", "gate",
 ]  # fmt: skip
 DETAIL_KEYS = [*SUMMARY_KEYS, "metrics", "guards", "net_value", "decisions", "endpoints"]
 

@@ -46,7 +46,7 @@ async def test_the_page_and_its_files() -> None:
             assert "frame-ancestors 'none'" in csp
             assert r.headers["X-Content-Type-Options"] == "nosniff"
             page = r.text
-            assert f'data-actions="{" ".join(MANUAL_ACTIONS)}"' in page
+            assert f'data-actions="{" ".join((*MANUAL_ACTIONS, "approve"))}"' in page
             assert 'data-token-required="false"' in page
             # every file the page loads is this server's, versioned by its content
             refs = re.findall(r'(?:src|href)="([^"]+)"', page)

@@ -229,7 +229,8 @@ async def test_the_dashboard_shows_the_live_rollout_and_pauses_it(
                 ".map(b => [b.dataset.action, !b.disabled]))",
             )
             assert buttons["pause"] is False and buttons["resume"] is True
-            assert set(buttons) == set(MANUAL_ACTIONS)  # a button for every command
+            assert set(buttons) == {*MANUAL_ACTIONS, "approve"}  # a button for every command
+            assert buttons["approve"] is False  # nothing waits at a gate
             await _page(browser, "return document.querySelector('[data-decision=\"PAUSE\"]')")
             assert await asyncio.to_thread(browser.console_errors) == []
 

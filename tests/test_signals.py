@@ -33,6 +33,7 @@ from canary.signals import (
     ResourceQuery,
     ResourceQueryError,
     is_continuous,
+    is_rate,
     is_resource,
     is_token,
     json_path_segments,
@@ -56,6 +57,8 @@ EVERY_FORM = [
     "resource:process_resident_memory_bytes",
     'resource:gpu_util{gpu="0", job=~"model-.*", env!="dev", zone!~"eu"}',
     "resource:ns:metric_total",
+    "finish_reason:length",
+    "finish_reason:content_filter",
 ]
 
 
@@ -64,9 +67,11 @@ def _rollout_with(signals: list[str]) -> str:
     metrics = []
     for i, s in enumerate(signals):
         quoted = s.replace("'", "''")  # a YAML single-quoted scalar
+        # The judge's win rate is tested against 50%: only a decrease is a regression.
+        way = "max_decrease" if s == "judge" else "max_increase"
         metrics.append(
-            f"        - {{name: m{i}, signal: '{quoted}', stat: rate, max_increase: 5pp}}"
-            if s in RATE_SIGNALS
+            f"        - {{name: m{i}, signal: '{quoted}', stat: rate, {way}: 5pp}}"
+            if is_rate(s)
             else f"        - {{name: m{i}, signal: '{quoted}', max_increase: 5%}}"
         )
     return (
@@ -84,6 +89,7 @@ def _rollout_with(signals: list[str]) -> str:
             steps: [{shadow: {}}, {weight: 5}]
             prediction: json:choices.0.label
             inputs: {fields: [amount, features.0, a-b_c]}
+            judge: {url: "http://127.0.0.1:8100/judge"}
             analysis:
               metrics:
         """
@@ -243,26 +249,30 @@ def test_arms() -> None:
 
 def test_resource_prefix_and_rates() -> None:
     assert is_resource("resource:rss") and not is_resource("json:resource")
-    assert RATE_SIGNALS == ("error", "feedback", "agreement")
+    assert RATE_SIGNALS[:3] == ("error", "feedback", "agreement")
+    assert {"empty_answer", "refusal"} <= set(RATE_SIGNALS)  # LLM answer quality, 0/1
+    assert is_rate("finish_reason:length") and not is_continuous("finish_reason:stop")
     assert [s for s in BARE_SIGNALS if is_continuous(s)] == [
-        "latency", "ttft", "tokens_per_s", "itl", "cost",
+        "latency", "ttft", "tokens_per_s", "itl", "cost", "output_tokens", "repetition",
     ]  # fmt: skip
     assert is_continuous("header:x-cost") and not is_continuous("resource:rss")
 
 
 @pytest.mark.parametrize("signal", [*BARE_SIGNALS, "header:X-Cost"])
 def test_stat_rate_is_accepted_exactly_for_the_rate_signals(signal: str) -> None:
+    way = "max_decrease" if signal == "judge" else "max_increase"  # a win rate: see judge.md
     text = MINIMAL.replace("steps: [{weight: 5}]", "steps: [{shadow: {}}, {weight: 5}]") + (
-        "    prediction: json:p\n    analysis:\n      metrics:\n"
-        f"        - {{name: r, signal: '{signal}', stat: rate, max_increase: 1pp}}\n"
+        "    prediction: json:p\n    judge: {url: 'http://127.0.0.1:8100/judge'}\n"
+        "    analysis:\n      metrics:\n"
+        f"        - {{name: r, signal: '{signal}', stat: rate, {way}: 1pp}}\n"
     )
     try:
         load_config_text(text)
         accepted = True
     except ConfigError as exc:
-        assert "stat 'rate' applies to error, feedback and agreement" in str(exc)
+        assert "stat 'rate' applies to error, feedback, agreement" in str(exc)
         accepted = False
-    assert accepted == (signal in RATE_SIGNALS)
+    assert accepted == is_rate(signal)
 
 
 def test_paired_keys() -> None:

@@ -59,6 +59,8 @@ log = logging.getLogger("canary.admin")
 
 Readiness = Callable[[], tuple[bool, str]]
 Reloader = Callable[[], Awaitable[list[str]]]  # raises ConfigError when the file is invalid
+# A rollout's promql: query status (canary.observe.promql); None where it is not queried.
+PromQLStatus = Callable[[str], dict[str, Any] | None]
 MAX_ADMIN_BODY = 64 * 1024
 MAX_JSON_DEPTH = 64  # arrays and objects inside each other in one request body
 # The bytes that matter for nesting: brackets, and quotes and backslashes (strings).
@@ -103,6 +105,7 @@ class AdminContext:
     token: str | None = None
     feedback: FeedbackStores | None = None  # the stores labels are joined to
     recorder: Recorder | None = None  # where joined feedback goes
+    promql: PromQLStatus | None = None  # the last promql: answers, for the rollout detail
 
 
 CONTEXT = web.AppKey("context", AdminContext)
@@ -244,6 +247,10 @@ def _summary(ctx: AdminContext, name: str, detail: bool) -> dict[str, Any]:
         out.update(routing)
         if detail:  # input health: per-field summaries, drift checks (None without `inputs`)
             out["inputs"] = ctx.routing.input_health(name)
+    if detail and ctx.promql is not None:
+        # Per promql: metric, each arm's last answer and why it gave no value (null where
+        # this process does not query: no promql metrics, or not the leader).
+        out["promql"] = ctx.promql(name)
     return out
 
 
@@ -343,9 +350,10 @@ async def rollout_action(request: web.Request) -> web.Response:
     if refused is not None:
         return refused
     name, action = request.match_info["name"], request.match_info["action"]
-    if action not in MANUAL_ACTIONS:
+    if action not in MANUAL_ACTIONS and action != "approve":  # approve: open a gate
         return _error(
-            404, f"unknown action {action!r}; expected one of {', '.join(MANUAL_ACTIONS)}"
+            404,
+            f"unknown action {action!r}; expected one of {', '.join(MANUAL_ACTIONS)}, approve",
         )
     body = await _json_body(request)
     if isinstance(body, web.Response):
@@ -358,7 +366,10 @@ async def rollout_action(request: web.Request) -> web.Response:
     if ctx.controller is None:
         return _error(404, f"no rollout named {name!r}")
     try:
-        result = await ctx.controller.command(name, action, reason)
+        if action == "approve":  # docs/gates.md
+            result = await ctx.controller.approve(name, reason)
+        else:
+            result = await ctx.controller.command(name, action, reason)
     except UnknownRollout:
         return _error(404, f"no rollout named {name!r}")
     except NotLeader as exc:
@@ -493,12 +504,14 @@ def make_admin_app(
     token: str | None = None,
     feedback: FeedbackStores | None = None,
     recorder: Recorder | None = None,
+    promql: PromQLStatus | None = None,
 ) -> web.Application:
     """The admin app; ``feedback`` and ``recorder`` together enable ``POST /api/v1/feedback``."""
     app = web.Application(client_max_size=MAX_ADMIN_BODY)
     app[CONTEXT] = AdminContext(
         routing, metrics, ready, controller, reload, token, feedback=feedback, recorder=recorder
     )
+    app[CONTEXT].promql = promql
     if controller is not None and feedback is not None:  # shared mode: flushes write answers
         controller.share_feedback(feedback.feedback_stores)
     app.router.add_get("/metrics", metrics_handler)

@@ -133,7 +133,7 @@ def add_dashboard(
     }
     page = _PAGE.format(
         token_required="true" if token_required else "false",
-        actions=html.escape(" ".join(MANUAL_ACTIONS)),
+        actions=html.escape(" ".join((*MANUAL_ACTIONS, "approve"))),  # approve: docs/gates.md
         **versions,
     ).encode()
     page_etag = _etag(page)

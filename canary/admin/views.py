@@ -49,6 +49,12 @@ def rollout_summary(view: RolloutView) -> dict[str, Any]:
         "last_decision": None
         if last is None
         else {"action": last["action"], "reason": last["reason"], "at": last["at"]},
+        # gates (docs/gates.md): where an automatic transition waits, and an approval given
+        # at this step (`canary approve`) that has not opened its gate yet
+        "gate": {
+            "waiting": view.gate,
+            "approved": state.approved_step is not None and state.approved_step == state.step,
+        },
     }
 
 

@@ -617,11 +617,14 @@ def _cross_rollout_issues(rollouts: object, root: yaml.Node | None) -> list[Conf
         for j, other_name, other in matches:
             if match.overlaps(other):
                 loc = ("rollouts", i, "match")
+                # Model rules overlap only through the names both serve: say which.
+                models = sorted(set(match.model or ()) & set(other.model or ()))
                 issues.append(
                     ConfigIssue(
                         _format_path(loc),
                         f"match (path_prefix {_short(match.path_prefix)}, host "
-                        f"{_short(match.host)}) overlaps rollouts[{j}] ({_short(other_name)}); "
+                        f"{_short(match.host)}{f', model {models}' if models else ''}) "
+                        f"overlaps rollouts[{j}] ({_short(other_name)}); "
                         "a request must belong to one rollout",
                         _line(_node_at(root, loc)),
                     )

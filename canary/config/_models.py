@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import os
 import re
 from typing import Annotated, Literal
 
@@ -33,20 +34,29 @@ from canary.config._units import (
 from canary.signals import (
     AGREEMENT,
     CANDIDATE,
+    JUDGE,
     PRODUCTION,
     RATE_SIGNALS,
+    check_inline_promql,
     is_continuous,
+    is_promql,
+    is_rate,
     is_resource,
     is_token,
     json_path_segments,
     parse_prediction,
     parse_signal,
+    promql_placeholders,
+    promql_query_name,
 )
 
 __all__ = [
+    "GATE_EVENTS",
     "INPUT_TYPES",
+    "RESERVED_WEBHOOK_HEADERS",
     "AdminConfig",
     "AnalysisConfig",
+    "AnswersConfig",
     "ArmConfig",
     "Config",
     "FeedbackConfig",
@@ -54,9 +64,11 @@ __all__ = [
     "InputFieldBaseline",
     "InputToleranceConfig",
     "InputsConfig",
+    "JudgeConfig",
     "MatchConfig",
     "MetricConfig",
     "PricingConfig",
+    "PrometheusConfig",
     "ProxyConfig",
     "ResourcesConfig",
     "RolloutConfig",
@@ -82,7 +94,7 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _STAT = re.compile(r"^(mean|rate|distribution|p(\d{1,2}(?:\.\d+)?))$")
 _PERCENTILE = re.compile(r"^p(\d{1,2}(?:\.\d+)?)$")
 _ERROR_CLASS = re.compile(r"^([1-5]xx|[1-5]\d\d)$")
-_RATE_NAMES = f"{', '.join(RATE_SIGNALS[:-1])} and {RATE_SIGNALS[-1]}"
+_RATE_NAMES = f"{', '.join(RATE_SIGNALS)} and finish_reason:VALUE"
 
 
 def check_signal(value: str) -> str:
@@ -196,15 +208,63 @@ class ResourcesConfig(_Model):
         return v
 
 
+def _model_name(v: object) -> object:
+    """An OpenAI model name (``llama-3.1-8b``, ``org/model:tag``): 1-256 printable characters."""
+    if isinstance(v, str) and not (0 < len(v) <= 256 and v.isprintable() and v == v.strip()):
+        raise ValueError(f"a model name must be 1-256 printable characters, got {v!r}")
+    return v
+
+
+ModelName = Annotated[str, BeforeValidator(_model_name)]
+
+
 class ArmConfig(_Model):
     endpoints: list[UpstreamURL] = Field(min_length=1)
     cost: PricingConfig | None = None
     resources: ResourcesConfig | None = None
+    # The name this arm serves (vLLM --served-model-name): written into the top-level `model`
+    # of OpenAI requests sent to it (docs/openai.md).
+    model: ModelName | None = None
+    # Named PromQL queries of this arm, used by `signal: promql:NAME` (docs/promql.md).
+    queries: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("queries")
+    @classmethod
+    def _queries(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, query in v.items():
+            if promql_query_name(name) is None:
+                raise ValueError(
+                    f"query name {name!r} must be an identifier ([A-Za-z_][A-Za-z0-9_]*), "
+                    "so that promql:NAME reads as a name, not as a query"
+                )
+            try:
+                promql_placeholders(query)
+            except ValueError as exc:
+                raise ValueError(f"query {name!r}: {exc}") from None
+        return v
 
 
 class MatchConfig(_Model):
     path_prefix: str = "/"
     host: str | None = None
+    # OpenAI model names this rollout serves (the request body's top-level `model`, on the
+    # model-routed paths only; docs/openai.md). One name or a list.
+    model: list[ModelName] | None = None
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _models(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [v]
+        if v is not None and not isinstance(v, list):
+            raise ValueError(f"expected a model name or a list of them, got {v!r}")
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("match.model needs at least one model name")
+            dup = sorted({m for m in v if isinstance(m, str) and v.count(m) > 1})
+            if dup:
+                raise ValueError(f"duplicate model names {dup}")
+        return v
 
     @field_validator("path_prefix")
     @classmethod
@@ -228,6 +288,10 @@ class MatchConfig(_Model):
             return False
         if bool(self.host) != bool(other.host):
             return False  # a host-specific rule wins over a host-less one: not ambiguous
+        if bool(self.model) != bool(other.model):
+            return False  # likewise a model-specific rule over a model-less one
+        if self.model and other.model and not set(self.model) & set(other.model):
+            return False  # the same paths, told apart by the body's model
         return self.covers(other.path_prefix) or other.covers(self.path_prefix)
 
 
@@ -394,7 +458,7 @@ class MetricConfig(_Model):
                 )
         elif self.quantiles is not None:
             raise ValueError("'quantiles' applies only to stat: distribution")
-        if self.stat == "rate" and self.signal not in RATE_SIGNALS:
+        if self.stat == "rate" and not is_rate(self.signal):
             raise ValueError(f"stat 'rate' applies to {_RATE_NAMES}, not {self.signal!r}")
         return self
 
@@ -420,6 +484,63 @@ class MetricConfig(_Model):
         return tuple(float(q[1:]) / 100.0 for q in self.quantiles)
 
 
+_PROMQL_ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class PrometheusConfig(_Model):
+    """``analysis.prometheus``: the server ``promql:`` metrics are queried from
+    (docs/promql.md)."""
+
+    url: UpstreamURL  # base URL; /api/v1/query is appended (a path prefix is kept)
+    every: Duration = 15.0  # one window per arm every this often; also {{window}}
+    timeout: Duration | None = None  # per query; default 80% of `every`, at most 10s
+    bearer_token_env: str | None = None  # sent as "Authorization: Bearer $VALUE"
+    headers: dict[str, str] = Field(default_factory=dict)  # e.g. X-Scope-OrgID for Mimir
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, v: float) -> float:
+        if v < 0.1:
+            raise ValueError(f"prometheus.every must be at least 100ms, got {v}s")
+        return v
+
+    @field_validator("bearer_token_env")
+    @classmethod
+    def _env(cls, v: str | None) -> str | None:
+        if v is not None and not _PROMQL_ENV.match(v):
+            raise ValueError(f"bearer_token_env must be an environment variable name, got {v!r}")
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if not is_token(name):
+                raise ValueError(f"{name!r} is not a valid header name")
+            if name.lower() == "authorization":
+                raise ValueError(
+                    "do not write credentials into the rollout file: put the token in an "
+                    "environment variable and name it with 'bearer_token_env'"
+                )
+            if any(c in value for c in "\r\n\0"):
+                raise ValueError(f"header {name!r} must not contain CR, LF or NUL")
+        return v
+
+    @model_validator(mode="after")
+    def _timeout(self) -> PrometheusConfig:
+        if self.timeout is not None and not 0 < self.timeout <= self.every:
+            raise ValueError(
+                f"prometheus.timeout must be positive and at most 'every' ({self.every}s), "
+                f"got {self.timeout}s"
+            )
+        return self
+
+    @property
+    def query_timeout(self) -> float:
+        """Seconds a query may take: ``timeout``, or 80% of ``every`` up to 10 s."""
+        return self.timeout if self.timeout is not None else min(0.8 * self.every, 10.0)
+
+
 class AnalysisConfig(_Model):
     interval: Duration = 1.0
     alpha: float = Field(0.05, gt=0, lt=0.5)
@@ -428,6 +549,7 @@ class AnalysisConfig(_Model):
     on_inconclusive: Literal["rollback", "hold", "promote"] = "rollback"
     metrics: list[MetricConfig] = Field(default_factory=list)
     tradeoff: dict[str, MarginValue] | None = None
+    prometheus: PrometheusConfig | None = None  # where promql: metrics are queried
 
     @field_validator("interval")
     @classmethod
@@ -468,13 +590,181 @@ class AnalysisConfig(_Model):
         return self
 
 
-WebhookEvent = Literal["advance", "promote", "rollback", "pause", "resume", "hold", "start"]
+WebhookEvent = Literal[
+    "advance",
+    "promote",
+    "rollback",
+    "pause",
+    "resume",
+    "hold",
+    "start",
+    "confirm-advance",  # gates (docs/gates.md): must answer 2xx before an automatic ADVANCE
+    "confirm-promotion",  # ... before an automatic PROMOTE
+]
+GATE_EVENTS = ("confirm-advance", "confirm-promotion")
+# Headers canary sets on every delivery: a custom header must not replace them.
+RESERVED_WEBHOOK_HEADERS = frozenset(
+    {
+        "content-type",
+        "content-length",
+        "content-encoding",
+        "transfer-encoding",
+        "connection",
+        "host",
+        "user-agent",
+        "x-canary-event",
+        "x-canary-timestamp",
+        "x-canary-signature",
+    }
+)
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}$")  # RFC 9110 token
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 
 
 class WebhookConfig(_Model):
     on: list[WebhookEvent] = Field(min_length=1)
-    url: UpstreamURL
-    timeout: Duration = 5.0
+    # None: a manual gate (only with gate events), opened by `canary approve NAME`.
+    url: UpstreamURL | None = None
+    timeout: Duration = Field(5.0, gt=0, le=300)
+    # Names the environment variable holding the HMAC-SHA256 key that signs every delivery.
+    secret_env: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)  # sent with every delivery
+
+    @field_validator("secret_env")
+    @classmethod
+    def _secret_is_set(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not _ENV_NAME.match(v):
+            raise ValueError(
+                f"expected an environment variable name such as HOOK_SECRET, not {v!r}"
+            )
+        if not os.environ.get(v):
+            raise ValueError(
+                f"names ${v}, but it is not set or empty: set it to the signing secret, or "
+                "remove secret_env to send unsigned deliveries"
+            )
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _headers_are_valid(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > 20:
+            raise ValueError(f"at most 20 custom headers, got {len(v)}")
+        for name, value in v.items():
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"header name {name!r} is not a valid HTTP field name")
+            if name.lower() in RESERVED_WEBHOOK_HEADERS:
+                raise ValueError(f"header {name!r} is set by canary itself and cannot be replaced")
+            if len(value) > 4096 or any(
+                (ord(ch) < 0x20 and ch != "\t") or ord(ch) == 0x7F for ch in value
+            ):
+                raise ValueError(
+                    f"header {name!r}: the value must be at most 4096 characters without "
+                    "CR, LF or other control characters"
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _manual_only_for_gates(self) -> WebhookConfig:
+        if self.url is None:
+            other = [e for e in self.on if e not in GATE_EVENTS]
+            if other:
+                raise ValueError(
+                    f"url is required for {', '.join(other)}: only a gate "
+                    f"({' or '.join(GATE_EVENTS)}) can do without one (then it waits for "
+                    "`canary approve NAME`)"
+                )
+            if self.secret_env is not None or self.headers:
+                raise ValueError("secret_env and headers need a url: a manual gate sends nothing")
+        if len(set(self.on)) != len(self.on):
+            raise ValueError(f"on lists an event twice: {self.on}")
+        return self
+
+    @property
+    def gate(self) -> bool:
+        """Whether this entry gates a transition (it lists confirm-advance or -promotion)."""
+        return any(e in GATE_EVENTS for e in self.on)
+
+
+def _parse_share(value: object) -> float:
+    """A share as a fraction in 0..1 (``0.25``) or a percentage (``'25%'``)."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        return parse_percent(value) / 100.0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a share such as 0.25 or '25%', got {value!r}")
+    if not 0 <= value <= 1:
+        raise ValueError(
+            f"a share must be within 0..1 (or a percentage such as '25%'), got {value}"
+        )
+    return float(value)
+
+
+class JudgeConfig(_Model):
+    """Pairwise judging of the two arms' answers to one request (``signal: judge``)."""
+
+    url: UpstreamURL  # the exact URL posted to (for kind openai: .../v1/chat/completions)
+    kind: Literal["openai", "http"] = "http"
+    model: str | None = None  # the judge model's name (kind openai only, required there)
+    share: Annotated[float, BeforeValidator(_parse_share)] = 1.0  # of the mirrored pairs
+    # Of the live requests of weighted steps, also sent to the other arm for the judge.
+    live_share: Annotated[float, BeforeValidator(_parse_share)] = 0.0
+    max_concurrency: int = Field(4, ge=1, le=1024)  # judge calls in flight; more are dropped
+    max_per_minute: int = Field(60, ge=1, le=1_000_000)  # judge calls in any 60 s; cost bound
+    timeout: Duration = 30.0
+    token_env: str | None = None  # environment variable holding a bearer token for the judge
+    max_answer_chars: int = Field(4000, ge=1, le=1_000_000)  # of each answer and the request
+    max_pending: int = Field(1000, ge=1, le=1_000_000)  # sampled pairs waiting for answers
+
+    @model_validator(mode="after")
+    def _model_for_openai(self) -> JudgeConfig:
+        if self.kind == "openai" and not self.model:
+            raise ValueError("a judge of kind 'openai' needs 'model' (the judge model's name)")
+        if self.kind == "http" and self.model is not None:
+            raise ValueError("'model' applies only to a judge of kind 'openai'")
+        if self.timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {self.timeout}s")
+        return self
+
+
+class AnswersConfig(_Model):
+    """How LLM answers are scored (signals finish_reason:VALUE, output_tokens, empty_answer,
+    repetition, refusal; see docs/llm-quality.md)."""
+
+    # Openings of a refusal in the wording of common chat models; Python regular expressions
+    # matched case-insensitively within the first `refusal_within` characters of the answer.
+    refusal_patterns: list[str] = Field(
+        default_factory=lambda: [
+            r"\bI(?:['’]m| am) (?:so |very |truly )?sorry,? but\b",
+            r"\bI (?:can(?:not|['’]t)|won['’]t|will not|am unable to|['’]m unable to"
+            r"|am not able to|['’]m not able to) (?:help|assist|provide|comply|fulfill"
+            r"|do that|answer|support)",
+            r"\bAs an AI\b",
+            r"\bI apologi[sz]e,? but\b",
+        ],
+        max_length=256,
+    )
+    refusal_within: int = Field(300, ge=1, le=65536)  # characters
+    repetition_ngram: int = Field(4, ge=1, le=16)  # words per n-gram
+    max_chars: int = Field(8192, ge=16, le=1 << 20)  # characters the repetition score covers
+
+    @field_validator("refusal_patterns")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        for i, p in enumerate(v):
+            if not p:
+                raise ValueError(f"refusal_patterns[{i}] is empty (it would match every answer)")
+            try:
+                rx = re.compile(p)
+            except re.error as exc:
+                raise ValueError(
+                    f"refusal_patterns[{i}] {p!r} is not a regular expression: {exc}"
+                ) from None
+            if rx.fullmatch(""):
+                raise ValueError(
+                    f"refusal_patterns[{i}] {p!r} matches the empty string (every answer)"
+                )
+        return v
 
 
 class FeedbackConfig(_Model):
@@ -601,6 +891,8 @@ class RolloutConfig(_Model):
     prediction: str | None = None
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
     inputs: InputsConfig | None = None  # input health of request bodies
+    judge: JudgeConfig | None = None  # pairwise judging of both arms' answers (signal: judge)
+    answers: AnswersConfig = Field(default_factory=AnswersConfig)  # LLM answer quality
 
     @field_validator("name")
     @classmethod
@@ -643,6 +935,91 @@ class RolloutConfig(_Model):
                     )
         if set(self.production.endpoints) & set(self.candidate.endpoints):
             raise ValueError("production and candidate must not share an endpoint")
+        return self
+
+    @model_validator(mode="after")
+    def _promql(self) -> RolloutConfig:
+        """``promql:`` metrics: a Prometheus to ask, named queries defined on both arms."""
+        prod, cand = self.production.queries, self.candidate.queries
+        for name in sorted(set(prod) ^ set(cand)):
+            has, lacks = (PRODUCTION, CANDIDATE) if name in prod else (CANDIDATE, PRODUCTION)
+            raise ValueError(
+                f"query {name!r} is defined under {has}.queries but not under "
+                f"{lacks}.queries: both arms need it, each with the query of its own series"
+            )
+        for m in self.analysis.metrics:
+            if not is_promql(m.signal):
+                continue
+            if self.analysis.prometheus is None:
+                raise ValueError(
+                    f"metric {m.name!r} uses {m.signal!r}, which is queried from a Prometheus "
+                    "server: add 'prometheus: {url: http://prometheus:9090}' under analysis"
+                )
+            if m.stat != "mean":
+                raise ValueError(
+                    f"metric {m.name!r} has stat {m.stat!r}: a promql metric is compared as "
+                    "the mean of its per-window paired values; use stat: mean"
+                )
+            qname = promql_query_name(m.signal)
+            if qname is None:
+                continue  # an inline query, checked with the signal
+            if qname not in prod:
+                defined = ", ".join(sorted(prod)) or "none"
+                raise ValueError(
+                    f"metric {m.name!r} uses {m.signal!r}, but no query {qname!r} is defined: "
+                    f"add it under production.queries and candidate.queries "
+                    f"(defined: {defined}); an inline query needs {{{{arm}}}} or {{{{endpoints}}}}"
+                )
+            if prod[qname] == cand[qname]:
+                try:
+                    check_inline_promql(prod[qname])
+                except ValueError:
+                    raise ValueError(
+                        f"query {qname!r} is the same on both arms and uses neither {{{{arm}}}} "
+                        "nor {{endpoints}}, so both arms would get the same answer: select "
+                        "the series of each arm"
+                    ) from None
+        return self
+
+    @model_validator(mode="after")
+    def _judged(self) -> RolloutConfig:
+        uses = [m for m in self.analysis.metrics if m.signal == JUDGE]
+        for m in uses:
+            if self.judge is None:
+                raise ValueError(
+                    f"metric {m.name!r} uses 'judge', the win rate of a judge's verdicts: "
+                    "add 'judge: {url: ..., kind: http | openai}' to the rollout"
+                )
+            if m.max_decrease is None or m.margin.relative or m.stat != "rate":
+                raise ValueError(
+                    f"metric {m.name!r} tests the candidate's win rate against 50%: write "
+                    "it as {stat: rate, max_decrease: 5pp} (percentage points below 50%)"
+                )
+            if m.margin.value >= 0.5:
+                raise ValueError(
+                    f"metric {m.name!r}: max_decrease must be below 50pp, got {m.margin}"
+                )
+        if (
+            self.judge is not None
+            and not self.judge.live_share
+            and not any(s.is_shadow for s in self.steps)
+        ):
+            raise ValueError(
+                "'judge' compares the two arms' answers to the same request, which exist in "
+                "shadow steps only: add a '- shadow: {...}' step, or set judge.live_share to "
+                "also send a share of live requests to the other arm"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _answer_signals(self) -> RolloutConfig:
+        if not self.answers.refusal_patterns:
+            for m in self.analysis.metrics:
+                if m.signal == "refusal":
+                    raise ValueError(
+                        f"metric {m.name!r} uses 'refusal', but answers.refusal_patterns is "
+                        "empty: list the patterns of a refusal (or drop the key for the defaults)"
+                    )
         return self
 
     def signals(self) -> list[str]:

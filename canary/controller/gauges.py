@@ -29,7 +29,7 @@ from canary.decision import (
 )
 from canary.metrics import Metrics, QuantileRow
 from canary.observe import RolloutAccumulator, SignalAccumulator
-from canary.signals import CANDIDATE, PRODUCTION, is_resource, parse_signal
+from canary.signals import CANDIDATE, PRODUCTION, is_windowed, parse_signal
 from canary.stats import DISTRIBUTION_QUANTILES, Verdict
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def quantile_levels(config: RolloutConfig) -> dict[str, tuple[float, ...]]:
         out[key] = {round(q, _LABEL_DECIMALS): q for q in QUANTILE_LEVELS}
     for m in config.analysis.metrics:
         key = parse_signal(m.signal).key
-        if is_resource(key):
+        if is_windowed(key):
             continue
         if m.stat == "distribution":
             levels = m.quantile_levels or DISTRIBUTION_QUANTILES

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from canary.analyzer import AnalysisJob, Analyzer, InlineAnalyzer
 from canary.config import Config, RolloutConfig, WebhookConfig
+from canary.controller.gates import GATED, GateAsker, Gates, gate_event
 from canary.controller.gauges import Gauges
 from canary.controller.history import HistoryWriter, history_point
 from canary.controller.leadership import Leadership, admin_url_of
@@ -98,6 +99,7 @@ class Controller:
         leadership: Leadership | None = None,
         on_leading: Callable[[bool], Awaitable[None]] | None = None,
         on_share: Callable[[str, float], None] | None = None,
+        gate_asker: GateAsker | None = None,
     ) -> None:
         """``analyzer`` runs the statistics (``canary run``: a
         :class:`~canary.analyzer.WorkerAnalyzer`, so that the proxy's requests never wait for
@@ -113,7 +115,10 @@ class Controller:
         ``on_leading(leading)`` is awaited when this process becomes or stops being the
         leader (the runtime runs the resource scrapers on the leader only).
         ``on_share(rollout, share)``: this process's estimated share of the rollout's requests,
-        once per analysis interval (the proxy amortises ``per_hour`` costs over the total)."""
+        once per analysis interval (the proxy amortises ``per_hour`` costs over the total).
+        ``gate_asker`` asks the URLs of the rollouts' gates (``confirm-advance``,
+        ``confirm-promotion``; :mod:`canary.controller.gates`); None: a gate with a URL
+        stays shut (only an operator's approval opens it)."""
         self.config = config
         self.analyzer: Analyzer = analyzer if analyzer is not None else InlineAnalyzer()
         self._input_health = input_health
@@ -162,6 +167,7 @@ class Controller:
             store, metrics, timeout=self._guard.timeout, fence=self._fence
         )
         self._lock = asyncio.Lock()  # control path only: evaluation vs operator commands
+        self._gates = Gates(gate_asker, metrics, monotonic=monotonic, on_open=self._gate_opened)
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()  # the loop ends after the round it is in
         self._eval_task: asyncio.Task[None] | None = None
@@ -247,6 +253,7 @@ class Controller:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._task = self._eval_task = self._watch_task = None
+        await self._gates.close()
         await self.analyzer.close()
         await self.flush()
         if self._inputs is not None:  # this process's last input counts stay in the merge
@@ -328,6 +335,9 @@ class Controller:
                     self._guard.failed("take over", exc)
                     return  # tried again at the next flush
         changed, self._led = leading != self._led, leading
+        if changed and not leading:
+            for name in list(self._rollouts):  # the new leader asks the gates
+                self._gates.clear(name)
         if changed and self._on_leading is not None:
             try:
                 await self._on_leading(leading)
@@ -378,6 +388,9 @@ class Controller:
                 self._share(ro)
         leader = self._leadership.leader if self._leadership is not None else None
         ro.status = f"following: {leader or 'no process'} leads the rollouts"
+        last = ro.decisions[-1] if ro.decisions else None
+        if last is not None and last.get("action") == "WAIT":  # the leader waits at a gate
+            ro.status = f"{last.get('reason')} ({ro.status})"
 
     async def _share_inputs(self) -> None:
         """Shared: write this process's input counts, merge the other processes'."""
@@ -486,7 +499,23 @@ class Controller:
             return  # the lease ran out meanwhile: the new leader decides
         decision = decide(cfg, ro.state, analysis, now)
         self._metrics.analysis_seconds.labels(name).set(time.perf_counter() - t0)
+        # An automatic ADVANCE or PROMOTE waits at its gate (never a rollback: the gates
+        # check only those two, and forget a transition the policy no longer wants).
+        payload = ro.entry(decision, now) if decision.action in GATED else {}
+        gate = self._gates.check(cfg, ro.state, decision.action, payload, now)
+        if gate is not None and not gate.open:
+            ro.status = gate.reason
+            if gate.log:  # once per wait, when it starts
+                with contextlib.suppress(FencedError):
+                    await self._apply(ro, Decision(Action.WAIT, gate.reason), ro.state, now)
+            elif export and not ro.state.phase.terminal:
+                self._record_history(ro, now)
+            return
+        if gate is not None:
+            decision = replace(decision, reason=f"{decision.reason}; {gate.reason}")
         new = transition(cfg, ro.state, decision, analysis.candidate_observed, now)
+        if gate is not None and gate.approved:  # an approval opens one transition
+            new = new.with_(approved_step=None, approved_gate="", approved_reason="")
         ro.status = decision.reason
         if new is not ro.state:
             with contextlib.suppress(FencedError):  # the new leader decides
@@ -494,10 +523,9 @@ class Controller:
         elif export and not ro.state.phase.terminal:
             self._record_history(ro, now)
 
-    async def command(self, name: str, action: str, reason: str | None = None) -> dict[str, Any]:
-        """Carry out an operator's command (one of ``MANUAL_ACTIONS``: pause, resume,
-        promote, advance, rollback, retry); raise CommandRejected (StoreError: a retry could
-        not reset the store, nothing changed)."""
+    def _commanded(self, name: str) -> Rollout:
+        """The rollout an operator's command is for; UnknownRollout, or NotLeader when this
+        process does not decide (shared mode: the admin API forwards it to the leader)."""
         ro = self._rollouts.get(name)
         if ro is None:
             raise UnknownRollout(name)
@@ -510,6 +538,13 @@ class Controller:
                 leader=leader,
                 admin_url=admin_url_of(leader, self._leadership.key),
             )
+        return ro
+
+    async def command(self, name: str, action: str, reason: str | None = None) -> dict[str, Any]:
+        """Carry out an operator's command (one of ``MANUAL_ACTIONS``: pause, resume,
+        promote, advance, rollback, retry); raise CommandRejected (StoreError: a retry could
+        not reset the store, nothing changed)."""
+        ro = self._commanded(name)
         async with self._lock:
             ro = self._rollouts.get(name, ro)  # replaced meanwhile (a reload, a retry)
             decision = command(ro.state, action, reason, ro.config)
@@ -536,6 +571,69 @@ class Controller:
             "reason": decision.reason,
             **step_fields(ro.state.step, len(ro.config.steps)),
             "step_kind": "shadow" if ro.config.steps[index].is_shadow else "weight",
+            "weights": {"production": 100.0 - weight, "candidate": weight},
+            "shadow": shadow,
+            "attempt": ro.state.attempt,
+        }
+
+    def _gate_opened(self, name: str) -> None:
+        """A gate's URLs said yes: evaluate the rollout at the next flush, not an interval
+        later (the policy must still want the transition)."""
+        ro = self._rollouts.get(name)
+        if ro is not None:
+            ro.next_eval = 0.0
+
+    async def approve(self, name: str, reason: str | None = None) -> dict[str, Any]:
+        """An operator opens the gate of the transition pending at the current step (the
+        one waiting now, else the step's own: confirm-advance, or confirm-promotion at the
+        last step), once; kept in the state (a restart keeps it). Raise UnknownRollout,
+        NotLeader (shared mode: the admin API forwards it to the leader) or CommandRejected
+        (finished, or nothing gated at this step)."""
+        ro = self._commanded(name)
+        async with self._lock:
+            ro = self._rollouts.get(name, ro)
+            cfg, state = ro.config, ro.state
+            if state.phase.terminal:
+                phase = state.phase.value
+                raise CommandRejected(f"rollout {name!r} is {phase}; nothing to approve")
+            event = self._gates.pending(name) or gate_event(cfg, state)
+            if event is None:
+                where = step_fields(state.step, len(cfg.steps))
+                raise CommandRejected(
+                    f"rollout {name!r} has no gate at step {where['step']}/{where['steps']}: "
+                    "no webhooks entry lists "
+                    + (
+                        "confirm-promotion"
+                        if where["step"] == where["steps"]
+                        else "confirm-advance"
+                    )
+                    + "; nothing to approve"
+                )
+            who = "approved by an operator" + (f": {reason}" if reason else "")
+            now = self._clock()
+            decision = Decision(Action.APPROVE, f"{event} {who}", manual=True)
+            new = state.with_(
+                approved_step=state.step, approved_gate=event, approved_reason=who, updated_at=now
+            )
+            try:
+                await self._apply(ro, decision, new, now)
+            except FencedError as exc:
+                raise CommandRejected(
+                    f"this canary process lost the leadership of the rollouts ({exc}); "
+                    "send the command to the leader"
+                ) from exc
+            self._gates.approved(name, event)
+            ro.status = decision.reason
+            ro.next_eval = 0.0  # acted on at the next flush, if the policy wants it
+        weight, shadow = ro.state.weights(ro.config)
+        return {
+            "name": name,
+            "phase": ro.state.phase.value,
+            "action": decision.action.value,
+            "reason": decision.reason,
+            "gate": event,
+            **step_fields(ro.state.step, len(ro.config.steps)),
+            "step_kind": "shadow" if shadow else "weight",
             "weights": {"production": 100.0 - weight, "candidate": weight},
             "shadow": shadow,
             "attempt": ro.state.attempt,
@@ -652,6 +750,7 @@ class Controller:
                     rollouts[r.name] = await self._watch(r)
             for gone in set(self._rollouts) - set(rollouts):
                 log.info("rollout %s: no longer configured; its state stays in the store", gone)
+                self._gates.clear(gone)
             self._rollouts = rollouts
             self.config = config
             for ro in rollouts.values():
@@ -724,7 +823,9 @@ class Controller:
         ro = self._rollouts.get(name)
         if ro is None:
             raise UnknownRollout(name)
-        return ro.view(self._clock(), self.store_ok)
+        view = ro.view(self._clock(), self.store_ok)
+        gate = self._gates.pending(name)
+        return replace(view, gate=gate) if gate is not None else view
 
     def _record_history(self, ro: Rollout, now: float, decision: Decision | None = None) -> None:
         """Queue the history point of ``ro`` now (a decision point with ``decision``)."""

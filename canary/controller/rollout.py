@@ -44,6 +44,7 @@ class RolloutView:
     candidate_samples: int
     store_ok: bool
     at: float
+    gate: str | None = None  # the gate an automatic transition waits at (confirm-advance, ...)
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Maps each ``analysis.metrics`` entry to the statistics engine: ``error`` and ``rate`` signals
 (feedback) to the two-sample proportion test, ``pNN`` to the quantile test on the per-stratum
 log histograms (both post-stratified by split, so the arms are compared over the same
-periods), ``agreement`` to the rate test, ``mean`` to the IPW mean test. With
+periods), ``agreement`` to the rate test, ``judge`` to the one-sample win-rate test, ``mean``
+to the IPW mean test. With
 ``routing.sticky`` every one of them counts users' clusters, not requests, as the independent
 units (the per-cluster sums the accumulators keep). Every test runs at
 ``alpha / m`` where m counts the metrics plus the sample-ratio guard (Bonferroni), so that
@@ -26,7 +27,16 @@ from canary.observe import (
     coarse_upper,
 )
 from canary.observe.inputs import FieldDrift, InputHealth, drift_checks
-from canary.signals import AGREEMENT, ERROR, RATE_SIGNALS, is_resource, paired_key, parse_signal
+from canary.signals import (
+    AGREEMENT,
+    ERROR,
+    JUDGE,
+    is_promql,
+    is_rate,
+    is_windowed,
+    paired_key,
+    parse_signal,
+)
 from canary.stats import (
     DEFAULT_BATCH_SIZES,
     DISTRIBUTION_QUANTILES,
@@ -49,6 +59,7 @@ from canary.stats import (
     split_alpha,
     srm_test,
     stratified_quantile_test,
+    win_rate_test,
 )
 
 SRM_NAME = "sample_ratio"
@@ -166,8 +177,10 @@ def _metric(
     margin = m.margin
     direction = Direction.INCREASE if m.higher_is_worse else Direction.DECREASE
     key = parse_signal(m.signal).key
-    if is_resource(key):
+    if is_windowed(key):  # resource: and promql:, one paired test
         return _resource(m, key, cand, direction, alpha)
+    if key == JUDGE:
+        return _judged(m, cand.signals.get(JUDGE), alpha, burn_in, sticky)
     p_acc, c_acc = prod.signals.get(key), cand.signals.get(key)
     if p_acc is None or c_acc is None:
         return _no_data(m, direction, alpha, p_acc, c_acc)
@@ -198,7 +211,7 @@ def _metric(
             _moments(p_acc), _moments(c_acc), value,
             relative=rel, direction=direction, alpha=alpha, burn_in=b, name=m.name,
         )  # fmt: skip
-    if m.stat == "rate" or key in RATE_SIGNALS:
+    if m.stat == "rate" or is_rate(key):
         kind = MetricKind.ERROR_RATE if key == ERROR else MetricKind.RATE
         return proportion_test(
             _moments(p_acc), _moments(c_acc), value,
@@ -221,7 +234,12 @@ def _resource(
     if paired is None:
         return replace(
             _no_data(m, direction, alpha, None, None),
-            detail=f"no resource windows yet for {key} (scraped from both arms)",
+            detail=(
+                f"no promql windows yet for {key} (queried for both arms; the last answers "
+                "are under 'promql' in the rollout's status)"
+                if is_promql(key)
+                else f"no resource windows yet for {key} (scraped from both arms)"
+            ),
         )
     changes = cand.signals.get(paired_key(key, rel, changes=True))
     batches = {
@@ -233,6 +251,23 @@ def _resource(
         _moments(paired), m.margin.value,
         changes=_moments(changes) if changes is not None else None,
         relative=rel, direction=direction, alpha=alpha, name=m.name, batches=batches or None,
+    )  # fmt: skip
+
+
+def _judged(
+    m: MetricConfig, acc: SignalAccumulator | None, alpha: float, burn_in: int, sticky: bool
+) -> MetricResult:
+    # The judge's verdicts on pairs of answers, recorded on the candidate arm only (both arms
+    # answered every judged request): a one-sample win-rate test against 50%.
+    if acc is None:
+        return replace(
+            _no_data(m, Direction.DECREASE, alpha, None, None),
+            detail="no judged pairs yet (the judge compares mirrored answers in shadow steps)",
+        )
+    clustered = sticky and bool(acc.clusters)
+    return win_rate_test(
+        _moments(acc), m.margin.value, alpha=alpha, burn_in=burn_in,
+        clusters=_clusters(acc) if clustered else None, name=m.name,
     )  # fmt: skip
 
 

@@ -42,6 +42,10 @@ class Action(enum.StrEnum):
     RESUME = "RESUME"
     START = "START"
     RETRY = "RETRY"  # an operator started a rolled-back rollout again: same arms, new samples
+    # Gates (canary/controller/gates.py): an automatic ADVANCE or PROMOTE waits at a gate
+    # (logged once when the wait starts), and an operator approved the current step's gate.
+    WAIT = "WAIT"
+    APPROVE = "APPROVE"
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,12 @@ class RolloutState:
     failure_errors: int = 0
     failure_checked_at: float | None = None  # wall time of the check that last moved the clock
     attempt: int = 1  # 1 + the times an operator retried it (each retry starts its samples anew)
+    # `canary approve`: the gate of the transition pending at this step (0-based) is open,
+    # once; None: nothing approved. Persisted, so an approval survives a restart and reaches
+    # the leader's successor; a canary without gates ignores it (unknown keys are dropped).
+    approved_step: int | None = None
+    approved_gate: str = ""  # the gate event approved (confirm-advance / confirm-promotion)
+    approved_reason: str = ""
 
     @classmethod
     def start(cls, rollout: RolloutConfig, now: float) -> RolloutState:
@@ -213,13 +223,17 @@ def upgrade_entry(entry: dict[str, Any], steps: int) -> dict[str, Any]:
 
 
 def fingerprint(rollout: RolloutConfig) -> str:
-    """Identity of a rollout's arms: changing an endpoint starts a new rollout."""
+    """Identity of a rollout's arms: changing an endpoint, or an arm's served model name,
+    starts a new rollout."""
     text = "|".join(
         [
             ",".join(sorted(rollout.production.endpoints)),
             ",".join(sorted(rollout.candidate.endpoints)),
         ]
     )
+    models = (rollout.production.model, rollout.candidate.model)
+    if models != (None, None):  # only then: fingerprints stored without models stay valid
+        text += f"|model:{models[0] or ''}|{models[1] or ''}"
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 

@@ -16,6 +16,10 @@ Everything here is O(1) per chunk and bounded in memory: a non-stream body is bu
 up to ``body_limit`` bytes, an event stream is parsed incrementally and only its last value of
 each JSON path is kept. A value that is missing or not a finite number simply leaves its signal
 absent for that request; it is never an error.
+
+LLM answer quality (``finish_reason:VALUE``, ``output_tokens``, ``empty_answer``, ``repetition``,
+``refusal``) and the answer text kept for a judge (``keep_answer_chars``) are read from the same
+parsed bodies and events by :mod:`canary.observe.answers`; without them, answers are not looked at.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import zlib
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Final
 
+from canary.observe.answers import AnswerPlan, AnswerRules, AnswerState
 from canary.signals import (
     COST,
     ITL,
@@ -49,6 +54,7 @@ __all__ = [
     "inter_token_latency",
     "is_event_stream",
     "json_number",
+    "loads_utf8",
     "parse_number",
     "parse_server_timing",
     "tokens_per_s",
@@ -96,6 +102,27 @@ class JsonPath:
 
     def __repr__(self) -> str:
         return f"JsonPath({self.text!r})"
+
+
+_RAW_DECODE = json.JSONDecoder().raw_decode
+
+
+def loads_utf8(data: bytes) -> object:
+    """``json.loads(data)`` for a UTF-8 body or event, about 4x faster on small events.
+
+    ``json.loads`` on bytes first guesses the encoding in Python; SSE is UTF-8 by definition
+    (and JSON bodies almost always are), so decode and run the C scanner directly. Anything
+    unusual (surrounding whitespace, a BOM, another encoding, invalid JSON) falls back to
+    ``json.loads``, which accepts or rejects it exactly as before.
+    """
+    try:
+        text = data.decode()
+        obj, end = _RAW_DECODE(text)
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError included
+        return json.loads(data)
+    if end != len(text):
+        return json.loads(data)
+    return obj
 
 
 def json_number(value: object) -> float | None:
@@ -233,6 +260,15 @@ class ResponseExtractor:
         extracted for :class:`~canary.observe.cost.ArmCost` even if no signal names it.
     body_limit
         Bytes of a non-stream body buffered for JSON signals, and the largest SSE event kept.
+    answers
+        How LLM answers are scored (:class:`~canary.observe.answers.AnswerRules`) for the
+        answer-quality signals (``finish_reason:VALUE``, ``output_tokens``, ``empty_answer``,
+        ``repetition``, ``refusal``); the defaults when None.
+    keep_answer_chars
+        Keep the first this many characters of each LLM answer's text in
+        :attr:`ResponseInspector.answer_text` (for a judge); 0 keeps nothing.
+
+    With neither an answer-quality signal nor ``keep_answer_chars``, answers are not looked at.
 
     Attributes ``responses``, ``truncated``, ``invalid`` and ``undecodable`` count responses
     inspected, bodies or events over ``body_limit``, bodies/events that were not JSON, and
@@ -240,12 +276,14 @@ class ResponseExtractor:
     """
 
     __slots__ = (
+        "_answers",
         "_completion",
         "_cost",
         "_events",
         "_headers",
         "_itl",
         "_json_signals",
+        "_measures_answers",
         "_paths",
         "_prediction",
         "_timings",
@@ -253,6 +291,7 @@ class ResponseExtractor:
         "_tps",
         "body_limit",
         "invalid",
+        "keep_answer_chars",
         "responses",
         "signals",
         "truncated",
@@ -266,6 +305,8 @@ class ResponseExtractor:
         prediction: str | None = None,
         cost_tokens: bool = False,
         body_limit: int = DEFAULT_BODY_LIMIT,
+        answers: AnswerRules | None = None,
+        keep_answer_chars: int = 0,
     ) -> None:
         if body_limit < 1:
             raise ValueError(f"body_limit must be positive, got {body_limit!r}")
@@ -305,26 +346,55 @@ class ResponseExtractor:
         self._paths = tuple(JsonPath(p) for p in paths)
         # Events are counted (the token count of a stream without usage) only when needed.
         self._events = self._tps or self._itl
+        plan = AnswerPlan(
+            answers if answers is not None else _default_rules(), self.signals, keep_answer_chars
+        )
+        self._answers = plan if plan.active else None
+        # answer-quality signals are measured on every response; the text is kept (for a
+        # judge) only on the responses :meth:`start` is asked to keep it for
+        self._measures_answers = bool(plan.want or plan.finish_keys)
+        self.keep_answer_chars = keep_answer_chars
 
     @property
     def inspects_body(self) -> bool:
         """True when responses' bodies are parsed (JSON paths configured)."""
-        return bool(self._paths)
+        return bool(self._paths) or self._answers is not None
 
-    def start(self, content_type: str = "", content_encoding: str = "") -> ResponseInspector:
-        """Begin inspecting one response, given its ``Content-Type`` and ``Content-Encoding``."""
+    def start(
+        self, content_type: str = "", content_encoding: str = "", *, keep_answer: bool = True
+    ) -> ResponseInspector:
+        """Begin inspecting one response, given its ``Content-Type`` and ``Content-Encoding``.
+
+        ``keep_answer=False``: this response's answer text is not wanted (no judge waits for
+        it), so without answer-quality signals its answer is not parsed at all."""
         self.responses += 1
         stream = is_event_stream(content_type)
-        if not self._paths and not (stream and self._events):
+        answers = self._answers if keep_answer or self._measures_answers else None
+        if not self._paths and not (stream and self._events) and answers is None:
             return ResponseInspector(self, stream)
         coding = _CODINGS.get(content_encoding.strip().lower())
         if coding is None:
             self.undecodable += 1  # br, zstd, stacked codings: count bytes only
             return ResponseInspector(self, stream)
         decoder = _Decoder() if coding else None
+        inspector: ResponseInspector
         if stream:
-            return _EventStreamInspector(self, decoder)
-        return _BufferedInspector(self, decoder)
+            inspector = _EventStreamInspector(self, decoder)
+        else:
+            inspector = _BufferedInspector(self, decoder)
+        if answers is not None:
+            inspector._answer = AnswerState(answers)
+        return inspector
+
+
+_RULES: list[AnswerRules] = []
+
+
+def _default_rules() -> AnswerRules:
+    """The default :class:`AnswerRules`, compiled once per process."""
+    if not _RULES:
+        _RULES.append(AnswerRules())
+    return _RULES[0]
 
 
 class ResponseInspector:
@@ -335,6 +405,7 @@ class ResponseInspector:
     """
 
     __slots__ = (
+        "_answer",
         "_ex",
         "bytes_in",
         "completion_tokens",
@@ -355,6 +426,18 @@ class ResponseInspector:
         self.prediction: object | None = None
         self.total_tokens: float | None = None  # usage.total_tokens, when extracted
         self.completion_tokens: float | None = None  # usage.completion_tokens, when extracted
+        self._answer: AnswerState | None = None  # set by the extractor when answers matter
+
+    @property
+    def answer_text(self) -> str | None:
+        """The first ``keep_answer_chars`` characters of the LLM answer's text (the chat
+        ``content`` or completion ``text`` of its first choice), or None when the response
+        carried no answer (or none is kept). Complete once :meth:`finish` ran."""
+        a = self._answer
+        keep = self._ex.keep_answer_chars
+        if a is None or not keep or not a.answered:
+            return None
+        return a.kept_text[:keep]
 
     def feed(self, chunk: bytes) -> None:
         """Observe the next body chunk (bytes the caller will not mutate)."""
@@ -413,6 +496,8 @@ class ResponseInspector:
                 self.total_tokens = json_number(values[ex._total])
             if ex._completion >= 0:
                 self.completion_tokens = json_number(values[ex._completion])
+        if self._answer is not None:
+            self._answer.finish(signals, self.stream)
         if latency is None:
             return
         if ex._tps or ex._itl:
@@ -477,10 +562,12 @@ class _BufferedInspector(ResponseInspector):
                 return None
             body = decoded
         try:
-            obj = json.loads(body)
+            obj = loads_utf8(body)
         except (ValueError, RecursionError):  # not JSON (or absurdly nested)
             ex.invalid += 1
             return None
+        if self._answer is not None:
+            self._answer.event(obj)
         return [p.resolve(obj) for p in ex._paths]
 
 
@@ -614,13 +701,22 @@ class _EventStreamInspector(ResponseInspector):
                 continue
             if obj is _MISSING:
                 try:
-                    obj = json.loads(data)
+                    obj = loads_utf8(data)
                 except (ValueError, RecursionError):
                     self._invalid = True
                     return
             v = path.resolve(obj)
             if v is not None:
                 found[i] = v
+        answer = self._answer
+        if answer is not None and (b'"choices"' in data or b'"usage"' in data):
+            if obj is _MISSING:
+                try:
+                    obj = loads_utf8(data)
+                except (ValueError, RecursionError):
+                    self._invalid = True
+                    return
+            answer.event(obj)
 
     def _values(self) -> list[object] | None:
         if self._partial and not self._drop_line:

@@ -29,9 +29,9 @@ import itertools
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -53,13 +53,21 @@ from canary.stats import DEFAULT_BATCH_SIZES
 __all__ = [
     "DEFAULT_MIN_REQUESTS",
     "MAX_SCRAPE_BYTES",
+    "Incrementable",
+    "MetricFamily",
+    "PairedWindows",
+    "PerRollout",
     "Reading",
     "ResourceScraper",
     "ResourceScrapers",
     "ScrapeMetrics",
+    "Settable",
+    "WindowMetric",
     "counter_increase",
     "read_exposition",
     "resource_metrics",
+    "run_every",
+    "window_metrics",
 ]
 
 log = logging.getLogger("canary.resources")  # the name it logged under before the move
@@ -74,15 +82,15 @@ _COUNTER_SUFFIXES = ("_sum", "_count", "_bucket")
 _T_co = TypeVar("_T_co", covariant=True)
 
 
-class _Inc(Protocol):
+class Incrementable(Protocol):
     def inc(self, amount: float = 1) -> None: ...
 
 
-class _Set(Protocol):
+class Settable(Protocol):
     def set(self, value: float) -> None: ...
 
 
-class _Family(Protocol[_T_co]):
+class MetricFamily(Protocol[_T_co]):
     def labels(self, *labelvalues: str) -> _T_co: ...
 
 
@@ -111,11 +119,13 @@ class ScrapeMetrics(Protocol):
     @property
     def counters(self) -> _ProxyCounts: ...
     @property
-    def resource_scrapes(self) -> _Family[_Inc]: ...  # labels: rollout, arm, result
+    def resource_scrapes(self) -> MetricFamily[Incrementable]: ...  # labels: rollout, arm, result
     @property
-    def resource_windows(self) -> _Family[_Inc]: ...  # labels: rollout, metric, outcome
+    def resource_windows(
+        self,
+    ) -> MetricFamily[Incrementable]: ...  # labels: rollout, metric, outcome
     @property
-    def resource_value(self) -> _Family[_Set]: ...  # labels: rollout, arm, metric
+    def resource_value(self) -> MetricFamily[Settable]: ...  # labels: rollout, arm, metric
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,23 +190,128 @@ def counter_increase(previous: float, current: float) -> float:
 
 
 @dataclass(frozen=True)
-class _Metric:
+class WindowMetric:
+    """An analysis metric on a windowed signal: its name and whether its tolerance is
+    relative (compared on ``log(c / p)``) or absolute (on ``c - p``)."""
+
     name: str
     relative: bool
+
+
+def window_metrics(
+    rollout: RolloutConfig, wanted: Callable[[str], bool]
+) -> dict[str, list[WindowMetric]]:
+    """Signal key -> the metrics on it, for the rollout's signals ``wanted`` says yes to."""
+    out: dict[str, list[WindowMetric]] = {}
+    for m in rollout.analysis.metrics:
+        key = parse_signal(m.signal).key
+        if wanted(key):
+            out.setdefault(key, []).append(WindowMetric(m.name, m.margin.relative))
+    return out
 
 
 @dataclass(frozen=True)
 class _Signal:
     query: ResourceQuery
-    metrics: tuple[_Metric, ...]
+    metrics: tuple[WindowMetric, ...]
 
-    @property
-    def needs_log(self) -> bool:
-        return any(m.relative for m in self.metrics)
 
-    @property
-    def needs_diff(self) -> bool:
-        return any(not m.relative for m in self.metrics)
+class PairedWindows:
+    """Records one rollout's complete windows of windowed signals, paired across the arms.
+
+    Shared by the resource scrapers and the promql evaluators (:mod:`canary.observe.promql`):
+    for a window with a value on both arms it records each arm's value under the signal key
+    and, on the candidate, ``log(c / p)`` (relative tolerances) and/or ``c - p`` (absolute
+    ones) under :func:`canary.signals.paired_key`, with the change since the previous
+    consecutive window and the sums of the last ``b`` consecutive windows: what the paired
+    test (:func:`canary.stats.paired_mean_test`) reads. State is bounded per signal.
+    """
+
+    def __init__(
+        self,
+        rollout: str,
+        recorder: Recorder,
+        windows: MetricFamily[Incrementable],
+        value: MetricFamily[Settable],
+    ) -> None:
+        self.rollout = rollout
+        self._recorder = recorder
+        self._windows = windows  # labels: rollout, metric, outcome
+        self._value = value  # labels: rollout, arm, metric
+        # Per paired key: the round of its last window and its latest consecutive values (the
+        # last is the previous value for the change; all of them for the batch sums), bounded.
+        self._runs: dict[str, tuple[int, deque[float]]] = {}
+
+    def dropped(self, metrics: Iterable[WindowMetric], outcome: str) -> None:
+        """Count a window that could not be recorded, by why (``outcome``)."""
+        for m in metrics:
+            self._windows.labels(self.rollout, m.name, outcome).inc()
+
+    def record(
+        self,
+        round_no: int,
+        key: str,
+        metrics: Sequence[WindowMetric],
+        values: Mapping[str, float],
+    ) -> None:
+        """Record round ``round_no``'s window of ``key`` (``values`` has both arms)."""
+        p, c = values[PRODUCTION], values[CANDIDATE]
+        rec = self._recorder
+        for arm in ARMS:
+            rec.record_value(self.rollout, arm, key, values[arm])
+            for m in metrics:
+                self._value.labels(self.rollout, arm, m.name).set(values[arm])
+        logged = False
+        if any(m.relative for m in metrics) and p > 0 and c > 0:
+            self._paired(round_no, key, True, math.log(c / p))
+            logged = True
+        if any(not m.relative for m in metrics):
+            self._paired(round_no, key, False, c - p)
+        for m in metrics:
+            ok = logged or not m.relative
+            self._windows.labels(self.rollout, m.name, "recorded" if ok else "not_positive").inc()
+
+    def _paired(self, round_no: int, key: str, relative: bool, value: float) -> None:
+        pk = paired_key(key, relative)
+        rec = self._recorder
+        rec.record_value(self.rollout, CANDIDATE, pk, value)
+        last, recent = self._runs.get(pk, (-2, deque(maxlen=DEFAULT_BATCH_SIZES[-1])))
+        if last == round_no - 1 and recent:
+            change = paired_key(key, relative, changes=True)
+            rec.record_value(self.rollout, CANDIDATE, change, value - recent[-1])
+        else:
+            recent.clear()  # a skipped window: changes and batches need consecutive windows
+        self._runs[pk] = (round_no, recent)
+        recent.append(value)
+        # Sums of the last b consecutive windows (overlapping batches): the long-run variance
+        # the paired test needs when windows are correlated beyond lag 1.
+        for b in DEFAULT_BATCH_SIZES:
+            if len(recent) >= b:
+                total = math.fsum(itertools.islice(recent, len(recent) - b, None))
+                rec.record_value(self.rollout, CANDIDATE, paired_key(key, relative, batch=b), total)
+
+
+async def run_every(every: float, tick: Callable[[], Awaitable[None]], what: str) -> None:
+    """Call ``tick`` every ``every`` seconds on a fixed schedule until cancelled.
+
+    A round that raises is logged and the schedule goes on (a bug must not end the windows
+    for good); a round that overran, or a stopped event loop, skips rounds instead of
+    bursting to catch up.
+    """
+    loop = asyncio.get_running_loop()
+    next_at = loop.time()
+    while True:
+        try:
+            await tick()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s: round failed", what)
+        next_at += every
+        now = loop.time()
+        if next_at < now:
+            next_at = now + every
+        await asyncio.sleep(next_at - now)
 
 
 def resource_metrics(rollout: RolloutConfig) -> list[str]:
@@ -254,16 +369,14 @@ class ResourceScraper:
             for arm, cfg in arms.items()
             if cfg.resources is not None
         }
-        by_signal: dict[str, list[_Metric]] = {}
-        for m in rollout.analysis.metrics:
-            key = parse_signal(m.signal).key
-            if is_resource(key):
-                by_signal.setdefault(key, []).append(_Metric(m.name, m.margin.relative))
         self.signals = tuple(
-            _Signal(ResourceQuery.parse(s), tuple(ms)) for s, ms in by_signal.items()
+            _Signal(ResourceQuery.parse(s), tuple(ms))
+            for s, ms in window_metrics(rollout, is_resource).items()
         )
-        self._recorder = recorder
         self._metrics = metrics
+        self._windows = PairedWindows(
+            self.name, recorder, metrics.resource_windows, metrics.resource_value
+        )
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self.ticks = 0
@@ -271,9 +384,6 @@ class ResourceScraper:
         # usable baseline) and the arm's request count then.
         self._prev: dict[str, dict[str, tuple[float, ...] | None]] = {a: {} for a in ARMS}
         self._prev_requests: dict[str, int | None] = {a: None for a in ARMS}
-        # Per paired key: the tick of its last window and its latest consecutive values (the
-        # last is the previous value for the change; all of them for the batch sums), bounded.
-        self._runs: dict[str, tuple[int, deque[float]]] = {}
         self._failing: set[str] = set()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -306,20 +416,7 @@ class ResourceScraper:
             await session.close()
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_at = loop.time()
-        while True:
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug here must not end resource windows for good
-                log.exception("rollout %s: resource scrape round failed", self.name)
-            next_at += self.every
-            now = loop.time()
-            if next_at < now:  # fell behind (a stopped event loop): skip, do not burst
-                next_at = now + self.every
-            await asyncio.sleep(next_at - now)
+        await run_every(self.every, self.tick, f"rollout {self.name}: resource scrape")
 
     # -- one round ----------------------------------------------------------------------------
 
@@ -396,44 +493,9 @@ class ResourceScraper:
             increase = math.fsum(counter_increase(p, c) for p, c in zip(prev, current, strict=True))
             values[arm] = increase / n
         if outcome != "recorded" or len(values) != len(ARMS):
-            for m in sig.metrics:
-                self._metrics.resource_windows.labels(self.name, m.name, outcome).inc()
+            self._windows.dropped(sig.metrics, outcome)
             return
-        p, c = values[PRODUCTION], values[CANDIDATE]
-        rec = self._recorder
-        for arm in ARMS:
-            rec.record_value(self.name, arm, key, values[arm])
-            for m in sig.metrics:
-                self._metrics.resource_value.labels(self.name, arm, m.name).set(values[arm])
-        logged = False
-        if sig.needs_log and p > 0 and c > 0:
-            self._paired(key, True, math.log(c / p))
-            logged = True
-        if sig.needs_diff:
-            self._paired(key, False, c - p)
-        for m in sig.metrics:
-            ok = logged or not m.relative
-            result = "recorded" if ok else "not_positive"
-            self._metrics.resource_windows.labels(self.name, m.name, result).inc()
-
-    def _paired(self, key: str, relative: bool, value: float) -> None:
-        pk = paired_key(key, relative)
-        rec = self._recorder
-        rec.record_value(self.name, CANDIDATE, pk, value)
-        tick, recent = self._runs.get(pk, (-2, deque(maxlen=DEFAULT_BATCH_SIZES[-1])))
-        if tick == self.ticks - 1 and recent:
-            change = paired_key(key, relative, changes=True)
-            rec.record_value(self.name, CANDIDATE, change, value - recent[-1])
-        else:
-            recent.clear()  # a skipped window: changes and batches need consecutive windows
-        self._runs[pk] = (self.ticks, recent)
-        recent.append(value)
-        # Sums of the last b consecutive windows (overlapping batches): the long-run variance
-        # the paired test needs when windows are correlated beyond lag 1.
-        for b in DEFAULT_BATCH_SIZES:
-            if len(recent) >= b:
-                total = math.fsum(itertools.islice(recent, len(recent) - b, None))
-                rec.record_value(self.name, CANDIDATE, paired_key(key, relative, batch=b), total)
+        self._windows.record(self.ticks, key, sig.metrics, values)
 
     async def _scrape(self, url: str) -> dict[str, Reading | None] | _Failed:
         session = self._session
@@ -478,7 +540,61 @@ def _spec(rollout: RolloutConfig) -> object:
     )
 
 
-class ResourceScrapers:
+class _Background(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+_B = TypeVar("_B", bound=_Background)
+
+
+class PerRollout(Generic[_B]):
+    """One background task object per rollout that needs one, kept in step with the config.
+
+    :meth:`apply` starts what a new config wants, restarts what changed (``spec`` differs)
+    and stops what it no longer wants; :meth:`close` stops everything. The runtime calls
+    both on the leader only. Subclasses say which rollouts need a task and what it is.
+    """
+
+    def __init__(self, factory: Callable[[RolloutConfig], _B]) -> None:
+        self._factory = factory
+        self.tasks: dict[str, _B] = {}
+        self._specs: dict[str, object] = {}
+
+    def wanted(self, rollout: RolloutConfig) -> bool:
+        raise NotImplementedError
+
+    def spec(self, rollout: RolloutConfig) -> object:
+        """What a task depends on: a change of any of it restarts the task."""
+        raise NotImplementedError
+
+    def started(self, name: str, task: _B) -> None:
+        """Log that ``task`` was started for rollout ``name``."""
+
+    async def apply(self, config: Config) -> None:
+        wanted = {r.name: r for r in config.rollouts if self.wanted(r)}
+        for name in list(self.tasks):
+            r = wanted.get(name)
+            if r is None or self.spec(r) != self._specs[name]:
+                await self.tasks.pop(name).stop()
+                del self._specs[name]
+        for name, r in wanted.items():
+            if name in self.tasks:
+                continue
+            task = self._factory(r)
+            await task.start()
+            self.tasks[name] = task
+            self._specs[name] = self.spec(r)
+            self.started(name, task)
+
+    async def close(self) -> None:
+        for task in self.tasks.values():
+            await task.stop()
+        self.tasks.clear()
+        self._specs.clear()
+
+
+class ResourceScrapers(PerRollout[ResourceScraper]):
     """The scrapers of every rollout that has resource metrics (owned by the runtime)."""
 
     def __init__(
@@ -488,36 +604,22 @@ class ResourceScrapers:
         *,
         factory: Callable[[RolloutConfig], ResourceScraper] | None = None,
     ) -> None:
-        self._recorder = recorder
-        self._metrics = metrics
-        self._factory = factory or (lambda r: ResourceScraper(r, recorder, metrics))
-        self.scrapers: dict[str, ResourceScraper] = {}
-        self._specs: dict[str, object] = {}
+        super().__init__(factory or (lambda r: ResourceScraper(r, recorder, metrics)))
 
-    async def apply(self, config: Config) -> None:
-        """Start, restart (changed endpoints, resources or metrics) and stop scrapers."""
-        wanted = {r.name: r for r in config.rollouts if resource_metrics(r)}
-        for name in list(self.scrapers):
-            r = wanted.get(name)
-            if r is None or _spec(r) != self._specs[name]:
-                await self.scrapers.pop(name).stop()
-                del self._specs[name]
-        for name, r in wanted.items():
-            if name in self.scrapers:
-                continue
-            scraper = self._factory(r)
-            await scraper.start()
-            self.scrapers[name] = scraper
-            self._specs[name] = _spec(r)
-            log.info(
-                "rollout %s: scraping resources every %gs: %s",
-                name,
-                scraper.every,
-                ", ".join(s.query.signal for s in scraper.signals),
-            )
+    @property
+    def scrapers(self) -> dict[str, ResourceScraper]:
+        return self.tasks
 
-    async def close(self) -> None:
-        for scraper in self.scrapers.values():
-            await scraper.stop()
-        self.scrapers.clear()
-        self._specs.clear()
+    def wanted(self, rollout: RolloutConfig) -> bool:
+        return bool(resource_metrics(rollout))
+
+    def spec(self, rollout: RolloutConfig) -> object:
+        return _spec(rollout)
+
+    def started(self, name: str, task: ResourceScraper) -> None:
+        log.info(
+            "rollout %s: scraping resources every %gs: %s",
+            name,
+            task.every,
+            ", ".join(s.query.signal for s in task.signals),
+        )

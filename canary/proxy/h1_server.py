@@ -24,6 +24,12 @@ one write, and still does what the proxy port needs:
   :func:`_check_head` refuses (a coding before a final ``chunked``, a second
   Transfer-Encoding or Host field, Transfer-Encoding in HTTP/1.0, no Host, HTTP/0.9 and 2.0
   request lines);
+* HTTP/2 is not spoken here (docs/protocols.md): a prior-knowledge h2c or gRPC client's
+  connection preface (``PRI * HTTP/2.0``) gets 505 as soon as its request line is read, which
+  gRPC reports as "Trying to connect an http1.x server (HTTP status 505)"; a request asking
+  for an upgrade (``Upgrade: h2c`` or ``websocket``) is served as plain HTTP/1.1 without it,
+  its body included (Java's HttpClient and ``curl --http2`` send ``POST`` with a body and
+  ``Upgrade: h2c``), and the connection is closed after the answer;
 * a graceful stop: no new connections, idle ones closed, in-flight requests finish.
 
 Nothing here knows about rollouts: the handler (``Proxy.handle``) gets the request and must
@@ -71,6 +77,7 @@ NO_BODY_STATUSES = frozenset({204, 304})  # never a body (RFC 9110 sections 15.3
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LINGER = 2.0  # seconds an unread request body is read and dropped after the answer
 _MAX_PIPELINED = 16  # requests waiting behind the one being answered before reading pauses
+_NO_H2 = "HTTP/2 (h2c prior knowledge, gRPC) is not supported on this port: use HTTP/1.1"
 
 
 def _reason(status: int) -> str:
@@ -536,6 +543,8 @@ class HttpServerProtocol(asyncio.Protocol):
         self._lingering = False
         self._head_limit = 4 * self._limits.max_header_size
         self._period = min(self._limits.client_timeout, self._limits.keepalive_timeout)
+        # the framing of the body of a request that asked for an upgrade (httptools skips it)
+        self._upgrade_framing: bytes | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -565,11 +574,14 @@ class HttpServerProtocol(asyncio.Protocol):
             return
         self._began = False
         try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # An Upgrade (WebSocket, h2c) or CONNECT: answered as a plain request, without
-            # the upgrade (hop-by-hop), and nothing after it is read.
-            self.closing = True
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as upgrade:
+                # An Upgrade (WebSocket, h2c) or CONNECT: answered as a plain request, without
+                # the upgrade (hop-by-hop), and nothing after it is read.
+                self.closing = True
+                if self._upgrade_framing is not None:
+                    self._read_upgrade_body(data[upgrade.args[0] :])
         except httptools.HttpParserError as exc:
             cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else exc
             if self.closing and self._parsing is None and not self._in_head:
@@ -581,6 +593,8 @@ class HttpServerProtocol(asyncio.Protocol):
                 self._reject(431, self._too_large())
             elif isinstance(cause, _Refused):
                 self._reject(cause.status, str(cause))
+            elif self._h2_preface():
+                self._reject(505, _NO_H2)  # llhttp: "Pause on PRI/Upgrade"
             else:
                 self._reject(self._parse_error_status(cause), f"malformed request: {cause}")
             # a request whose head was complete is still answered (its body has failed)
@@ -589,6 +603,10 @@ class HttpServerProtocol(asyncio.Protocol):
             self._head_chunks += len(data)
             if self._head_chunks > self._head_limit:
                 self._reject(431, self._too_large())
+        if self._in_head and not self.closing and self._h2_preface():
+            # answered at once: llhttp waits for the rest of the preface (and an h2 client
+            # may wait for the server's SETTINGS first), which would take client_timeout
+            self._reject(505, _NO_H2)
         if self._start_pending:
             self._start_pending = False
             self._start_next()
@@ -687,9 +705,12 @@ class HttpServerProtocol(asyncio.Protocol):
             length = int(cl)  # llhttp has checked it is a number
         # Transfer-Encoding is exactly "chunked" (checked above; llhttp frames the body by it)
         chunked = "transfer-encoding" in first
-        if parser.should_upgrade() and (chunked or length):
-            # httptools stops at an upgrade's head: its body would be lost
-            raise httptools.HttpParserError("a request body with Upgrade is not supported")
+        framing = None  # of the body of a request that asks for an upgrade
+        if parser.should_upgrade():
+            if chunked:
+                framing = b"Transfer-Encoding: chunked"
+            elif length:
+                framing = b"Content-Length: %d" % length
         req = HttpRequest(
             self,
             method,
@@ -704,6 +725,10 @@ class HttpServerProtocol(asyncio.Protocol):
             req.host = authority  # RFC 9112 section 3.2.2: the target's authority wins
         if self.closing:
             return  # after a "Connection: close" or while stopping, nothing more is served
+        if framing is not None:
+            # httptools skips the body of a request that asks for an upgrade and stops after
+            # its head: the body is read by a second parser (_read_upgrade_body)
+            self._upgrade_framing = framing
         self._parsing = req
         if self._current is None:
             self._current = req
@@ -719,6 +744,8 @@ class HttpServerProtocol(asyncio.Protocol):
             req._feed(body)
 
     def on_message_complete(self) -> None:
+        if self._upgrade_framing is not None:
+            return  # the body httptools skipped is still to come (_read_upgrade_body)
         req = self._parsing
         self._parsing = None
         if req is None:
@@ -730,6 +757,25 @@ class HttpServerProtocol(asyncio.Protocol):
         if not req.keep_alive:
             self.closing = True  # a request that asked for close is the last one read
             self.pause_body()
+
+    def _h2_preface(self) -> bool:
+        """The request line read so far is HTTP/2's connection preface (``PRI * HTTP/2.0``,
+        RFC 9113 section 3.4; PRI is reserved for it): a prior-knowledge h2c or gRPC client."""
+        return self._in_head and bool(self._url) and self._parser.get_method() == b"PRI"
+
+    def _read_upgrade_body(self, rest: bytes) -> None:
+        """Read the body of the request that asked for an upgrade with a fresh parser, primed
+        with a head of the same framing; llhttp checks the body as strictly as any other.
+        Nothing after the body is read (the connection closes after the answer)."""
+        framing = self._upgrade_framing
+        assert framing is not None
+        self._upgrade_framing = None
+        self._parser = httptools.HttpRequestParser(_UpgradeBody(self))
+        counted = self._head_size  # the primed head's fields are not the client's
+        self._parser.feed_data(b"POST / HTTP/1.1\r\nHost: b\r\n" + framing + b"\r\n\r\n")
+        self._head_size = counted
+        if rest:
+            self._parser.feed_data(rest)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -907,6 +953,18 @@ class HttpServerProtocol(asyncio.Protocol):
             self._reject(408, "the request head was not received in time")
         elif self.idle():
             self.close()  # idle keep-alive connection
+
+
+class _UpgradeBody:
+    """The callbacks of :meth:`HttpServerProtocol._read_upgrade_body`'s parser: the body and
+    its trailer go to the connection as for any request; the primed head is not reported."""
+
+    __slots__ = ("on_body", "on_header", "on_message_complete")
+
+    def __init__(self, conn: HttpServerProtocol) -> None:
+        self.on_body = conn.on_body
+        self.on_header = conn.on_header
+        self.on_message_complete = conn.on_message_complete
 
 
 class _HeadTooLarge(ClientError):

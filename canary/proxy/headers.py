@@ -17,6 +17,10 @@ __all__ = [
 HOP_BY_HOP = frozenset(
     {
         "connection",
+        # h2c upgrade's settings: for one hop only even when Connection does not list it
+        # (RFC 9113 section 3.1 deprecates the upgrade; RFC 7540 section 3.2.1). nginx
+        # forwards it; stricter here.
+        "http2-settings",
         "keep-alive",
         "proxy-authenticate",
         "proxy-authorization",

@@ -11,13 +11,15 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
-from typing import Protocol
+from typing import Final, Protocol
 
 from canary.config import MatchConfig, RolloutConfig
 from canary.observe.record import CLUSTERS, NO_CLUSTER, Weights
+from canary.proxy.openai import is_model_path
 from canary.signals import ARMS, CANDIDATE, PRODUCTION
 
 __all__ = [
+    "NEEDS_MODEL",
     "ArmChooser",
     "Choice",
     "HeaderLookup",
@@ -136,18 +138,54 @@ def _hostname(host: str) -> str:
     return (name if sep and port.isdigit() else host).lower()
 
 
-class RouteTable:
-    """Find the rollout that owns a request: host-specific rules first, then longest prefix."""
+class _NeedsModel:
+    """What :meth:`RouteTable.lookup` returns when the body's ``model`` decides the rollout."""
 
-    __slots__ = ("_entries",)
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEEDS_MODEL"
+
+
+NEEDS_MODEL: Final = _NeedsModel()
+
+
+class RouteTable:
+    """Find the rollout that owns a request: host-specific rules first, then model-specific
+    ones (on the OpenAI model-routed paths only), then longest prefix."""
+
+    __slots__ = ("_entries", "_models")
 
     def __init__(self, rollouts: list[tuple[MatchConfig, str]]) -> None:
-        self._entries = sorted(rollouts, key=lambda e: (e[0].host is None, -len(e[0].path_prefix)))
+        self._entries = sorted(
+            ((m, name, frozenset(m.model or ())) for m, name in rollouts),
+            key=lambda e: (e[0].host is None, e[0].model is None, -len(e[0].path_prefix)),
+        )
+        self._models = any(m.model for m, _ in rollouts)  # any rule that needs the body
 
-    def lookup(self, host: str | None, path: str) -> str | None:
+    def lookup(self, host: str | None, path: str) -> str | _NeedsModel | None:
+        """The rollout owning the request, or :data:`NEEDS_MODEL` when a model rule covers
+        it (then :meth:`lookup_model` decides once the body's model is known)."""
         h = _hostname(host) if host else None
-        for match, name in self._entries:
+        model_path = self._models and is_model_path(path)
+        for match, name, models in self._entries:
             if match.host is not None and match.host != h:
+                continue
+            if models and not model_path:
+                continue  # a model rule owns the model-routed paths only
+            if match.covers(path):
+                return NEEDS_MODEL if models else name
+        return None
+
+    def lookup_model(self, host: str | None, path: str, model: str | None) -> str | None:
+        """The rollout owning a model-routed request whose body names ``model``: the first
+        rule serving that name, else the first model-less rule covering it, else None
+        (``model`` None: the body names none, only a model-less rule can take it)."""
+        h = _hostname(host) if host else None
+        for match, name, models in self._entries:
+            if match.host is not None and match.host != h:
+                continue
+            if models and model not in models:
                 continue
             if match.covers(path):
                 return name

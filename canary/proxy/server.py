@@ -28,11 +28,21 @@ from canary.observe import (
     ResponseInspector,
     Weights,
 )
+from canary.observe.answers import AnswerRules
 from canary.observe.feedback import FeedbackStore, record_ripe, same_json, store_for
 from canary.observe.inputs import InputMonitor
+from canary.observe.judge import NO_ANSWER, Judge, make_client, retire
 from canary.proxy.h1_server import NO_BODY_STATUSES, BadRequestBody, HttpRequest
 from canary.proxy.headers import downstream_headers, request_id, upstream_headers
-from canary.proxy.routing import ArmChooser, RouteTable
+from canary.proxy.openai import (
+    ModelError,
+    ModelField,
+    is_model_path,
+    model_json,
+)
+from canary.proxy.openai import resolve as resolve_model
+from canary.proxy.openai import respond as respond_model_error
+from canary.proxy.routing import NEEDS_MODEL, ArmChooser, RouteTable
 from canary.proxy.upstream import (
     IDEMPOTENT_METHODS,
     RequestBodyTooLarge,
@@ -47,6 +57,7 @@ from canary.signals import (
     AGREEMENT,
     ARMS,
     CANDIDATE,
+    JUDGE,
     NO_ANSWER_CLASS,
     PRODUCTION,
     status_class_labels,
@@ -141,6 +152,7 @@ class _Exchange:
         "analysed",
         "arm",
         "cluster",
+        "model",
         "propensity",
         "rid",
         "route",
@@ -159,6 +171,7 @@ class _Exchange:
         sent: int,
         analysed: bool,
         shadow: bool = False,
+        model: ModelField | None = None,
     ) -> None:
         self.route = route
         self.arm = arm
@@ -169,6 +182,7 @@ class _Exchange:
         self.analysed = analysed  # a randomised assignment (not forced, not a failover)
         self.shadow = shadow  # a mirrored copy whose answer nobody sees
         self.started = 0.0  # clock reading when this attempt was sent
+        self.model = model  # the body's OpenAI `model` span, when each arm gets its own name
 
 
 class RolloutRoute:
@@ -187,9 +201,12 @@ class RolloutRoute:
         "hosts",
         "inputs",
         "is_error_status",
+        "judge",
+        "model_json",
         "name",
         "pools",
         "rate",
+        "rewrites_model",
         "timeouts",
         "weights",
     )
@@ -208,6 +225,12 @@ class RolloutRoute:
         self.chooser = ArmChooser(rollout)
         arms = {PRODUCTION: rollout.production, CANDIDATE: rollout.candidate}
         self.pools = {arm: UpstreamPool(cfg.endpoints) for arm, cfg in arms.items()}
+        # Each arm's served model name as the JSON string spliced into OpenAI request bodies
+        self.model_json = {
+            arm: model_json(cfg.model) if cfg.model is not None else None
+            for arm, cfg in arms.items()
+        }
+        self.rewrites_model = any(v is not None for v in self.model_json.values())
         self.hosts = {
             arm: tuple(urlsplit(u).netloc for u in cfg.endpoints) for arm, cfg in arms.items()
         }
@@ -217,6 +240,9 @@ class RolloutRoute:
             cost_tokens=any(
                 cfg.cost is not None and cfg.cost.per_1k_tokens > 0 for cfg in arms.values()
             ),
+            answers=AnswerRules.from_config(rollout.answers),
+            # The judge reads both arms' answer texts (canary/observe/judge.py).
+            keep_answer_chars=rollout.judge.max_answer_chars if rollout.judge is not None else 0,
         )
         self.cost_is_signal = "cost" in rollout.signals()
         self.rate = RateEstimator()
@@ -258,6 +284,8 @@ class RolloutRoute:
         self.feedback: FeedbackStore | None = store_for(
             rollout, previous.feedback if previous is not None else None
         )
+        # Pairwise judging of mirrored pairs; set by Proxy.apply_config (it has the recorder).
+        self.judge: Judge | None = None
 
 
 class Proxy:
@@ -305,8 +333,13 @@ class Proxy:
                 config.proxy,
                 monitors.get(r.name),
             )
+            routes[r.name].judge = self._judge_for(r, self.routes.get(r.name))
             self._export_weights(r.name, w)
         self._proxy_cfg = config.proxy
+        kept = {id(route.judge) for route in routes.values() if route.judge is not None}
+        for route in self.routes.values():
+            if route.judge is not None and id(route.judge) not in kept:
+                retire(route.judge)  # its calls in flight are cancelled, its pairs dropped
         self.routes = routes
         self._metrics.inputs = monitors
         self._table = RouteTable([(r.match, r.name) for r in config.rollouts])
@@ -315,6 +348,36 @@ class Proxy:
                 self._ripening = asyncio.get_running_loop().create_task(
                     self._record_ripe_labels(), name="feedback-maturity"
                 )
+
+    def _judge_for(self, rollout: RolloutConfig, old: RolloutRoute | None) -> Judge | None:
+        """The rollout's judge: the running one when its ``judge`` section is unchanged."""
+        cfg = rollout.judge
+        if cfg is None:
+            return None
+        if (
+            old is not None
+            and old.judge is not None
+            and old.judge.config == cfg
+            # new arms (endpoints, model names) start a new rollout: pairs in flight are not
+            # its answers
+            and old.config.production == rollout.production
+            and old.config.candidate == rollout.candidate
+        ):
+            return old.judge
+        name, record = rollout.name, self._recorder.record_value
+
+        def verdict(value: float, cluster: int) -> None:
+            # Both arms answered the judged request: the verdict is the candidate's value,
+            # with propensity 1 (a shadow pair), in the request's user cluster.
+            record(name, CANDIDATE, JUDGE, value, 1.0, cluster)
+
+        return Judge(
+            cfg,
+            make_client(cfg),
+            verdict,
+            self._counters.rollout(name).judge,
+            max_age=2.0 * rollout.routing.timeout + 10.0,  # longer than any upstream attempt
+        )
 
     async def _record_ripe_labels(self) -> None:
         """Record the labels of answers that matured (``feedback.count_at: maturity``) once
@@ -354,11 +417,17 @@ class Proxy:
         if route is None:
             return None
         match = route.config.match
-        return {
-            "match": {"path_prefix": match.path_prefix, "host": match.host},
+        shown: dict[str, Any] = {"path_prefix": match.path_prefix, "host": match.host}
+        if match.model:
+            shown["model"] = match.model
+        out: dict[str, Any] = {
+            "match": shown,
             "endpoints": {arm: list(route.pools[arm].endpoints) for arm in ARMS},
             "healthy_endpoints": {arm: route.pools[arm].healthy_count() for arm in ARMS},
         }
+        if route.judge is not None:  # pairwise judging: counts by result, calls in flight
+            out["judge"] = route.judge.status()
+        return out
 
     def input_health(self, rollout: str) -> dict[str, Any] | None:
         """``rollout``'s input-health report as JSON (per-field summaries, drift checks);
@@ -386,18 +455,44 @@ class Proxy:
             task.cancel()
         if self._mirrors:
             await asyncio.gather(*self._mirrors, return_exceptions=True)
+        for route in self.routes.values():
+            if route.judge is not None:
+                await route.judge.close()
 
     # -- the hot path -------------------------------------------------------------------------
 
     async def handle(self, request: HttpRequest) -> None:
         """Answer one request of the proxy port (:mod:`canary.proxy.h1_server` calls this)."""
         rid = request_id(request.headers.get("X-Request-Id"))
-        route_name = self._table.lookup(request.host, request.path)
+        path = request.path
+        # One config for the whole request: a reload while its body is read (OpenAI routing
+        # awaits it below) must not leave it a rollout name the new config lacks.
+        routes, table = self.routes, self._table
+        found = table.lookup(request.host, path)
+        route_name = found if isinstance(found, str) else None
+        cfg = self._proxy_cfg
+        model: ModelField | None = None
+        buffered: bytes | None = None
+        if found is NEEDS_MODEL or (
+            route_name is not None and routes[route_name].rewrites_model and is_model_path(path)
+        ):
+            # OpenAI routing: the body's `model` picks the rollout or is rewritten per arm
+            try:
+                route_name, buffered, model = await resolve_model(
+                    request,
+                    path,
+                    route_name,
+                    table,
+                    lambda name: routes[name].rewrites_model,
+                    (cfg.replay_buffer, cfg.max_body_size, cfg.client_timeout),
+                )
+            except ModelError as exc:
+                self._counters.reject(exc.reason)
+                return respond_model_error(request, exc, rid)
         if route_name is None:
             self._counters.reject("no_route")
             return request.respond_error(404, "no rollout matches this request", rid)
-        route = self.routes[route_name]
-        cfg = self._proxy_cfg
+        route = routes[route_name]
 
         length = request.content_length
         if length is not None and length > cfg.max_body_size:
@@ -406,7 +501,11 @@ class Proxy:
             return request.respond_error(413, msg, rid)
         body: bytes | _BodyStream | None
         replayable = True
-        if not request.body_exists:
+        if buffered is not None:
+            body = buffered or None  # read whole above, within replay_buffer
+            if not route.rewrites_model:
+                model = None  # routed by it (or the rollout has no model): forwarded as is
+        elif not request.body_exists:
             body = None
         elif length is not None and length <= cfg.replay_buffer:
             try:
@@ -434,7 +533,14 @@ class Proxy:
 
         choice = route.chooser.choose(request.headers, route.weights)
         ex = _Exchange(
-            route, choice.arm, choice.propensity, rid, choice.cluster, sent, not choice.forced
+            route,
+            choice.arm,
+            choice.propensity,
+            rid,
+            choice.cluster,
+            sent,
+            not choice.forced,
+            model=model,
         )
         counters = self._counters
         counters.inflight += 1
@@ -456,7 +562,18 @@ class Proxy:
             route.counters.arms[ex.arm].forced += 1
         try:
             if mirror:
-                self._start_mirror(request, ex, body if replayable else _NOT_REPLAYABLE)
+                if ex.model is not None:  # the copy carries the candidate's model name
+                    body_c: object = ex.model.with_model(route.model_json[CANDIDATE])
+                else:
+                    body_c = body if replayable else _NOT_REPLAYABLE
+                self._start_mirror(request, ex, body_c)
+            elif (
+                route.judge is not None
+                and ex.analysed
+                and ex.propensity < 1.0  # a weighted step: not after a rollback or promotion
+                and route.judge.wants_live()
+            ):
+                self._start_twin(request, ex, body if replayable else _NOT_REPLAYABLE)
             ex.started = started = self._clock()
             if route.costs:  # only the amortised per-hour price needs the request rate
                 route.rate.tick(started)
@@ -507,6 +624,8 @@ class Proxy:
     ) -> tuple[UpstreamResponse | None, UpstreamError | ClientError | None]:
         route, arm = ex.route, ex.arm
         pool = route.pools[arm]
+        if ex.model is not None:  # this arm's model name (a failover: production's)
+            body = ex.model.with_model(route.model_json[arm])
         attempts = len(pool.endpoints) if isinstance(body, bytes | None) else 1
         err: UpstreamError | None = None
         client_headers = request.headers.items()
@@ -547,6 +666,8 @@ class Proxy:
         headers, length = downstream_headers(tuple(resp.headers.items()), rid=rid, arm=arm)
         content_type = resp.headers.get("Content-Type", "")
         encoding = resp.headers.get("Content-Encoding", "")
+        judge = route.judge
+        keep = judge is not None and ex in judge.pending  # a judged pair waits for its text
         if (
             length is not None
             and length <= _SMALL_BODY
@@ -568,12 +689,12 @@ class Proxy:
             latency = clock() - ex.started
             # The answer first: the client does not wait for the bookkeeping below.
             request.respond(resp.status, resp.reason, headers, data)
-            inspector = route.extractor.start(content_type, encoding)
+            inspector = route.extractor.start(content_type, encoding, keep_answer=keep)
             inspector.feed(data)
             failed = "status" if route.is_error_status(resp.status) else None
             self._record(ex, resp.status, failed, latency, latency, len(data), inspector, resp)
             return
-        inspector = route.extractor.start(content_type, encoding)
+        inspector = route.extractor.start(content_type, encoding, keep_answer=keep)
         ttft: float | None = None
         received = 0
         error: str | None = None
@@ -665,6 +786,11 @@ class Proxy:
                             self._agreement(route, prediction, pair[2], ex.cluster)
                     elif ex.shadow and route.config.prediction is not None:
                         bump(route.counters.shadow, "not_compared")  # a failed mirror
+                judge = route.judge
+                if judge is not None and judge.pending:  # O(1): one answer of a judged pair
+                    usable = error is None and inspector is not None
+                    text = inspector.answer_text if usable and inspector else None
+                    judge.answer(ex, text, failed=error is not None)
             except Exception:
                 # Never fail the user's request for side bookkeeping, and never let it count
                 # this request a second time as "lost" (the observation is recorded).
@@ -708,6 +834,8 @@ class Proxy:
         self._mirror_inflight += 1
         # The copy is measured as the candidate's answer with probability 1, never shown.
         mirror = _Exchange(route, CANDIDATE, 1.0, ex.rid, ex.cluster, ex.sent, True, True)
+        if route.judge is not None:  # O(1): sample the pair, await its two answers
+            route.judge.open(ex, mirror, body or b"", ex.cluster)
         headers = tuple(request.headers.items())
         task = asyncio.get_running_loop().create_task(
             self._mirror(
@@ -722,6 +850,86 @@ class Proxy:
         )
         self._mirrors.add(task)
         task.add_done_callback(self._mirror_done)
+
+    def _start_twin(self, request: HttpRequest, ex: _Exchange, body: object) -> None:
+        """Send a live request sampled by ``judge.live_share`` to the other arm too: the
+        twin's answer is for the judge only (never recorded, never shown)."""
+        route = ex.route
+        judge = route.judge
+        assert judge is not None
+        if body is _NOT_REPLAYABLE or self._mirror_inflight >= self._proxy_cfg.mirror_concurrency:
+            judge.count(NO_ANSWER)  # the pair cannot be made
+            return
+        assert body is None or isinstance(body, bytes)
+        other = CANDIDATE if ex.arm == PRODUCTION else PRODUCTION
+        sent = body
+        if ex.model is not None:  # the twin carries the other arm's model name
+            sent = ex.model.with_model(route.model_json[other])
+        twin = _Exchange(route, other, 1.0, ex.rid, ex.cluster, ex.sent, False, True)
+        keys = (ex, twin) if other == CANDIDATE else (twin, ex)
+        judge.open(*keys, body or b"", ex.cluster, sampled=True)
+        self._mirror_inflight += 1
+        task = asyncio.get_running_loop().create_task(
+            self._twin(
+                twin,
+                request.method,
+                request.raw_path,
+                tuple(request.headers.items()),
+                request.remote,
+                request.scheme,
+                sent,
+            )
+        )
+        self._mirrors.add(task)
+        task.add_done_callback(self._mirror_done)
+
+    async def _twin(
+        self,
+        ex: _Exchange,
+        method: str,
+        raw_path: str,
+        client_headers: tuple[tuple[str, str], ...],
+        remote: str | None,
+        scheme: str,
+        body: bytes | None,
+    ) -> None:
+        """The other arm's answer to a judged live request. Not an observation: it is no
+        randomised assignment and no user saw it; it is not in canary_requests either."""
+        route, judge = ex.route, ex.route.judge
+        pool = route.pools[ex.arm]
+        i = pool.pick()
+        headers = upstream_headers(
+            client_headers,
+            upstream_host=route.hosts[ex.arm][i],
+            client_ip=remote,
+            scheme=scheme,
+            rid=ex.rid,
+        )
+        text: str | None = None
+        failed = True
+        try:
+            resp = await self._transport.send(
+                method, pool.endpoints[i] + raw_path, headers, body, route.timeouts
+            )
+        except UpstreamError:
+            resp = None
+        if resp is not None:
+            inspector = route.extractor.start(
+                resp.headers.get("Content-Type", ""), resp.headers.get("Content-Encoding", "")
+            )
+            ok = not route.is_error_status(resp.status)
+            try:
+                async for chunk in resp.chunks():
+                    inspector.feed(chunk)
+            except UpstreamError:
+                ok = False
+            finally:
+                resp.close()
+            if ok:
+                inspector.finish(resp.headers)
+                text, failed = inspector.answer_text, False
+        if judge is not None:
+            judge.answer(ex, text, failed=failed)
 
     def _mirror_done(self, task: asyncio.Task[None]) -> None:
         self._mirrors.discard(task)
@@ -770,8 +978,11 @@ class Proxy:
             bump(route.counters.shadow, "failed")
         else:
             status = resp.status
+            judge = route.judge
             inspector = route.extractor.start(
-                resp.headers.get("Content-Type", ""), resp.headers.get("Content-Encoding", "")
+                resp.headers.get("Content-Type", ""),
+                resp.headers.get("Content-Encoding", ""),
+                keep_answer=judge is not None and ex in judge.pending,
             )
             try:
                 async for chunk in resp.chunks():

@@ -14,6 +14,7 @@ wanted: the probability that a verdict is ever wrong is at most the test's ``alp
   Malek) and :func:`rate_test` (per-arm beta mixtures) are the i.i.d. forms.
 - :func:`srm_test`: sample-ratio mismatch from routed vs answered counts.
 - :func:`paired_mean_test`: per-window paired values of both arms (resource signals).
+- :func:`win_rate_test`: a judge's verdicts on pairs of answers, win rate against 50%.
 - :func:`shift_checks`: drift of request inputs from their baseline (input health), from
   :func:`mean_shift_cs` and :func:`proportion_shift_cs`.
 - :func:`split_alpha`, :func:`rollback_verdict`, :func:`promotion_verdict`,
@@ -66,6 +67,7 @@ from canary.stats._types import (
     classify,
     verdict_codes,
 )
+from canary.stats._winrate import win_rate_interval, win_rate_test
 
 __all__ = [
     "DEFAULT_BATCH_SIZES",
@@ -115,4 +117,6 @@ __all__ = [
     "stratified_quantile_test",
     "variance_floor",
     "verdict_codes",
+    "win_rate_interval",
+    "win_rate_test",
 ]

@@ -23,6 +23,7 @@
     promote: (n) => `Promote ${n}: send 100% of the traffic to the candidate now?`,
     rollback: (n) => `Roll back ${n}: send 100% of the traffic to production now?`,
     retry: (n) => `Retry ${n}: start again from step 1 with the same candidate?`,
+    approve: (n) => `Approve ${n}: open the gate its next step or promotion waits at?`,
   };
   const ENABLED = {
     pause: (p) => p === "running" || p === "holding",
@@ -31,6 +32,7 @@
     promote: (p) => !terminal(p),
     rollback: (p) => p !== "rolled_back",
     retry: (p) => p === "rolled_back",
+    approve: (p, d) => !terminal(p) && !!(d.gate && d.gate.waiting), // a transition waits at a gate
   };
   const PHASE_ICON = {
     running: "\u25B6", paused: "\u23F8", holding: "\u23F8", promoted: "\u2713", rolled_back: "\u21A9",
@@ -447,7 +449,7 @@
     renderProgress(v, d);
     for (const b of v.actions.querySelectorAll("button[data-action]")) {
       const ok = ENABLED[b.dataset.action];
-      b.disabled = ok ? !ok(d.phase) : false;
+      b.disabled = ok ? !ok(d.phase, d) : false;
     }
     const pts = seriesOf(d.name).points;
     renderWeights(v, d, pts);
