@@ -44,6 +44,8 @@ __all__ = [
 
 log = logging.getLogger("canary.webhooks")
 
+GATE_CONNECTIONS = 16  # gate questions in flight at once, over every rollout
+
 WebhookResult = Literal["delivered", "failed", "dropped"]
 SIGNATURE_HEADER = "X-Canary-Signature"
 TIMESTAMP_HEADER = "X-Canary-Timestamp"
@@ -181,6 +183,9 @@ class WebhookSender:
         self._queue: asyncio.Queue[_Delivery] = asyncio.Queue(maxsize=queue_size)
         self._workers: list[asyncio.Task[None]] = []
         self._client: httpx.AsyncClient | None = None
+        # Gates have their own connections: notifications queued for slow or dead hooks
+        # (and their retries) must not make a gate's question wait for a connection.
+        self._gate_client: httpx.AsyncClient | None = None
         self._closed = False
         self._pending = 0  # queued or in flight: fired and not yet reported
 
@@ -195,6 +200,11 @@ class WebhookSender:
             limits=httpx.Limits(
                 max_connections=self.concurrency, max_keepalive_connections=self.concurrency
             ),
+            follow_redirects=False,
+        )
+        self._gate_client = httpx.AsyncClient(
+            headers={"User-Agent": f"canary/{__version__}"},
+            limits=httpx.Limits(max_connections=GATE_CONNECTIONS, max_keepalive_connections=4),
             follow_redirects=False,
         )
         self._workers = [
@@ -233,6 +243,9 @@ class WebhookSender:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+        if self._gate_client is not None:
+            await self._gate_client.aclose()
+            self._gate_client = None
 
     def fire(
         self,
@@ -308,7 +321,7 @@ class WebhookSender:
         """Ask gate ``hook`` once whether ``event`` (``confirm-advance``, ``confirm-promotion``)
         may happen: POST ``{"rollout", "event", "at", **payload}``, signed like every delivery;
         a 2xx within ``hook.timeout`` opens it. Never raises for what the gate does."""
-        client = self._client
+        client = self._gate_client
         if client is None or self._closed:
             return GateAnswer(False, "the webhook client is not running", "error")
         return await _ask(client, rollout, event, hook, payload)

@@ -824,3 +824,31 @@ rollouts:
     advance = g.check(cfg, state, Action.ADVANCE, {}, 2.0)
     assert advance is not None and advance.open and advance.approved
     assert gates.gate_event(cfg, state) == "confirm-advance"
+
+
+async def test_a_gate_is_asked_while_notifications_hang_on_every_connection() -> None:
+    """Notifications to a hook that never answers hold every connection of the sender's
+    pool (and are retried); a gate's question has its own connections and is answered."""
+
+    async def hang(request: web.Request, n: int) -> web.StreamResponse:
+        await request.app[RELEASE].wait()
+        return web.Response(status=200)
+
+    async def yes(request: web.Request, n: int) -> web.StreamResponse:
+        return web.Response(status=200, text="go")
+
+    async with gate_server(hang) as dead, gate_server(yes) as gate:
+        notify = WebhookConfig.model_validate({"on": ["advance"], "url": dead.url, "timeout": 30})
+        hook = WebhookConfig.model_validate({"on": ["confirm-advance"], "url": gate.url})
+        sender = WebhookSender(concurrency=2)
+        await sender.start()
+        try:
+            assert sender.fire("m", "advance", [notify, notify, notify], {}) == 3
+            async with asyncio.timeout(5):
+                while len(dead.asked) < 2:  # both connections of the pool are held
+                    await asyncio.sleep(0.01)
+            answer = await sender.ask("m", "confirm-advance", hook, {})
+        finally:
+            await sender.close(timeout=0.1)
+    assert answer.open, answer.reason
+    assert len(gate.asked) == 1
