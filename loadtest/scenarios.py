@@ -318,7 +318,7 @@ SCENARIOS: dict[str, Scenario] = {
             analysis={"metrics": [LATENCY_P50, LATENCY_P95, LATENCY_DIST, ERRORS]},
             expect_reason="latency_dist is worse than allowed",
             time_limit=90.0,
-            fast_time_limit=60.0,
+            fast_time_limit=90.0,  # a power scenario: on a loaded CI machine 60 s was once short
             fast=True,
         ),
         Scenario("errors5", "5% errors", "rolled_back", _candidate(error_rate=0.05), fast=True),
