@@ -480,6 +480,31 @@ def styled_answer(
     return [], "stop", 0  # empty
 
 
+def _delays(cfg: FakeModelConfig) -> tuple[float, float]:
+    """Seconds to the first token and between tokens, after ``slowdown``."""
+    return (
+        min(cfg.ttft * cfg.slowdown, _MAX_LATENCY_S),
+        min(cfg.inter_token * cfg.slowdown, _MAX_INTERVAL_S),
+    )
+
+
+def _include_usage(payload: dict[str, Any]) -> bool:
+    """The request asks for a final usage event (``stream_options.include_usage``)."""
+    options = payload.get("stream_options")
+    return isinstance(options, dict) and bool(options.get("include_usage"))
+
+
+async def _answer_whole(st: _ModelState, generation_s: float, body: Any) -> web.Response:
+    """A non-streamed answer after the whole generation (or an injected error)."""
+    async with st.serving() as queue_s:
+        await st.infer(generation_s)
+    headers = {"Server-Timing": _server_timing(generation_s, queue_s)}
+    if st.should_fail():
+        return _injected_error(st, headers)
+    headers["X-Model-Cost"] = st.cost_header
+    return _json(body, headers=headers)
+
+
 async def _open_stream(
     request: web.Request, st: _ModelState, ttft: float, generation_s: float, queue_s: float
 ) -> web.StreamResponse:
@@ -523,8 +548,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         "total_tokens": 0,
     }
     usage["total_tokens"] = usage["prompt_tokens"] + n_tokens
-    ttft = min(cfg.ttft * cfg.slowdown, _MAX_LATENCY_S)
-    gap = min(cfg.inter_token * cfg.slowdown, _MAX_INTERVAL_S)
+    ttft, gap = _delays(cfg)
     cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     tokens = [_VOCAB[i % len(_VOCAB)] for i in range(n_tokens)]
@@ -533,12 +557,6 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     generation_s = ttft + gap * max(len(tokens) - 1, 0)
 
     if not payload.get("stream"):
-        async with st.serving() as queue_s:
-            await st.infer(generation_s)
-        headers = {"Server-Timing": _server_timing(generation_s, queue_s)}
-        if st.should_fail():
-            return _injected_error(st, headers)
-        headers["X-Model-Cost"] = st.cost_header
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": "".join(tokens)},
@@ -553,10 +571,9 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
             "choices": [choice],
             "usage": usage,
         }
-        return _json(body, headers=headers)
+        return await _answer_whole(st, generation_s, body)
 
-    options = payload.get("stream_options")
-    include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+    include_usage = _include_usage(payload)
     base: dict[str, Any] = {
         "id": cid,
         "object": "chat.completion.chunk",
@@ -670,8 +687,7 @@ async def _completions(request: web.Request) -> web.StreamResponse:
         "completion_tokens": n_tokens,
         "total_tokens": prompt_tokens + n_tokens,
     }
-    ttft = min(cfg.ttft * cfg.slowdown, _MAX_LATENCY_S)
-    gap = min(cfg.inter_token * cfg.slowdown, _MAX_INTERVAL_S)
+    ttft, gap = _delays(cfg)
     generation_s = ttft + gap * (n_tokens - 1)
     base: dict[str, Any] = {
         "id": f"cmpl-{uuid.uuid4().hex[:24]}",
@@ -685,17 +701,10 @@ async def _completions(request: web.Request) -> web.StreamResponse:
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
 
     if not payload.get("stream"):
-        async with st.serving() as queue_s:
-            await st.infer(generation_s)
-        headers = {"Server-Timing": _server_timing(generation_s, queue_s)}
-        if st.should_fail():
-            return _injected_error(st, headers)
-        headers["X-Model-Cost"] = st.cost_header
         body = {**base, "choices": [choice("".join(tokens), finish_reason)], "usage": usage}
-        return _json(body, headers=headers)
+        return await _answer_whole(st, generation_s, body)
 
-    options = payload.get("stream_options")
-    include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+    include_usage = _include_usage(payload)
 
     def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return b"data: " + _dumps({**base, "choices": choices, **extra}) + b"\n\n"
@@ -758,13 +767,6 @@ async def _embeddings(request: web.Request) -> web.Response:
         or not 1 <= dimensions <= 4096
     ):
         return _bad_request("dimensions must be an integer in [1, 4096]")
-    async with st.serving() as queue_s:
-        inference_s = st.sample_latency()
-        await st.infer(inference_s)
-    headers = {"Server-Timing": _server_timing(inference_s, queue_s)}
-    if st.should_fail():
-        return _injected_error(st, headers)
-    headers["X-Model-Cost"] = st.cost_header
     data = []
     tokens = 0
     for i, item in enumerate(items):
@@ -780,7 +782,7 @@ async def _embeddings(request: web.Request) -> web.Response:
         "model": cfg.model,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
-    return _json(body, headers=headers)
+    return await _answer_whole(st, st.sample_latency(), body)
 
 
 async def _healthz(request: web.Request) -> web.Response:

@@ -558,10 +558,7 @@ class Controller:
                     ro.status = decision.reason
                     await self._apply(ro, decision, new, now)
             except FencedError as exc:
-                raise CommandRejected(
-                    f"this canary process lost the leadership of the rollouts ({exc}); "
-                    "send the command to the leader"
-                ) from exc
+                raise _lost_leadership(exc) from exc
         weight, shadow = ro.state.weights(ro.config)
         index = min(ro.state.step, len(ro.config.steps) - 1)
         return {
@@ -618,10 +615,7 @@ class Controller:
             try:
                 await self._apply(ro, decision, new, now)
             except FencedError as exc:
-                raise CommandRejected(
-                    f"this canary process lost the leadership of the rollouts ({exc}); "
-                    "send the command to the leader"
-                ) from exc
+                raise _lost_leadership(exc) from exc
             self._gates.approved(name, event)
             ro.status = decision.reason
             ro.next_eval = 0.0  # acted on at the next flush, if the policy wants it
@@ -855,6 +849,14 @@ class Controller:
 
     def totals(self, name: str) -> RolloutAccumulator:
         return self._rollouts[name].totals
+
+
+def _lost_leadership(exc: FencedError) -> CommandRejected:
+    """An operator's command that a lost lease stopped half way: nothing was applied."""
+    return CommandRejected(
+        f"this canary process lost the leadership of the rollouts ({exc}); "
+        "send the command to the leader"
+    )
 
 
 def _keep_unflushed(old: Rollout | None, new: Rollout) -> None:

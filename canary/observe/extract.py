@@ -24,6 +24,7 @@ parsed bodies and events by :mod:`canary.observe.answers`; without them, answers
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -387,14 +388,10 @@ class ResponseExtractor:
         return inspector
 
 
-_RULES: list[AnswerRules] = []
-
-
+@functools.cache
 def _default_rules() -> AnswerRules:
     """The default :class:`AnswerRules`, compiled once per process."""
-    if not _RULES:
-        _RULES.append(AnswerRules())
-    return _RULES[0]
+    return AnswerRules()
 
 
 class ResponseInspector:

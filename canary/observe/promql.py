@@ -41,7 +41,7 @@ from canary.observe.resources import (
     PerRollout,
     Settable,
     WindowMetric,
-    run_every,
+    WindowPoller,
     window_metrics,
 )
 from canary.signals import (
@@ -166,7 +166,7 @@ class _ArmStatus:
     at: float | None = None
 
 
-class PromQLEvaluator:
+class PromQLEvaluator(WindowPoller):
     """Queries one rollout's ``promql:`` signals for both arms every ``every`` seconds.
 
     :meth:`tick` does one round (tests call it directly); :meth:`start` runs it on a fixed
@@ -214,8 +214,8 @@ class PromQLEvaluator:
             self.name, recorder, metrics.promql_windows, metrics.promql_value
         )
         self._clock = clock
-        self._session: aiohttp.ClientSession | None = None
-        self._task: asyncio.Task[None] | None = None
+        super().__init__()
+        self.what = "promql round"
         self.rounds = 0
         self._status = {q.signal: {a: _ArmStatus() for a in ARMS} for q in self.queries}
         self._counts = {
@@ -225,25 +225,6 @@ class PromQLEvaluator:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        if self._task is not None:
-            return
-        self._session = self._new_session()
-        self._task = asyncio.get_running_loop().create_task(
-            run_every(self.every, self.tick, f"rollout {self.name}: promql round"),
-            name=f"canary-promql-{self.name}",
-        )
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-        await self._close_session()
-
     def _new_session(self) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.timeout),
@@ -252,25 +233,16 @@ class PromQLEvaluator:
             cookie_jar=aiohttp.DummyCookieJar(),
         )
 
-    async def _close_session(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
-
     # -- one round ----------------------------------------------------------------------------
 
     async def tick(self) -> None:
         """Query every signal for both arms at one instant and record the windows."""
         at = round(self._clock(), 3)  # the same evaluation time for both arms
-        own_session = self._session is None
-        if own_session:
-            self._session = self._new_session()
-        try:
+        async with self._round_session() as session:
             jobs = [(q, arm) for q in self.queries for arm in ARMS]
-            answers = await asyncio.gather(*(self._query(q.exprs[arm], at) for q, arm in jobs))
-        finally:
-            if own_session:
-                await self._close_session()
+            answers = await asyncio.gather(
+                *(self._query(session, q.exprs[arm], at) for q, arm in jobs)
+            )
         by_query: dict[str, dict[str, QueryResult]] = {}
         for (q, arm), res in zip(jobs, answers, strict=True):
             by_query.setdefault(q.signal, {})[arm] = res
@@ -302,11 +274,9 @@ class PromQLEvaluator:
             log.info("rollout %s: promql %s for %s works again", self.name, q.signal, arm)
         st.result, st.message, st.value, st.at = res.result, res.message, res.value, at
 
-    async def _query(self, expr: str, at: float) -> QueryResult:
+    async def _query(self, session: aiohttp.ClientSession, expr: str, at: float) -> QueryResult:
         if self._auth_problem is not None:
             return QueryResult("error", message=self._auth_problem)
-        session = self._session
-        assert session is not None
         form = {"query": expr, "time": f"{at:.3f}", "timeout": promql_duration(self.timeout)}
         try:
             async with session.post(self.url, data=form) as resp:

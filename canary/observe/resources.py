@@ -25,11 +25,12 @@ the metrics module and does not import it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -63,6 +64,7 @@ __all__ = [
     "ScrapeMetrics",
     "Settable",
     "WindowMetric",
+    "WindowPoller",
     "counter_increase",
     "read_exposition",
     "resource_metrics",
@@ -335,7 +337,66 @@ class _Failed:
         return self.message
 
 
-class ResourceScraper:
+class WindowPoller:
+    """The lifecycle both windowed sources share (:class:`ResourceScraper`, and
+    :class:`canary.observe.promql.PromQLEvaluator`): one aiohttp session, :meth:`tick` run
+    every ``every`` seconds by :func:`run_every` from :meth:`start` until :meth:`stop`.
+    Subclasses set ``name``, ``every`` and ``what`` and define :meth:`tick` and
+    :meth:`_new_session`."""
+
+    name: str
+    every: float
+    what: str  # what one round does, for the log and the task name: "resource scrape"
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def _new_session(self) -> aiohttp.ClientSession:
+        raise NotImplementedError
+
+    async def tick(self) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        self._session = self._new_session()
+        self._task = asyncio.get_running_loop().create_task(
+            run_every(self.every, self.tick, f"rollout {self.name}: {self.what}"),
+            name=f"canary-{self.what.replace(' ', '-')}-{self.name}",
+        )
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        await self._close_session()
+
+    async def _close_session(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    @contextlib.asynccontextmanager
+    async def _round_session(self) -> AsyncIterator[aiohttp.ClientSession]:
+        """The running session, or one for this round only (a :meth:`tick` called without
+        :meth:`start`, as tests do)."""
+        if self._session is not None:
+            yield self._session
+            return
+        self._session = self._new_session()
+        try:
+            yield self._session
+        finally:
+            await self._close_session()
+
+
+class ResourceScraper(WindowPoller):
     """Scrapes one rollout's arms every ``every`` seconds and records paired windows.
 
     :meth:`tick` does one round (tests call it directly); :meth:`start` runs it on a fixed
@@ -377,8 +438,8 @@ class ResourceScraper:
         self._windows = PairedWindows(
             self.name, recorder, metrics.resource_windows, metrics.resource_value
         )
-        self._session: aiohttp.ClientSession | None = None
-        self._task: asyncio.Task[None] | None = None
+        super().__init__()
+        self.what = "resource scrape"
         self.ticks = 0
         # Per arm and counter signal: per-endpoint values at the previous tick (None = no
         # usable baseline) and the arm's request count then.
@@ -388,35 +449,12 @@ class ResourceScraper:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        if self._task is not None:
-            return
-        self._session = aiohttp.ClientSession(
+    def _new_session(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.timeout),
             headers={"Accept": _ACCEPT},
             connector=aiohttp.TCPConnector(limit=32),
         )
-        self._task = asyncio.get_running_loop().create_task(
-            self._run(), name=f"canary-resources-{self.name}"
-        )
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-        await self._close_session()
-
-    async def _close_session(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
-
-    async def _run(self) -> None:
-        await run_every(self.every, self.tick, f"rollout {self.name}: resource scrape")
 
     # -- one round ----------------------------------------------------------------------------
 
@@ -426,18 +464,10 @@ class ResourceScraper:
 
     async def tick(self) -> None:
         """Scrape every endpoint of both arms at once and record the window."""
-        own_session = self._session is None
-        if own_session:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout), headers={"Accept": _ACCEPT}
-            )
-        try:
+        async with self._round_session() as session:
             requests = self._requests()
             jobs = [(arm, url) for arm in ARMS for url in self.urls[arm]]
-            results = await asyncio.gather(*(self._scrape(url) for _, url in jobs))
-        finally:
-            if own_session:
-                await self._close_session()
+            results = await asyncio.gather(*(self._scrape(session, url) for _, url in jobs))
         self.ticks += 1
         per_arm: dict[str, list[dict[str, Reading | None] | None]] = {a: [] for a in ARMS}
         for (arm, url), res in zip(jobs, results, strict=True):
@@ -497,9 +527,9 @@ class ResourceScraper:
             return
         self._windows.record(self.ticks, key, sig.metrics, values)
 
-    async def _scrape(self, url: str) -> dict[str, Reading | None] | _Failed:
-        session = self._session
-        assert session is not None
+    async def _scrape(
+        self, session: aiohttp.ClientSession, url: str
+    ) -> dict[str, Reading | None] | _Failed:
         try:
             async with session.get(url) as resp:
                 if resp.status != 200:

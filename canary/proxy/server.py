@@ -896,21 +896,11 @@ class Proxy:
         """The other arm's answer to a judged live request. Not an observation: it is no
         randomised assignment and no user saw it; it is not in canary_requests either."""
         route, judge = ex.route, ex.route.judge
-        pool = route.pools[ex.arm]
-        i = pool.pick()
-        headers = upstream_headers(
-            client_headers,
-            upstream_host=route.hosts[ex.arm][i],
-            client_ip=remote,
-            scheme=scheme,
-            rid=ex.rid,
-        )
         text: str | None = None
         failed = True
+        resp: UpstreamResponse | None
         try:
-            resp = await self._transport.send(
-                method, pool.endpoints[i] + raw_path, headers, body, route.timeouts
-            )
+            resp = await self._send_copy(ex, method, raw_path, client_headers, remote, scheme, body)
         except UpstreamError:
             resp = None
         if resp is not None:
@@ -931,6 +921,32 @@ class Proxy:
         if judge is not None:
             judge.answer(ex, text, failed=failed)
 
+    async def _send_copy(
+        self,
+        ex: _Exchange,
+        method: str,
+        raw_path: str,
+        client_headers: tuple[tuple[str, str], ...],
+        remote: str | None,
+        scheme: str,
+        body: bytes | None,
+    ) -> UpstreamResponse:
+        """Send a copy of the user's request (a shadow mirror, a judge's twin) to one
+        endpoint of ``ex.arm``, once: no retry, no failover. Raises UpstreamError."""
+        route, arm = ex.route, ex.arm
+        pool = route.pools[arm]
+        i = pool.pick()
+        headers = upstream_headers(
+            client_headers,
+            upstream_host=route.hosts[arm][i],
+            client_ip=remote,
+            scheme=scheme,
+            rid=ex.rid,
+        )
+        return await self._transport.send(
+            method, pool.endpoints[i] + raw_path, headers, body, route.timeouts
+        )
+
     def _mirror_done(self, task: asyncio.Task[None]) -> None:
         self._mirrors.discard(task)
         self._mirror_inflight -= 1
@@ -949,15 +965,6 @@ class Proxy:
     ) -> None:
         clock = self._clock
         route = ex.route
-        pool = route.pools[CANDIDATE]
-        i = pool.pick()
-        headers = upstream_headers(
-            client_headers,
-            upstream_host=route.hosts[CANDIDATE][i],
-            client_ip=remote,
-            scheme=scheme,
-            rid=ex.rid,
-        )
         bump(route.counters.shadow, "sent")
         ex.started = started = clock()
         inspector: ResponseInspector | None = None
@@ -967,9 +974,7 @@ class Proxy:
         status = 0
         error: str | None = None
         try:
-            resp = await self._transport.send(
-                method, pool.endpoints[i] + raw_path, headers, body, route.timeouts
-            )
+            resp = await self._send_copy(ex, method, raw_path, client_headers, remote, scheme, body)
         except asyncio.CancelledError:
             self._recorder.record_lost(route.name, CANDIDATE, 1.0)
             raise
