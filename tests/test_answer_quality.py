@@ -155,6 +155,10 @@ def test_tool_call_is_not_an_empty_answer() -> None:
     ins = inspect(json.dumps(body).encode(), "application/json",
                   signals=["empty_answer", "finish_reason:tool_calls"])  # fmt: skip
     assert ins.signals == {"empty_answer": 0.0, "finish_reason:tool_calls": 1.0}
+    # and it has no text a judge could compare: no answer text, not an empty one
+    kept = inspect(json.dumps(body).encode(), "application/json", keep_answer_chars=100)
+    assert kept.answer_text is None
+    assert inspect(chat_body("  "), "application/json", keep_answer_chars=100).answer_text == "  "
 
 
 def test_stream_that_ends_without_finish_reason_is_zero_for_every_value() -> None:

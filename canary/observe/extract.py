@@ -429,10 +429,12 @@ class ResponseInspector:
     def answer_text(self) -> str | None:
         """The first ``keep_answer_chars`` characters of the LLM answer's text (the chat
         ``content`` or completion ``text`` of its first choice), or None when the response
-        carried no answer (or none is kept). Complete once :meth:`finish` ran."""
+        carried no answer (or none is kept). An answer that calls a tool has no text to
+        compare (None), as it is not an empty answer either. Complete once :meth:`finish`
+        ran."""
         a = self._answer
         keep = self._ex.keep_answer_chars
-        if a is None or not keep or not a.answered:
+        if a is None or not keep or not a.answered or (a.tool and not a.nonblank):
             return None
         return a.kept_text[:keep]
 
